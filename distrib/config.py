@@ -1,0 +1,376 @@
+"""Typed config: keyword-only dataclasses, one per section, validated in `__post_init__`.
+
+Precedence: field defaults < config file (TOML, YAML or JSON) < `--section.key value` flags.
+Unknown keys are an error that names the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from distrib.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+def _positive(section: str, **values: int | float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{section}.{name}={value} must be > 0. HINT: pass --{section}.{name} 1 or larger.")
+
+
+def _non_negative(section: str, **values: int | float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 0:
+            raise ConfigError(f"{section}.{name}={value} must be >= 0. HINT: pass --{section}.{name} 0 or larger.")
+
+
+def _one_of(section: str, name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(choices)}. HINT: pass --{section}.{name} {choices[0]}.")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    dir: str = "runs/distrib"
+    """Directory rank 0 writes metrics, config, model and summary into."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda`."""
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ConfigError("run.dir is empty. HINT: pass --run.dir runs/my-run.")
+        _one_of("run", "device", self.device, DEVICES)
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    train_size: int = 16384
+    """Samples in the built-in task's training set."""
+    eval_size: int = 2048
+    """Samples in the built-in task's evaluation set."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 loads in the main process)."""
+    persistent_workers: bool = False
+    """Keep workers alive across epochs (needs num_workers > 0)."""
+    prefetch_factor: int | None = None
+    """Batches each worker loads ahead (needs num_workers > 0); None keeps PyTorch's default."""
+    shuffle: bool = True
+    """Shuffle the training set each epoch (seeded by `seed` and the epoch)."""
+    drop_last: bool = False
+    """Drop the incomplete last global batch of each epoch instead of training on it."""
+    prefetch: bool = True
+    """On CUDA, copy batch n+1 on a side stream while batch n computes."""
+
+    def __post_init__(self) -> None:
+        _positive("data", train_size=self.train_size, eval_size=self.eval_size, prefetch_factor=self.prefetch_factor)
+        _non_negative("data", num_workers=self.num_workers)
+        if self.num_workers == 0 and self.persistent_workers:
+            raise ConfigError("data.persistent_workers=true needs data.num_workers > 0. HINT: pass --data.num_workers 2 or drop the flag.")
+        if self.num_workers == 0 and self.prefetch_factor is not None:
+            raise ConfigError("data.prefetch_factor is set but data.num_workers=0. HINT: pass --data.num_workers 2 or unset prefetch_factor.")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TaskConfig:
+    dim: int = 32
+    """Input features of the built-in task."""
+    hidden: int = 128
+    """Width of each hidden layer of the MLP."""
+    depth: int = 2
+    """Number of hidden layers."""
+    classes: int = 8
+    """Number of classes (chance accuracy is 1/classes)."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer."""
+
+    def __post_init__(self) -> None:
+        _positive("task", dim=self.dim, hidden=self.hidden, depth=self.depth)
+        if self.classes < 2:
+            raise ConfigError(f"task.classes={self.classes} must be >= 2. HINT: pass --task.classes 2 or more.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"task.dropout={self.dropout} must be in [0, 1). HINT: pass --task.dropout 0.1.")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig:
+    batch_size: int = 64
+    """Samples per process per micro-batch (the global batch is batch_size * world_size * grad_accum)."""
+    eval_batch_size: int | None = None
+    """Samples per process per evaluation batch; defaults to batch_size."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; gradients are all-reduced once per step."""
+    epochs: int = 4
+    """Passes over the training set."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: run all epochs)."""
+    log_every: int = 50
+    """Optimizer steps between logged (all-reduced) training metrics."""
+    precision: str = "fp32"
+    """`fp32`, `bf16` (autocast) or `fp16` (autocast + GradScaler)."""
+    clip_grad_norm: float | None = None
+    """Clip the global gradient norm to this value (after unscaling); None disables."""
+    compile: bool = False
+    """Wrap the model with torch.compile."""
+    debug_steps: int = 10
+    """Optimizer-step limit in --debug mode."""
+
+    def __post_init__(self) -> None:
+        _positive(
+            "train",
+            batch_size=self.batch_size,
+            eval_batch_size=self.eval_batch_size,
+            grad_accum=self.grad_accum,
+            epochs=self.epochs,
+            max_steps=self.max_steps,
+            log_every=self.log_every,
+            clip_grad_norm=self.clip_grad_norm,
+            debug_steps=self.debug_steps,
+        )
+        _one_of("train", "precision", self.precision, PRECISIONS)
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    name: str = "adamw"
+    """`sgd` or `adamw`."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) or L2 (SGD) weight decay."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    schedule: str = "cosine"
+    """`constant`, `cosine` or `linear` decay over the run's optimizer steps."""
+    warmup_steps: int = 0
+    """Linear warm-up optimizer steps before the schedule."""
+
+    def __post_init__(self) -> None:
+        _one_of("optim", "name", self.name, OPTIMIZERS)
+        _one_of("optim", "schedule", self.schedule, SCHEDULES)
+        _positive("optim", lr=self.lr)
+        _non_negative("optim", weight_decay=self.weight_decay, momentum=self.momentum, warmup_steps=self.warmup_steps)
+
+
+@dataclasses.dataclass(kw_only=True)
+class DistConfig:
+    backend: str = "auto"
+    """`auto` (NCCL on CUDA, gloo on CPU), `gloo` or `nccl`."""
+    timeout_s: float = 600.0
+    """Collective timeout: a rank waiting longer than this on a dead peer fails instead of hanging."""
+    find_unused_parameters: bool = False
+    """DDP: tolerate parameters that get no gradient in a step (costs a graph traversal)."""
+    static_graph: bool = False
+    """DDP: the set of used parameters never changes between steps."""
+    gradient_as_bucket_view: bool = False
+    """DDP: gradients alias the all-reduce buckets (saves one copy of the gradients)."""
+    bucket_cap_mb: float = 25.0
+    """DDP: all-reduce bucket size in MiB."""
+    sync_batchnorm: bool = False
+    """Convert BatchNorm layers to SyncBatchNorm when there is more than one process."""
+
+    def __post_init__(self) -> None:
+        _one_of("dist", "backend", self.backend, BACKENDS)
+        _positive("dist", timeout_s=self.timeout_s, bucket_cap_mb=self.bucket_cap_mb)
+
+
+@dataclasses.dataclass(kw_only=True)
+class Config:
+    seed: int = 0
+    """Seeds data generation, model init, shuffling and dropout."""
+    debug: bool = False
+    """Single process, no process group, num_workers=0, anomaly detection, deterministic kernels."""
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A copy with dotted keys replaced (`cfg.replace(**{"train.epochs": 1})`), re-validated."""
+        flat = flatten(self.to_dict())
+        for key, value in dotted.items():
+            _check_key(key)
+            flat[key] = value
+        return from_flat(flat)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _schema() -> dict[str, Any]:
+    """Dotted key -> type, for every leaf field."""
+    schema: dict[str, Any] = {}
+    for name, tp in _field_types(Config).items():
+        if dataclasses.is_dataclass(tp):
+            for sub, subtp in _field_types(tp).items():
+                schema[f"{name}.{sub}"] = subtp
+        else:
+            schema[name] = tp
+    return schema
+
+
+def _check_key(key: str) -> None:
+    schema = _schema()
+    if key not in schema:
+        close = difflib.get_close_matches(key, schema.keys(), n=1, cutoff=0.4)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"Unknown config key {key!r}.{hint} Valid keys: {', '.join(sorted(schema))}.")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Turn a flag string or file value into the field's type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _coerce(key, value, args[0])
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [_coerce(key, v.strip() if isinstance(v, str) else v, item) for v in items if v != ""]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {getattr(tp, '__name__', tp)}. HINT: pass --{key} <{getattr(tp, '__name__', tp)}>.") from None
+    return value
+
+
+def from_flat(flat: dict[str, Any]) -> Config:
+    """Build a validated Config from dotted keys (unknown keys are an error)."""
+    schema = _schema()
+    for key in flat:
+        _check_key(key)
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in flat.items():
+        value = _coerce(key, value, schema[key])
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections.setdefault(section, {})[name] = value
+        else:
+            top[key] = value
+    types_ = _field_types(Config)
+    built = {name: types_[name](**values) for name, values in sections.items()}
+    return Config(**top, **built)
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON config file into dotted keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {str(path)!r}: no such file. HINT: check the path (it is relative to {Path.cwd()}).")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"--config {str(path)!r}: unknown format {suffix!r}. HINT: use a .toml, .yaml or .json file.")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parser errors differ per format; name the file and the cause
+        raise ConfigError(f"--config {str(path)!r} could not be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {str(path)!r} must hold a mapping of sections, got {type(data).__name__}.")
+    return flatten(data)
+
+
+def parse_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
+    """Split argv into (config file, dotted overrides). `--key value`, `--key=value`, bare `--flag` = true."""
+    schema = _schema()
+    config_file: str | None = None
+    overrides: dict[str, Any] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"Unexpected argument {arg!r}. HINT: options look like --section.key value, e.g. --train.epochs 3.")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            next_is_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+            if key != "config" and key in schema and schema[key] is bool and not next_is_value:
+                value = "true"
+            elif next_is_value:
+                i += 1
+                value = args[i]
+            else:
+                raise ConfigError(f"--{key} needs a value. HINT: --{key} <value>.")
+        if key == "config":
+            config_file = value
+        else:
+            _check_key(key)
+            overrides[key] = value
+        i += 1
+    return config_file, overrides
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    """defaults < --config FILE < --section.key flags."""
+    argv = sys.argv[1:] if argv is None else argv
+    config_file, overrides = parse_flags(argv)
+    flat = flatten(Config().to_dict())
+    if config_file is not None:
+        flat.update(load_file(config_file))
+    flat.update(overrides)
+    return from_flat(flat)

@@ -1,0 +1,149 @@
+"""Process group lifecycle and collectives that are no-ops in a single process.
+
+Single-process debugging then runs the very same code path as an N-rank job (torchtitan's
+`dist_sum` returns its input; Fabric's `barrier` returns early).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as tdist
+
+from distrib.env import DistEnv, check_visible_gpus, detect
+from distrib.errors import ConfigError, EnvironmentConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Runtime:
+    """What a rank needs to know at run time: its place in the job and its device."""
+
+    env: DistEnv
+    device: torch.device
+    backend: str | None
+    """`gloo`/`nccl`, or None when there is no process group (a single process)."""
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.env.is_rank_zero
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+
+def pick_device(requested: str, denv: DistEnv) -> torch.device:
+    """`auto` -> cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("run.device='cuda' but torch.cuda.is_available() is False. HINT: pass --run.device cpu, or install a CUDA build of torch.")
+    check_visible_gpus(denv, torch.cuda.device_count())
+    return torch.device("cuda", denv.local_rank)
+
+
+def pick_backend(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise ConfigError("dist.backend='nccl' needs CUDA devices but this run is on the CPU. HINT: pass --dist.backend gloo (or auto).")
+    return requested
+
+
+@contextlib.contextmanager
+def distributed(
+    *,
+    device: str = "auto",
+    backend: str = "auto",
+    timeout_s: float = 600.0,
+    single: bool = False,
+    denv: DistEnv | None = None,
+) -> Iterator[Runtime]:
+    """Detect the environment, init the process group if there are several ranks, and always tear it down.
+
+    `single=True` (debug mode) refuses to join a multi-process job instead of silently diverging.
+    """
+    denv = detect() if denv is None else denv
+    if single and denv.distributed:
+        raise EnvironmentConfigError(
+            f"--debug runs one process, but the {denv.launcher} launcher started {denv.world_size} "
+            "(WORLD_SIZE/SLURM_NTASKS). HINT: run `launch/debug.sh` or `python -m distrib.train --debug` "
+            "directly, without torchrun or srun."
+        )
+    dev = pick_device(device, denv)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not denv.distributed:
+        yield Runtime(env=denv, device=dev, backend=None)
+        return
+    name = pick_backend(backend, dev)
+    if not tdist.is_initialized():
+        tdist.init_process_group(
+            backend=name,
+            init_method=f"tcp://{_url_host(denv.master_addr)}:{denv.master_port}"
+            if denv.launcher == "slurm"
+            else "env://",
+            rank=denv.rank,
+            world_size=denv.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    try:
+        yield Runtime(env=denv, device=dev, backend=name)
+    finally:
+        # Teardown on success and on error. destroy_process_group does not block on peers.
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def _url_host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+def _active() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place and return it; returns it unchanged in a single process."""
+    if _active():
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if _active():
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order; `[obj]` in a single process."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank; `obj` itself in a single process."""
+    if not _active():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if _active():
+        tdist.barrier()
+

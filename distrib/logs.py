@@ -1,0 +1,86 @@
+"""Rank-0 effects behind one switch: the real writer on rank 0, a null one elsewhere.
+
+Other ranks print only warnings and errors, prefixed with their rank, so a Slurm log never shows
+eight copies of every line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("distrib")
+
+
+def setup_console(rank: int, world_size: int) -> None:
+    """Rank 0 logs INFO; other ranks WARNING and up, each line prefixed with the rank."""
+    prefix = f"[rank{rank}] " if world_size > 1 else ""
+    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prefix}%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    log.propagate = False
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Rank 0's files in run.dir: metrics.jsonl, config.json, summary.json."""
+
+    def __init__(self, run_dir: str | Path, *, fresh: bool) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # A fresh run starts a new metrics file; a resumed one appends to its own history.
+        self._metrics = open(self.dir / "metrics.jsonl", "w" if fresh else "a", buffering=1)
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+
+    def json(self, name: str, obj: Any) -> None:
+        atomic_write_text(self.dir / name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    def save_model(self, state_dict: dict[str, Any]) -> None:
+        """model.pt: the plain state_dict (no `module.` prefixes), written atomically."""
+        tmp = self.dir / f".model.pt.tmp{os.getpid()}"
+        torch.save(state_dict, tmp)
+        os.replace(tmp, self.dir / "model.pt")
+
+    def close(self) -> None:
+        self._metrics.close()
+
+
+class NullWriter(RunWriter):
+    """What every rank but 0 gets: the same interface, no effects."""
+
+    def __init__(self) -> None:  # noqa: D107 - deliberately skips the parent's file creation
+        pass
+
+    def metrics(self, record: dict[str, Any]) -> None:
+        pass
+
+    def json(self, name: str, obj: Any) -> None:
+        pass
+
+    def save_model(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def writer_for(rank: int, run_dir: str | Path, *, fresh: bool) -> RunWriter:
+    return RunWriter(run_dir, fresh=fresh) if rank == 0 else NullWriter()

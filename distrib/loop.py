@@ -1,0 +1,255 @@
+"""The training loop users know, run data-parallel: epochs, micro-batches, steps, eval, logs.
+
+Hot path per micro-batch: copy, forward, loss, backward, device-side metric sums. No `.item()`,
+no host sync and no collective but DDP's own; the one metric all-reduce happens at the log interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+from torch.utils.data._utils.collate import default_collate
+
+from distrib.config import Config
+from distrib.data import LoaderOptions, TrainLoader, eval_loader, steps_per_epoch
+from distrib.dist import Runtime
+from distrib.errors import BatchError
+from distrib.logs import log, writer_for
+from distrib.metrics import MeanMetrics, count_correct
+from distrib.model import params_sha256, set_grad_sync, unwrap_model, wrap_model
+from distrib.precision import Precision
+from distrib.transfer import describe, device_batches, leading_dim, map_tensors
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """`(inputs, labels)` from a 2-sequence or a mapping with `inputs` and `labels` keys."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and not hasattr(batch, "_fields"):
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping) and "inputs" in batch and "labels" in batch:
+        return batch["inputs"], batch["labels"]
+    raise BatchError(
+        f"Cannot split a {type(batch).__name__} batch into (inputs, labels). HINT: have the Dataset "
+        "return (inputs, labels) or {'inputs': ..., 'labels': ...}, or pass split_batch= to Trainer."
+    )
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainState:
+    """Where training stands; everything here is a plain int, identical on every rank."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Current epoch (0-based)."""
+    epoch_samples: int = 0
+    """Samples *this rank* consumed in the current epoch (at the last step boundary)."""
+    samples_seen: int = 0
+    """Global samples trained on so far (all ranks)."""
+
+
+class Trainer:
+    """Wraps a model, optimizer and datasets for the current `Runtime`, and runs `fit()`.
+
+    Everything that can be wrong with the input is checked here, before rank 0 creates `run.dir`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        rt: Runtime,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_data: Dataset,
+        eval_data: Dataset | None = None,
+        loss_fn: LossFn = F.cross_entropy,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        split_batch: Callable[[Any], tuple[Any, Any]] = split_batch,
+    ) -> None:
+        self.cfg, self.rt = cfg, rt
+        self.optimizer, self.scheduler, self.loss_fn, self.split = optimizer, scheduler, loss_fn, split_batch
+        tc, dc = cfg.train, cfg.data
+        self.precision = Precision(tc.precision, rt.device)
+        opts = LoaderOptions(
+            batch_size=tc.batch_size,
+            num_workers=dc.num_workers,
+            persistent_workers=dc.persistent_workers,
+            prefetch_factor=dc.prefetch_factor,
+            pin_memory=rt.device.type == "cuda",  # pinned host memory only helps a CUDA copy
+            collate_fn=collate_fn,
+        )
+        self.train_loader = TrainLoader(
+            train_data, world_size=rt.world_size, rank=rt.rank, seed=cfg.seed, shuffle=dc.shuffle, drop_last=dc.drop_last, opts=opts
+        )
+        self.eval_loader = (
+            eval_loader(eval_data, world_size=rt.world_size, rank=rt.rank, opts=dataclasses.replace(opts, batch_size=tc.eval_batch_size or tc.batch_size))
+            if eval_data is not None
+            else None
+        )
+        self._probe_batch(train_data, collate_fn)
+        self.model = wrap_model(model, rt, cfg.dist, compile=tc.compile)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.state = TrainState()
+        self.metrics = MeanMetrics(rt.device)
+        self.steps_per_epoch = steps_per_epoch(self.train_loader.num_batches(), tc.grad_accum)
+        self.total_steps = min(tc.max_steps or 2**62, tc.epochs * self.steps_per_epoch)
+        # All checks passed: only now does rank 0 touch the file system.
+        self.writer = writer_for(rt.rank, cfg.run.dir, fresh=True)
+        self.writer.json("config.json", cfg.to_dict())
+        self._interval_start = time.perf_counter()
+        self._interval_steps = 0
+        self.last_eval: dict[str, float] = {}
+
+    def _probe_batch(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None) -> None:
+        """Collate one sample and split it, so a malformed batch fails before anything is written."""
+        batch = (collate_fn or default_collate)([dataset[0]])
+        map_tensors(batch, lambda t: t)
+        self.split(batch)
+
+    # ------------------------------------------------------------------ public
+
+    def fit(self) -> dict[str, Any]:
+        """Train for `train.epochs` (or `train.max_steps`), evaluating after each epoch."""
+        tc = self.cfg.train
+        started = time.perf_counter()
+        while self.state.epoch < tc.epochs and self.state.step < self.total_steps:
+            self._train_epoch()
+            self.evaluate()
+            if self._epoch_finished:
+                self.state.epoch += 1
+                self.state.epoch_samples = 0
+        return self._finish(time.perf_counter() - started)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Exact global metrics over every eval sample once (no sampler padding); logs an eval line."""
+        if self.eval_loader is None:
+            return {}
+        module = unwrap_model(self.model)
+        module.eval()
+        em = MeanMetrics(self.rt.device)
+        for batch in device_batches(self.eval_loader, self.rt.device, prefetch=self.cfg.data.prefetch):
+            inputs, labels = self.split(batch)
+            with self.precision.autocast():
+                outputs = module(inputs)
+                loss = self.loss_fn(outputs, labels)
+            em.add(loss, count_correct(outputs, labels), leading_dim(inputs))
+        module.train()
+        result = em.reduce()
+        self.last_eval = result
+        self.writer.metrics({"kind": "eval", "step": self.state.step, "epoch": self.state.epoch, **result})
+        log.info(f"eval  step {self.state.step} | epoch {self.state.epoch} | loss {result['loss']:.4f} | acc {result['accuracy']:.4f} | count {result['count']}")
+        return result
+
+    def close(self) -> None:
+        self.writer.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _train_epoch(self) -> None:
+        tc, st = self.cfg.train, self.state
+        skip = st.epoch_samples
+        sizes = self.train_loader.micro_batch_sizes(skip)
+        self.train_loader.set_epoch(st.epoch, skip)
+        accum = tc.grad_accum
+        self.model.train()
+        self._epoch_finished = False
+        batches = device_batches(self.train_loader, self.rt.device, prefetch=self.cfg.data.prefetch)
+        consumed = 0
+        for i, batch in enumerate(batches):
+            if self.cfg.debug and st.step == 0 and i == 0:
+                log.info("first batch:\n" + describe(batch))
+            group = sizes[i - i % accum : i - i % accum + accum]
+            last_micro = i % accum == len(group) - 1
+            self._micro_step(batch, expected=sizes[i], step_samples=sum(group), sync=last_micro)
+            consumed = i + 1
+            if last_micro:
+                self._optimizer_step(sum(group))
+                if st.step >= self.total_steps:
+                    break
+        self._epoch_finished = consumed == len(sizes)
+        if self._interval_steps:
+            self._log_train()  # the tail interval (epoch end or max_steps), so every sample is logged once
+
+    def _micro_step(self, batch: Any, *, expected: int, step_samples: int, sync: bool) -> None:
+        inputs, labels = self.split(batch)
+        n = leading_dim(inputs)
+        if n != expected:
+            raise BatchError(
+                f"A micro-batch has {n} samples where the sampler arithmetic expects {expected}. distrib "
+                "scales losses by the known step size; HINT: do not change batch sizes in collate_fn or the Dataset."
+            )
+        set_grad_sync(self.model, sync)
+        with self.precision.autocast():
+            outputs = self.model(inputs)
+            loss = self.loss_fn(outputs, labels)
+        # Mean loss of the micro-batch weighted by its share of the step's samples on this rank: the
+        # accumulated gradient is that of the mean over the step (short last step included), and
+        # DDP's average over ranks (all hold the same count) makes it the global mean.
+        self.precision.backward(loss * (n / step_samples))
+        self.metrics.add(loss, count_correct(outputs, labels), n)
+
+    def _optimizer_step(self, local_samples: int) -> None:
+        st = self.state
+        self.precision.step(self.optimizer, self.params, self.cfg.train.clip_grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        st.step += 1
+        st.epoch_samples += local_samples
+        st.samples_seen += local_samples * self.rt.world_size
+        self._interval_steps += 1
+        if st.step % self.cfg.train.log_every == 0:
+            self._log_train()
+
+    def _log_train(self) -> None:
+        """All-reduce the interval's sums (the only extra collective), write one line, reset."""
+        st = self.state
+        r = self.metrics.reduce()
+        self.metrics.reset()
+        now = time.perf_counter()
+        elapsed = now - self._interval_start
+        record = {
+            "kind": "train",
+            "step": st.step,
+            "epoch": st.epoch,
+            "loss": r["loss"],
+            "accuracy": r["accuracy"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "samples": st.samples_seen,
+            "interval_samples": r["count"],
+            "samples_per_s": r["count"] / elapsed if elapsed > 0 else 0.0,
+            "step_time_s": elapsed / max(self._interval_steps, 1),
+        }
+        self.writer.metrics(record)
+        log.info(
+            f"train step {st.step}/{self.total_steps} | epoch {st.epoch} | loss {r['loss']:.4f} | "
+            f"acc {r['accuracy']:.4f} | lr {record['lr']:.3g} | {record['samples_per_s']:.0f} samples/s"
+        )
+        self._interval_start, self._interval_steps = now, 0
+
+    def _finish(self, wall_s: float) -> dict[str, Any]:
+        module = unwrap_model(self.model)
+        summary = {
+            "world_size": self.rt.world_size,
+            "launcher": self.rt.env.launcher,
+            "device": str(self.rt.device),
+            "optimizer_steps": self.state.step,
+            "epochs_completed": self.state.epoch,
+            "samples_seen": self.state.samples_seen,
+            "eval": self.last_eval,
+            "params_sha256": params_sha256(module),
+            "wall_time_s": wall_s,
+        }
+        self.writer.save_model(module.state_dict())
+        self.writer.json("summary.json", summary)
+        return summary

@@ -1,0 +1,76 @@
+"""Model wrapping (DDP, SyncBatchNorm, torch.compile), unwrapping, and gradient-sync control."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from distrib.config import DistConfig
+from distrib.dist import Runtime
+
+
+def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False) -> nn.Module:
+    """Move `model` to the rank's device and wrap it in DDP when there is more than one process.
+
+    In a single process there is no wrapper: the debug run executes the plain module.
+    """
+    if cfg.sync_batchnorm and rt.env.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # module.to() moves parameters in place, so an optimizer built on model.parameters() before
+    # wrapping still points at the right tensors.
+    model = model.to(rt.device)
+    if rt.env.distributed:
+        model = DDP(
+            model,
+            device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters,
+            static_graph=cfg.static_graph,
+            gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+            bucket_cap_mb=cfg.bucket_cap_mb,
+        )
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under torch.compile and DDP wrappers (state_dict keys without `module.`)."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod  # type: ignore[assignment]
+        elif isinstance(model, DDP):
+            model = model.module
+        else:
+            return model
+
+
+def ddp_of(model: nn.Module) -> DDP | None:
+    """The DDP wrapper inside `model`, if any (it may sit under torch.compile)."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, DDP) else None
+
+
+def set_grad_sync(model: nn.Module, enabled: bool) -> None:
+    """Turn DDP's gradient all-reduce on or off for the next backward.
+
+    The one place gradient sync is controlled. Like nanoGPT we flip `require_backward_grad_sync`
+    instead of entering `no_sync()`: it works the same under torch.compile and needs no context
+    manager around forward *and* backward. With accumulation, all micro-batches but the last skip
+    the all-reduce, so each optimizer step does exactly one.
+    """
+    ddp = ddp_of(model)
+    if ddp is not None:
+        ddp.require_backward_grad_sync = enabled
+
+
+def params_sha256(model: nn.Module) -> str:
+    """SHA-256 over every parameter's name, dtype, shape and bytes: equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for name, p in sorted(unwrap_model(model).named_parameters()):
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

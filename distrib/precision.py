@@ -1,0 +1,48 @@
+"""Mixed precision: autocast for the forward pass, GradScaler for fp16, clipping after unscaling."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Iterable
+
+import torch
+
+from distrib.errors import ConfigError
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """Owns the autocast context and the GradScaler (enabled only for fp16)."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.precision, self.device = precision, device
+        if precision not in ("fp32", *_DTYPES):
+            raise ConfigError(f"train.precision={precision!r} is unknown. HINT: use fp32, bf16 or fp16.")
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(
+                f"train.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16 support. "
+                "HINT: pass --train.precision fp16 (with loss scaling) or fp32."
+            )
+        if precision != "fp32" and not torch.amp.is_autocast_available(device.type):
+            raise ConfigError(f"train.precision={precision} needs autocast on {device.type}, which this torch build lacks. HINT: pass --train.precision fp32.")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def autocast(self) -> ContextManager[None]:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], clip_norm: float | None) -> None:
+        """Unscale, clip (on true gradients), step, update the scale.
+
+        The returned norm is not read: reading it would force a host sync every step.
+        """
+        if clip_norm is not None:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(list(params), clip_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
