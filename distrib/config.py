@@ -234,7 +234,7 @@ def _check_key(key: str) -> None:
     if key not in schema:
         close = difflib.get_close_matches(key, schema.keys(), n=1, cutoff=0.4)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"Unknown config key {key!r}.{hint} Valid keys: {', '.join(sorted(schema))}.")
+        raise ConfigError(f"Unknown config key {key!r}.{hint} HINT: valid keys are {', '.join(sorted(schema))}.")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

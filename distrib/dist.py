@@ -81,10 +81,10 @@ def distributed(
     dev = pick_device(device, denv)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    name = pick_backend(backend, dev)  # validated in one process too, so a bad flag fails on a laptop
     if not denv.distributed:
         yield Runtime(env=denv, device=dev, backend=None)
         return
-    name = pick_backend(backend, dev)
     if not tdist.is_initialized():
         tdist.init_process_group(
             backend=name,
@@ -96,11 +96,19 @@ def distributed(
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if dev.type == "cuda" else None,
         )
+    failed = False
     try:
         yield Runtime(env=denv, device=dev, backend=name)
+    except BaseException:
+        failed = True
+        raise
     finally:
-        # Teardown on success and on error. destroy_process_group does not block on peers.
+        # Teardown on success and on error. On success, a barrier first lets every rank's last
+        # collective finish (no peer is torn down mid-operation); on error we must not wait for
+        # peers that may never come, and destroy_process_group does not block on them.
         if tdist.is_initialized():
+            if not failed:
+                tdist.barrier()
             tdist.destroy_process_group()
 
 

@@ -58,24 +58,25 @@ def _int(env: Mapping[str, str], name: str) -> int:
         ) from None
 
 
-def _check_ranks(
-    *, source: str, rank: int, world_size: int, local_rank: int, local_world_size: int
-) -> None:
-    if world_size < 1:
+def _build_env(source: str, **fields: int | str) -> DistEnv:
+    """Construct a DistEnv after checking that its ranks are consistent; `source` names the variables."""
+    e = DistEnv(**fields)  # type: ignore[arg-type]
+    if e.world_size < 1:
         raise EnvironmentConfigError(
-            f"{source}: world size is {world_size}; expected >= 1. "
+            f"{source}: world size is {e.world_size}; expected >= 1. "
             "HINT: launch with torchrun --nproc_per_node=N or srun --ntasks=N."
         )
-    if not 0 <= rank < world_size:
+    if not 0 <= e.rank < e.world_size:
         raise EnvironmentConfigError(
-            f"{source}: rank {rank} is outside 0..{world_size - 1} (world size {world_size}). "
+            f"{source}: rank {e.rank} is outside 0..{e.world_size - 1} (world size {e.world_size}). "
             "HINT: RANK must be below WORLD_SIZE; let torchrun or srun set both instead of exporting them."
         )
-    if not 0 <= local_rank < max(local_world_size, 1):
+    if not 0 <= e.local_rank < max(e.local_world_size, 1):
         raise EnvironmentConfigError(
-            f"{source}: local rank {local_rank} is outside 0..{local_world_size - 1} "
-            f"(local world size {local_world_size}). HINT: LOCAL_RANK must be below LOCAL_WORLD_SIZE."
+            f"{source}: local rank {e.local_rank} is outside 0..{e.local_world_size - 1} "
+            f"(local world size {e.local_world_size}). HINT: LOCAL_RANK must be below LOCAL_WORLD_SIZE."
         )
+    return e
 
 
 def _from_torchrun(env: Mapping[str, str]) -> DistEnv:
@@ -91,20 +92,13 @@ def _from_torchrun(env: Mapping[str, str]) -> DistEnv:
     world_size = _int(env, "WORLD_SIZE")
     local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
     local_world_size = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world_size
-    _check_ranks(
-        source="torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK)",
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        local_world_size=local_world_size,
-    )
-    node_rank = _int(env, "GROUP_RANK") if "GROUP_RANK" in env else 0
-    return DistEnv(
+    return _build_env(
+        "torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK)",
         rank=rank,
         local_rank=local_rank,
         world_size=world_size,
         local_world_size=local_world_size,
-        node_rank=node_rank,
+        node_rank=_int(env, "GROUP_RANK") if "GROUP_RANK" in env else 0,
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
         launcher="torchrun",
@@ -177,13 +171,6 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
         if "SLURM_NTASKS_PER_NODE" in env
         else _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")), node_rank)
     )
-    _check_ranks(
-        source="Slurm environment (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID)",
-        rank=rank,
-        world_size=world_size,
-        local_rank=local_rank,
-        local_world_size=max(local_world_size, local_rank + 1),
-    )
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if "MASTER_ADDR" in env:
         master_addr = env["MASTER_ADDR"]
@@ -198,11 +185,13 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
         master_port = _int(env, "MASTER_PORT")
     else:
         master_port = slurm_port(env.get("SLURM_JOB_ID", "0"))
-    return DistEnv(
+    return _build_env(
+        "Slurm environment (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID)",
         rank=rank,
         local_rank=local_rank,
         world_size=world_size,
-        local_world_size=local_world_size,
+        # SLURM_TASKS_PER_NODE can be coarser than the step's layout; never below this task's slot.
+        local_world_size=max(local_world_size, local_rank + 1),
         node_rank=node_rank,
         master_addr=master_addr,
         master_port=master_port,

@@ -111,7 +111,14 @@ class Trainer:
 
     def _probe_batch(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None) -> None:
         """Collate one sample and split it, so a malformed batch fails before anything is written."""
-        batch = (collate_fn or default_collate)([dataset[0]])
+        sample = dataset[0]
+        try:
+            batch = (collate_fn or default_collate)([sample])
+        except TypeError as exc:
+            raise BatchError(
+                f"Cannot collate a sample of type {type(sample).__name__} into a batch ({exc}). HINT: have the "
+                "Dataset return tensors (or numbers/arrays default_collate understands), or pass collate_fn."
+            ) from None
         map_tensors(batch, lambda t: t)
         self.split(batch)
 
@@ -151,7 +158,13 @@ class Trainer:
         return result
 
     def close(self) -> None:
+        """Close rank 0's files and drop the DDP wrapper. Call it before the process group goes.
+
+        If the DDP reducer outlives the process group, it becomes the group's last owner and its
+        destructor joins gloo's worker threads while holding the GIL, which can deadlock.
+        """
         self.writer.close()
+        self.model = unwrap_model(self.model)
 
     # ------------------------------------------------------------------ internals
 

@@ -6,9 +6,10 @@ close, destroy_process_group) happens on success and on error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -30,13 +31,23 @@ def prepare(cfg: Config) -> Config:
     )
 
 
-def _debug_checks(device: torch.device) -> None:
-    """Anomaly detection and deterministic kernels: slow, but a NaN or a race names its source."""
+@contextlib.contextmanager
+def _debug_checks(device: torch.device) -> Iterator[None]:
+    """Anomaly detection and deterministic kernels (slow, but a NaN or a race names its source).
+
+    Both are process-global switches, so they are restored afterwards.
+    """
     if device.type == "cuda":
         # cuBLAS needs this before its first call to be deterministic; debug mode is single-process.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    anomaly, deterministic = torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled()
     torch.autograd.set_detect_anomaly(True)
     torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.autograd.set_detect_anomaly(anomaly)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def fit(cfg: Config, **trainer_args: Any) -> dict[str, Any]:
@@ -47,11 +58,11 @@ def fit(cfg: Config, **trainer_args: Any) -> dict[str, Any]:
     cfg = prepare(cfg)
     with distributed(device=cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s, single=cfg.debug) as rt:
         setup_console(rt.rank, rt.world_size)
-        if cfg.debug:
-            _debug_checks(rt.device)
-            log.info(f"debug mode: 1 process on {rt.device}, no process group, num_workers=0, max_steps={cfg.train.max_steps}")
-        trainer = Trainer(cfg, rt, **trainer_args)
-        try:
-            return trainer.fit()
-        finally:
-            trainer.close()
+        with _debug_checks(rt.device) if cfg.debug else contextlib.nullcontext():
+            if cfg.debug:
+                log.info(f"debug mode: 1 process on {rt.device}, no process group, num_workers=0, max_steps={cfg.train.max_steps}")
+            trainer = Trainer(cfg, rt, **trainer_args)
+            try:
+                return trainer.fit()
+            finally:
+                trainer.close()

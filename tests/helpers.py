@@ -1,0 +1,68 @@
+"""Real multi-process helpers: spawned ranks on gloo over loopback, and torchrun in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, fn: Callable[..., Any], world_size: int, port: int, out: str, args: tuple) -> None:
+    # Only the child's environment: the parent (pytest) is never touched.
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    result = fn(rank, world_size, *args)
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def spawn(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` in `world_size` real processes; return each rank's result."""
+    out = tmp_path / f"spawn-{fn.__name__}"
+    out.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_child, args=(fn, world_size, free_port(), str(out), args), nprocs=world_size, start_method="spawn")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_train(args: list[str], *, nproc: int = 1, cwd: Path | None = None, check: bool = True, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m distrib.train ARGS` (nproc=1) or `torchrun --nproc_per_node=N -m distrib.train ARGS`."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "distrib.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distrib.train", *args]
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,140 @@
+"""End to end: `python -m distrib.train` and real `torchrun --nproc_per_node=2` on gloo."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distrib import parse_config
+from distrib.model import params_sha256
+from distrib.task import make_model
+from distrib.train import main
+from tests.helpers import REPO, child_env, read_metrics, read_summary, run_train
+
+# SGD, no dropout, 200 samples: 100 per rank at 2 processes, so each epoch ends on a short step
+# (32+32+32+4 per rank), and 2 epochs.
+EXACT = ["--optim.name", "sgd", "--optim.lr", "0.5", "--optim.schedule", "cosine", "--task.dropout", "0",
+         "--data.train_size", "200", "--data.eval_size", "64", "--train.epochs", "2", "--train.log_every", "2"]
+
+
+def _params(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def _assert_same_params(a, b, *, moved_from) -> None:
+    pa, pb, p0 = _params(a), _params(b), make_model(parse_config([]).task, seed=0).state_dict()
+    assert pa.keys() == pb.keys() == p0.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+    # The test can fail: training moved the parameters far beyond the tolerance.
+    assert max((pa[k] - p0[k]).abs().max().item() for k in pa) > 1e-2
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    run_train([*EXACT, "--run.dir", str(tmp_path / "w2"), "--train.batch_size", "32"], nproc=2)
+    run_train([*EXACT, "--run.dir", str(tmp_path / "w1"), "--train.batch_size", "64"], nproc=1)
+    _assert_same_params(tmp_path / "w2", tmp_path / "w1", moved_from=0)
+    s2, s1 = read_summary(tmp_path / "w2"), read_summary(tmp_path / "w1")
+    assert (s2["world_size"], s1["world_size"]) == (2, 1)
+    assert s2["optimizer_steps"] == s1["optimizer_steps"] == 8
+    assert s2["samples_seen"] == s1["samples_seen"] == 400
+
+
+def test_grad_accum_matches_the_big_batch_including_a_short_last_step(tmp_path):
+    run_train([*EXACT, "--run.dir", str(tmp_path / "acc"), "--train.batch_size", "16", "--train.grad_accum", "2"], nproc=2)
+    run_train([*EXACT, "--run.dir", str(tmp_path / "big"), "--train.batch_size", "32"], nproc=2)
+    _assert_same_params(tmp_path / "acc", tmp_path / "big", moved_from=0)
+    assert read_summary(tmp_path / "acc")["optimizer_steps"] == read_summary(tmp_path / "big")["optimizer_steps"] == 8
+
+
+def test_main_job_learns_and_writes_the_contract_files(tmp_path):
+    run = tmp_path / "main"
+    env = child_env(PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "launch/local.sh", "--run.dir", str(run)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(run)
+    assert summary["world_size"] == 2 and summary["launcher"] == "torchrun"
+    assert summary["eval"]["count"] == 2048
+    assert summary["eval"]["accuracy"] >= 0.9  # chance is 1/8
+    assert summary["samples_seen"] == 4 * 16384 and summary["optimizer_steps"] == 4 * 128
+    lines = read_metrics(run)
+    train = [l for l in lines if l["kind"] == "train"]
+    evals = [l for l in lines if l["kind"] == "eval"]
+    assert {"step", "epoch", "loss", "lr", "samples"} <= train[0].keys()
+    assert [e["epoch"] for e in evals] == [0, 1, 2, 3] and all(e["count"] == 2048 for e in evals)
+    assert evals[-1]["accuracy"] == summary["eval"]["accuracy"]
+    assert train[-1]["loss"] < train[0]["loss"] / 2
+    state = _params(run)
+    assert not any(k.startswith("module.") for k in state)
+    model = make_model(parse_config([]).task, seed=0)
+    model.load_state_dict(state)
+    assert params_sha256(model) == summary["params_sha256"]
+    assert (run / "config.json").is_file()
+    # Only rank 0 prints progress; no rank-1 lines on stdout.
+    assert "[rank0] train step" in proc.stdout and "[rank1]" not in proc.stdout
+
+
+def test_params_sha256_tells_bitwise_equal_from_different():
+    a, b = make_model(parse_config([]).task, seed=0), make_model(parse_config([]).task, seed=0)
+    assert params_sha256(a) == params_sha256(b)
+    with torch.no_grad():
+        b[0].weight[0, 0] = torch.nextafter(b[0].weight[0, 0], torch.tensor(1.0))
+    assert params_sha256(a) != params_sha256(b)
+
+
+def test_debug_launcher_runs_one_process_and_prints_the_first_batch(tmp_path):
+    run = tmp_path / "dbg"
+    env = child_env(PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "launch/debug.sh", "--run.dir", str(run), "--data.num_workers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = read_summary(run)
+    assert (s["world_size"], s["launcher"], s["optimizer_steps"]) == (1, "single", 10)
+    assert "batch[0]: float32[64, 32] on cpu" in proc.stdout and "batch[1]: int64[64] on cpu" in proc.stdout
+
+
+def test_debug_under_torchrun_is_refused(tmp_path):
+    proc = run_train(["--debug", "--run.dir", str(tmp_path / "x")], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "--debug runs one process" in proc.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--data.train_size", "0"], "data.train_size=0 must be > 0"),
+        (["--train.batch_size", "-1"], "train.batch_size=-1 must be > 0"),
+        (["--train.precision", "fp8"], "train.precision='fp8' is not one of"),
+        (["--train.epoch", "2"], "Did you mean 'train.epochs'"),
+        (["--dist.backend", "nccl", "--run.device", "cpu"], "dist.backend='nccl' needs CUDA"),
+    ],
+)
+def test_bad_input_exits_2_with_the_fix_and_writes_nothing(tmp_path, capsys, argv, needle):
+    run = tmp_path / "never"
+    assert main([*argv, "--run.dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "HINT" in err
+    assert not run.exists()
+
+
+def test_bad_environment_exits_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--run.dir", str(tmp_path / "never")]) == 2
+    assert "WORLD_SIZE is not set" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_dataset_smaller_than_world_size_under_torchrun(tmp_path):
+    proc = run_train(["--data.train_size", "1", "--run.dir", str(tmp_path / "never")], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "train dataset has 1 samples but the job has 2 processes" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "distrib"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout
