@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distrib.config import DistConfig
 from distrib.dist import Runtime
+from distrib.errors import ConfigError
 
 
 def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False) -> nn.Module:
@@ -17,6 +18,11 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
 
     In a single process there is no wrapper: the debug run executes the plain module.
     """
+    if cfg.sync_batchnorm and rt.device.type != "cuda":
+        raise ConfigError(
+            f"dist.sync_batchnorm=true but this run is on {rt.device}; PyTorch's SyncBatchNorm works only "
+            "on CUDA devices. HINT: pass --dist.sync_batchnorm false for CPU runs."
+        )
     if cfg.sync_batchnorm and rt.env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # module.to() moves parameters in place, so an optimizer built on model.parameters() before

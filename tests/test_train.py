@@ -138,3 +138,10 @@ def test_dataset_smaller_than_world_size_under_torchrun(tmp_path):
 def test_console_script_is_installed():
     out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "distrib"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "train" in out.stdout
+
+
+def test_compiled_ddp_with_accumulation_matches_eager(tmp_path):
+    args = [*EXACT, "--train.batch_size", "16", "--train.grad_accum", "2", "--train.epochs", "1"]
+    run_train([*args, "--run.dir", str(tmp_path / "compiled"), "--train.compile"], nproc=2, timeout=400)
+    run_train([*args, "--run.dir", str(tmp_path / "eager")], nproc=2)
+    _assert_same_params(tmp_path / "compiled", tmp_path / "eager", moved_from=0)
