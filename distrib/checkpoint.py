@@ -1,0 +1,159 @@
+"""Checkpoint storage: atomic, verified, newest-good-first.
+
+Layout (one directory per checkpoint, `<run.dir>/checkpoints/step-000000123/`):
+  state.pt          replicated state, written once by rank 0 (model, optimizer, scheduler, ...)
+  rank-00000.pt     per-rank state (RNG), one per rank
+  MANIFEST.json     written last: each file's size and sha256, the step and world size
+
+A checkpoint exists only once its directory has its final name *and* its manifest verifies. Files
+are written to a temporary name, flushed, fsynced and renamed; the directory is assembled under a
+temporary name and renamed into place after the manifest. A crash or an OSError (a full disk) at
+any point leaves at most a `.tmp` directory, which loading ignores, so the previous checkpoint
+stays the newest good one. A truncated or corrupted file fails its checksum at load time and the
+loader falls back to the previous checkpoint, saying so.
+
+This module is storage only; which ranks write what, and the barriers between them, belong to
+the caller (rank 0 writes `state.pt` and the manifest, every rank its own `rank-*.pt`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distrib.logs import log
+
+MANIFEST = "MANIFEST.json"
+_STEP_DIR = re.compile(r"step-(\d{9})")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint failed verification."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:09d}"
+
+
+def staging_dir(root: Path, step: int) -> Path:
+    """Where a checkpoint is assembled before it is renamed into place (ignored by loading)."""
+    return root / f"step-{step:09d}.tmp"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file, flush, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_object(path: Path, obj: Any) -> None:
+    """torch.save `obj` atomically (serialised in memory first, so a failure leaves no partial file)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def begin(root: Path, step: int) -> Path:
+    """Create a clean staging directory for `step` (rank 0, before a barrier)."""
+    staging = staging_dir(root, step)
+    if staging.exists():
+        shutil.rmtree(staging)  # left by a crashed attempt
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit(root: Path, step: int, *, world_size: int, keep: int, meta: dict[str, Any] | None = None) -> Path:
+    """Write the manifest last, rename the staging directory into place, prune to the last `keep`.
+
+    Rank 0 only, after every rank has written its files (a barrier).
+    """
+    staging = staging_dir(root, step)
+    files = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
+    manifest = {
+        "step": step,
+        "world_size": world_size,
+        "files": {name: {"size": (staging / name).stat().st_size, "sha256": _sha256(staging / name)} for name in files},
+        **(meta or {}),
+    }
+    write_atomic(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    final = step_dir(root, step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(root)
+    prune(root, keep)
+    return final
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint `path` if every file it lists has its size and checksum; else raise."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: no readable {MANIFEST} ({exc})") from None
+    for name, want in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        size = f.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(f"{path}: {name} has {size} bytes, the manifest says {want['size']} (truncated?)")
+        if _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"{path}: {name} fails its sha256 (corrupted)")
+    return manifest
+
+
+def candidates(root: Path) -> list[Path]:
+    """Committed checkpoint directories, newest first (staging `.tmp` directories are not listed)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_good(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that verifies, reporting (and skipping) any newer broken ones."""
+    for path in candidates(root):
+        try:
+            return path, verify(path)
+        except CheckpointError as exc:
+            log.warning(f"checkpoint {path.name} is not usable: {exc}; trying the previous one")
+    return None
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in candidates(root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Checkpoint storage: atomic writes, manifest last, corrupted/truncated newest -> previous one."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from distrib import checkpoint as ck
+
+
+def _save(root, step: int, *, world: int = 2, keep: int = 3, value: float = 0.0):
+    staging = ck.begin(root, step)
+    ck.save_object(staging / "state.pt", {"step": step, "w": torch.full((256,), value)})
+    for r in range(world):
+        ck.save_object(staging / f"rank-{r:05d}.pt", {"rng": torch.get_rng_state(), "rank": r})
+    return ck.commit(root, step, world_size=world, keep=keep)
+
+
+def _state(path) -> dict:
+    return torch.load(path / "state.pt", weights_only=False)
+
+
+def test_save_verify_and_keep_the_last_n(tmp_path):
+    for step in (10, 20, 30, 40):
+        _save(tmp_path, step, keep=2, value=step)
+    assert [p.name for p in ck.candidates(tmp_path)] == ["step-000000040", "step-000000030"]
+    path, manifest = ck.newest_good(tmp_path)
+    assert manifest["step"] == 40 and manifest["world_size"] == 2
+    assert set(manifest["files"]) == {"state.pt", "rank-00000.pt", "rank-00001.pt"}
+    assert _state(path)["w"][0].item() == 40.0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_file", "delete_manifest"])
+def test_broken_newest_falls_back_to_the_previous_and_says_so(tmp_path, caplog, monkeypatch, damage):
+    _save(tmp_path, 10, value=1.0)
+    newest = _save(tmp_path, 20, value=2.0)
+    f = newest / "state.pt"
+    if damage == "truncate":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "flip":
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif damage == "delete_file":
+        f.unlink()
+    else:
+        (newest / ck.MANIFEST).unlink()
+    with caplog.at_level(logging.WARNING, logger="distrib"):
+        monkeypatch.setattr(logging.getLogger("distrib"), "propagate", True)
+        path, manifest = ck.newest_good(tmp_path)
+    assert manifest["step"] == 10 and _state(path)["w"][0].item() == 1.0
+    assert "step-000000020 is not usable" in caplog.text
+
+
+class DiskFull:
+    """Fails while being serialised, like a full disk would."""
+
+    def __reduce__(self):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_checkpoint(tmp_path):
+    _save(tmp_path, 10, value=1.0)
+    staging = ck.begin(tmp_path, 20)
+    ck.save_object(staging / "rank-00000.pt", {"rank": 0})
+    with pytest.raises(OSError, match="No space left"):
+        ck.save_object(staging / "state.pt", {"w": torch.ones(4), "bad": DiskFull()})
+    assert not (staging / "state.pt").exists() and not list(staging.glob(".*.part"))
+    path, manifest = ck.newest_good(tmp_path)
+    assert manifest["step"] == 10  # the staging directory of step 20 is invisible to loading
+
+
+def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "f.bin"
+    ck.write_atomic(target, b"old")
+
+    def fail_fsync(fd):
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(ck.os, "fsync", fail_fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        ck.write_atomic(target, b"new-and-longer")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_a_crash_before_commit_leaves_only_a_staging_dir(tmp_path):
+    _save(tmp_path, 10)
+    staging = ck.begin(tmp_path, 20)
+    ck.save_object(staging / "state.pt", {"w": 1})  # no commit: the process "died" here
+    assert [p.name for p in ck.candidates(tmp_path)] == ["step-000000010"]
+    assert ck.newest_good(tmp_path)[1]["step"] == 10
+    _save(tmp_path, 20)  # a later attempt cleans the stale staging directory
+    assert ck.newest_good(tmp_path)[1]["step"] == 20
