@@ -19,7 +19,6 @@ the caller (rank 0 writes `state.pt` and the manifest, every rank its own `rank-
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -27,8 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from distrib.fileio import fsync_dir, write_atomic
 from distrib.logs import log
 
 MANIFEST = "MANIFEST.json"
@@ -46,36 +44,6 @@ def step_dir(root: Path, step: int) -> Path:
 def staging_dir(root: Path, step: int) -> Path:
     """Where a checkpoint is assembled before it is renamed into place (ignored by loading)."""
     return root / f"step-{step:09d}.tmp"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file, flush, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def save_object(path: Path, obj: Any) -> None:
-    """torch.save `obj` atomically (serialised in memory first, so a failure leaves no partial file)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_atomic(path, buf.getvalue())
 
 
 def _sha256(path: Path) -> str:
@@ -113,7 +81,7 @@ def commit(root: Path, step: int, *, world_size: int, keep: int, meta: dict[str,
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(root, keep)
     return final
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+from distrib.fileio import save_torch, write_atomic
 
 log = logging.getLogger("distrib")
 
@@ -26,16 +25,6 @@ def setup_console(rank: int, world_size: int) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename: readers see the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunWriter:
@@ -51,13 +40,11 @@ class RunWriter:
         self._metrics.write(json.dumps(record) + "\n")
 
     def json(self, name: str, obj: Any) -> None:
-        atomic_write_text(self.dir / name, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        write_atomic(self.dir / name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
     def save_model(self, state_dict: dict[str, Any]) -> None:
         """model.pt: the plain state_dict (no `module.` prefixes), written atomically."""
-        tmp = self.dir / f".model.pt.tmp{os.getpid()}"
-        torch.save(state_dict, tmp)
-        os.replace(tmp, self.dir / "model.pt")
+        save_torch(self.dir / "model.pt", state_dict)
 
     def close(self) -> None:
         self._metrics.close()

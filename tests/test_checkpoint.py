@@ -8,13 +8,15 @@ import pytest
 import torch
 
 from distrib import checkpoint as ck
+from distrib import fileio
+from distrib.fileio import save_torch, write_atomic
 
 
 def _save(root, step: int, *, world: int = 2, keep: int = 3, value: float = 0.0):
     staging = ck.begin(root, step)
-    ck.save_object(staging / "state.pt", {"step": step, "w": torch.full((256,), value)})
+    save_torch(staging / "state.pt", {"step": step, "w": torch.full((256,), value)})
     for r in range(world):
-        ck.save_object(staging / f"rank-{r:05d}.pt", {"rng": torch.get_rng_state(), "rank": r})
+        save_torch(staging / f"rank-{r:05d}.pt", {"rng": torch.get_rng_state(), "rank": r})
     return ck.commit(root, step, world_size=world, keep=keep)
 
 
@@ -64,31 +66,31 @@ class DiskFull:
 def test_a_write_that_fails_midway_leaves_the_previous_checkpoint(tmp_path):
     _save(tmp_path, 10, value=1.0)
     staging = ck.begin(tmp_path, 20)
-    ck.save_object(staging / "rank-00000.pt", {"rank": 0})
+    save_torch(staging / "rank-00000.pt", {"rank": 0})
     with pytest.raises(OSError, match="No space left"):
-        ck.save_object(staging / "state.pt", {"w": torch.ones(4), "bad": DiskFull()})
-    assert not (staging / "state.pt").exists() and not list(staging.glob(".*.part"))
+        save_torch(staging / "state.pt", {"w": torch.ones(4), "bad": DiskFull()})
+    assert not (staging / "state.pt").exists() and not list(staging.glob(".*.part*"))
     path, manifest = ck.newest_good(tmp_path)
     assert manifest["step"] == 10  # the staging directory of step 20 is invisible to loading
 
 
 def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
     target = tmp_path / "f.bin"
-    ck.write_atomic(target, b"old")
+    write_atomic(target, b"old")
 
     def fail_fsync(fd):
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(ck.os, "fsync", fail_fsync)
+    monkeypatch.setattr(fileio.os, "fsync", fail_fsync)
     with pytest.raises(OSError, match="I/O error"):
-        ck.write_atomic(target, b"new-and-longer")
+        write_atomic(target, b"new-and-longer")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
 def test_a_crash_before_commit_leaves_only_a_staging_dir(tmp_path):
     _save(tmp_path, 10)
     staging = ck.begin(tmp_path, 20)
-    ck.save_object(staging / "state.pt", {"w": 1})  # no commit: the process "died" here
+    save_torch(staging / "state.pt", {"w": 1})  # no commit: the process "died" here
     assert [p.name for p in ck.candidates(tmp_path)] == ["step-000000010"]
     assert ck.newest_good(tmp_path)[1]["step"] == 10
     _save(tmp_path, 20)  # a later attempt cleans the stale staging directory
