@@ -125,3 +125,78 @@ def newest_good(root: Path) -> tuple[Path, dict[str, Any]] | None:
 def prune(root: Path, keep: int) -> None:
     for old in candidates(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def capture_rng() -> dict[str, Any]:
+    """This rank's RNG states: python, numpy, torch CPU and (when present) every CUDA device."""
+    import random
+
+    import numpy as np
+    import torch
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+def resolve_resume(resume: str, root: Path) -> Path | None:
+    """The checkpoint directory to resume from: `never` -> None, `auto` -> newest good, else a path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = newest_good(root)
+        return found[0] if found else None
+    path = Path(resume)
+    try:
+        verify(path)
+    except CheckpointError as exc:
+        from distrib.errors import ConfigError
+
+        raise ConfigError(f"ckpt.resume={resume!r} is not a usable checkpoint: {exc}. HINT: pass --ckpt.resume auto to use the newest good one.") from None
+    return path
+
+
+def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared: dict[str, Any] | None, per_rank: dict[str, Any]) -> None:
+    """Write one checkpoint from every rank: rank 0 the replicated `shared` state, each rank its own.
+
+    Barriers order the phases so no rank writes into a directory that is not ready and the manifest
+    is written only after every rank's file is on disk. `shared` is only read on rank 0.
+    """
+    from distrib.dist import barrier
+    from distrib.fileio import save_torch
+
+    leader = rank == 0
+    if leader:
+        begin(root, step)
+    barrier()
+    staging = staging_dir(root, step)
+    save_torch(staging / rank_file(rank), per_rank)
+    if leader:
+        save_torch(staging / "state.pt", shared)
+    barrier()
+    if leader:
+        commit(root, step, world_size=world_size, keep=keep)
+    barrier()

@@ -186,6 +186,21 @@ class DistConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class CkptConfig:
+    every: int | None = 100
+    """Checkpoint every this many optimizer steps (and at each epoch end); None: epoch ends only."""
+    keep: int = 3
+    """How many of the newest checkpoints to keep."""
+    resume: str = "auto"
+    """`auto` (newest good checkpoint in run.dir, else fresh), `never`, or a checkpoint directory."""
+
+    def __post_init__(self) -> None:
+        _positive("ckpt", every=self.every, keep=self.keep)
+        if not self.resume:
+            raise ConfigError("ckpt.resume is empty. HINT: pass --ckpt.resume auto, never, or a checkpoint directory.")
+
+
+@dataclasses.dataclass(kw_only=True)
 class Config:
     seed: int = 0
     """Seeds data generation, model init, shuffling and dropout."""
@@ -197,6 +212,7 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+    ckpt: CkptConfig = dataclasses.field(default_factory=CkptConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

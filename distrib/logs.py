@@ -39,6 +39,18 @@ class RunWriter:
     def metrics(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
 
+    def rewind(self, *, step: int, epoch: int) -> None:
+        """On resume, drop lines the interrupted run logged after its checkpoint (they will be logged again)."""
+        self._metrics.close()
+        path = self.dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        keep = [
+            line for line in lines
+            if (r := json.loads(line))["kind"] != "eval" and r["step"] <= step or r["kind"] == "eval" and r["epoch"] < epoch
+        ]
+        write_atomic(path, "".join(line + "\n" for line in keep).encode())
+        self._metrics = open(path, "a", buffering=1)
+
     def json(self, name: str, obj: Any) -> None:
         write_atomic(self.dir / name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
@@ -60,6 +72,9 @@ class NullWriter(RunWriter):
         pass
 
     def json(self, name: str, obj: Any) -> None:
+        pass
+
+    def rewind(self, *, step: int, epoch: int) -> None:
         pass
 
     def save_model(self, state_dict: dict[str, Any]) -> None:

@@ -7,19 +7,23 @@ no host sync and no collective but DDP's own; the one metric all-reduce happens 
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from distrib import checkpoint
 from distrib.config import Config
-from distrib.data import LoaderOptions, TrainLoader, eval_loader, steps_per_epoch
-from distrib.dist import Runtime
-from distrib.errors import BatchError
+from distrib.data import LoaderOptions, TrainLoader, eval_loader, mix_seed, steps_per_epoch
+from distrib.dist import Runtime, broadcast_object
+from distrib.errors import BatchError, ConfigError
 from distrib.logs import log, writer_for
 from distrib.metrics import MeanMetrics, count_correct
 from distrib.model import params_sha256, set_grad_sync, unwrap_model, wrap_model
@@ -102,12 +106,20 @@ class Trainer:
         self.metrics = MeanMetrics(rt.device)
         self.steps_per_epoch = steps_per_epoch(self.train_loader.num_batches(), tc.grad_accum)
         self.total_steps = min(tc.max_steps or 2**62, tc.epochs * self.steps_per_epoch)
-        # All checks passed: only now does rank 0 touch the file system.
-        self.writer = writer_for(rt.rank, cfg.run.dir, fresh=True)
-        self.writer.json("config.json", cfg.to_dict())
         self._interval_start = time.perf_counter()
         self._interval_steps = 0
         self.last_eval: dict[str, float] = {}
+        # Distinct per rank (dropout masks differ across ranks), reproducible from `seed`.
+        _seed_everything(mix_seed(cfg.seed, rt.rank))
+        self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
+        resume = self._resume_path()
+        if resume is not None:
+            self._restore(resume)
+        # All checks passed: only now does rank 0 touch the file system.
+        self.writer = writer_for(rt.rank, cfg.run.dir, fresh=resume is None)
+        if resume is not None:
+            self.writer.rewind(step=self.state.step, epoch=self.state.epoch)
+        self.writer.json("config.json", cfg.to_dict())
 
     def _probe_batch(self, dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None) -> None:
         """Collate one sample and split it, so a malformed batch fails before anything is written."""
@@ -134,6 +146,7 @@ class Trainer:
             if self._epoch_finished:
                 self.state.epoch += 1
                 self.state.epoch_samples = 0
+                self.save_checkpoint()
         return self._finish(time.perf_counter() - started)
 
     @torch.no_grad()
@@ -156,6 +169,63 @@ class Trainer:
         self.writer.metrics({"kind": "eval", "step": self.state.step, "epoch": self.state.epoch, **result})
         log.info(f"eval  step {self.state.step} | epoch {self.state.epoch} | loss {result['loss']:.4f} | acc {result['accuracy']:.4f} | count {result['count']}")
         return result
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint at the current optimizer-step boundary (a few barriers; not on the per-step path)."""
+        module = unwrap_model(self.model)
+        shared = {
+            "model": module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.precision.scaler.state_dict(),
+            "train": dataclasses.asdict(self.state),
+            "world_size": self.rt.world_size,
+            "last_eval": self.last_eval,
+            "config": self.cfg.to_dict(),
+        }
+        per_rank = {"rng": checkpoint.capture_rng(), "metrics": self.metrics.state().cpu(), "interval_steps": self._interval_steps}
+        checkpoint.save(self.ckpt_root, self.state.step, rank=self.rt.rank, world_size=self.rt.world_size,
+                        keep=self.cfg.ckpt.keep, shared=shared, per_rank=per_rank)
+
+    def _resume_path(self) -> Path | None:
+        """Rank 0 picks the checkpoint (so all ranks agree even if one is written meanwhile)."""
+        choice: Any = None
+        if self.rt.is_rank_zero:
+            try:
+                path = checkpoint.resolve_resume(self.cfg.ckpt.resume, self.ckpt_root)
+                choice = str(path) if path is not None else None
+            except ConfigError as exc:
+                choice = exc
+        choice = broadcast_object(choice)
+        if isinstance(choice, ConfigError):
+            raise choice
+        return Path(choice) if choice is not None else None
+
+    def _restore(self, path: Path) -> None:
+        shared = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        unwrap_model(self.model).load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        if self.scheduler is not None and shared["scheduler"] is not None:
+            self.scheduler.load_state_dict(shared["scheduler"])
+        self.precision.scaler.load_state_dict(shared["scaler"])
+        self.state = TrainState(**shared["train"])
+        self.last_eval = shared["last_eval"]
+        old_world = shared["world_size"]
+        if old_world == self.rt.world_size:
+            per_rank = torch.load(path / checkpoint.rank_file(self.rt.rank), map_location="cpu", weights_only=False)
+            checkpoint.restore_rng(per_rank["rng"])
+            self.metrics.load(per_rank["metrics"].to(self.rt.device))
+            self._interval_steps = per_rank["interval_steps"]
+            log.info(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch}, {self.state.samples_seen} samples seen)")
+        else:
+            # Same global position in the epoch, new shards: training continues, but not bit-for-bit.
+            consumed = self.state.epoch_samples * old_world
+            self.state.epoch_samples = consumed // self.rt.world_size
+            log.warning(
+                f"resuming a {old_world}-process checkpoint ({path}) on {self.rt.world_size} processes: continuing "
+                f"at step {self.state.step}, {self.state.samples_seen} samples seen; the result will not be "
+                "bit-identical to an uninterrupted run"
+            )
 
     def close(self) -> None:
         """Close rank 0's files and drop the DDP wrapper. Call it before the process group goes.
@@ -223,6 +293,8 @@ class Trainer:
         self._interval_steps += 1
         if st.step % self.cfg.train.log_every == 0:
             self._log_train()
+        if self.cfg.ckpt.every and st.step % self.cfg.ckpt.every == 0:
+            self.save_checkpoint()
 
     def _log_train(self) -> None:
         """All-reduce the interval's sums (the only extra collective), write one line, reset."""
@@ -266,3 +338,9 @@ class Trainer:
         self.writer.save_model(module.state_dict())
         self.writer.json("summary.json", summary)
         return summary
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device

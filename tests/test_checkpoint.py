@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -95,3 +96,58 @@ def test_a_crash_before_commit_leaves_only_a_staging_dir(tmp_path):
     assert ck.newest_good(tmp_path)[1]["step"] == 10
     _save(tmp_path, 20)  # a later attempt cleans the stale staging directory
     assert ck.newest_good(tmp_path)[1]["step"] == 20
+
+
+# ----------------------------------------------------------------------------- resume end to end
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from tests.helpers import REPO, child_env, read_summary, run_train  # noqa: E402
+
+RESUME = ["--task.dropout", "0.1", "--train.grad_accum", "2", "--train.batch_size", "16", "--train.epochs", "2",
+          "--data.train_size", "16384", "--data.eval_size", "256", "--ckpt.every", "37", "--train.log_every", "50"]
+
+
+def test_killed_job_resumes_bit_exact_with_dropout_and_accumulation(tmp_path):
+    run_train([*RESUME, "--run.dir", str(tmp_path / "whole")], nproc=2)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distrib.train", *RESUME, "--run.dir", str(killed)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((killed / "checkpoints").glob("step-*[0-9]")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the agent and both workers, mid-run, wherever they are
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it was killed: the test proved nothing"
+    out = run_train([*RESUME, "--run.dir", str(killed)], nproc=2)
+    assert "resumed from" in out.stdout
+    whole, resumed = read_summary(tmp_path / "whole"), read_summary(killed)
+    assert resumed["params_sha256"] == whole["params_sha256"]
+    assert resumed["samples_seen"] == whole["samples_seen"] == 2 * 16384
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert steps == sorted(set(steps))  # lines logged after the checkpoint by the killed run were dropped
+
+
+def test_resume_at_another_world_size_continues_at_the_same_sample_count(tmp_path):
+    args = [*RESUME, "--data.train_size", "2048", "--ckpt.every", "10", "--run.dir", str(tmp_path / "run")]
+    run_train(args, nproc=2)
+    ckpts = tmp_path / "run" / "checkpoints"
+    for later in ("step-000000060", "step-000000064"):
+        import shutil
+
+        shutil.rmtree(ckpts / later)
+    out = run_train([*args, "--train.batch_size", "32"], nproc=1)
+    assert "resuming a 2-process checkpoint" in out.stderr + out.stdout and "not be bit-identical" in out.stderr + out.stdout
+    s = read_summary(tmp_path / "run")
+    assert s["world_size"] == 1 and s["samples_seen"] == 2 * 2048 and s["optimizer_steps"] == 64
+
+
+def test_resume_never_starts_fresh(tmp_path):
+    args = [*RESUME, "--data.train_size", "256", "--train.epochs", "1", "--run.dir", str(tmp_path / "run")]
+    run_train(args, nproc=1)
+    out = run_train([*args, "--ckpt.resume", "never"], nproc=1)
+    assert "resumed" not in out.stdout and read_summary(tmp_path / "run")["optimizer_steps"] == 8
