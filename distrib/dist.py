@@ -86,14 +86,17 @@ def distributed(
         yield Runtime(env=denv, device=dev, backend=None)
         return
     if not tdist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _round_store(denv, timeout)
         tdist.init_process_group(
             backend=name,
-            init_method=f"tcp://{_url_host(denv.master_addr)}:{denv.master_port}"
+            init_method=None if store is not None else f"tcp://{_url_host(denv.master_addr)}:{denv.master_port}"
             if denv.launcher == "slurm"
             else "env://",
+            store=store,
             rank=denv.rank,
             world_size=denv.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
     failed = False
@@ -110,6 +113,19 @@ def distributed(
             if not failed:
                 tdist.barrier()
             tdist.destroy_process_group()
+
+
+def _round_store(denv: DistEnv, timeout: datetime.timedelta) -> tdist.Store | None:
+    """Under torchrun's agent store, a store namespace of our own per restart round.
+
+    The agent's TCPStore outlives a restart: keys the previous round wrote (gloo's peer addresses)
+    are still there, and a restarted worker may read a dead peer's address and fail to connect
+    (seen with torch 2.13, --standalone, --max-restarts). A prefix per round keeps rounds apart.
+    """
+    if not denv.agent_store:
+        return None
+    base = tdist.TCPStore(denv.master_addr, denv.master_port, denv.world_size, is_master=False, timeout=timeout)
+    return tdist.PrefixStore(f"distrib/round{denv.restart_count}", base)
 
 
 def _url_host(addr: str) -> str:

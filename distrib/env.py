@@ -37,6 +37,10 @@ class DistEnv:
     """Port of rank 0's rendezvous store."""
     launcher: str = "single"
     """One of `single`, `torchrun`, `slurm`."""
+    restart_count: int = 0
+    """torchrun's restart round (TORCHELASTIC_RESTART_COUNT); 0 on the first run."""
+    agent_store: bool = False
+    """Workers share torchrun's agent TCPStore (TORCHELASTIC_USE_AGENT_STORE)."""
 
     @property
     def distributed(self) -> bool:
@@ -58,7 +62,7 @@ def _int(env: Mapping[str, str], name: str) -> int:
         ) from None
 
 
-def _build_env(source: str, **fields: int | str) -> DistEnv:
+def _build_env(source: str, **fields: int | str | bool) -> DistEnv:
     """Construct a DistEnv after checking that its ranks are consistent; `source` names the variables."""
     e = DistEnv(**fields)  # type: ignore[arg-type]
     if e.world_size < 1:
@@ -102,6 +106,8 @@ def _from_torchrun(env: Mapping[str, str]) -> DistEnv:
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=_int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500,
         launcher="torchrun",
+        restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT") if "TORCHELASTIC_RESTART_COUNT" in env else 0,
+        agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
 
 

@@ -112,8 +112,40 @@ RESUME = ["--task.dropout", "0.1", "--train.grad_accum", "2", "--train.batch_siz
           "--data.train_size", "16384", "--data.eval_size", "256", "--ckpt.every", "37", "--train.log_every", "50"]
 
 
-def test_killed_job_resumes_bit_exact_with_dropout_and_accumulation(tmp_path):
-    run_train([*RESUME, "--run.dir", str(tmp_path / "whole")], nproc=2)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    run = tmp_path_factory.mktemp("whole")
+    run_train([*RESUME, "--run.dir", str(run)], nproc=2)
+    return read_summary(run)
+
+
+def _launch(run_dir, *torchrun_flags: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_flags,
+           "-m", "distrib.train", *RESUME, "--run.dir", str(run_dir)]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_checkpoints(run_dir, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while len(list((run_dir / "checkpoints").glob("step-*[0-9]"))) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("after_checkpoints", [1, 3])
+def test_elastic_restart_after_a_worker_is_killed_is_bit_exact(tmp_path, uninterrupted, after_checkpoints):
+    run = tmp_path / "elastic"
+    proc = _launch(run, "--max-restarts=1")
+    _wait_for_checkpoints(run, after_checkpoints)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one worker dies; torchrun restarts the group
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out, "the restarted workers did not resume"
+    assert read_summary(run)["params_sha256"] == uninterrupted["params_sha256"]
+
+
+def test_killed_job_resumes_bit_exact_with_dropout_and_accumulation(tmp_path, uninterrupted):
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distrib.train", *RESUME, "--run.dir", str(killed)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -125,7 +157,7 @@ def test_killed_job_resumes_bit_exact_with_dropout_and_accumulation(tmp_path):
     assert not (killed / "summary.json").exists(), "the run finished before it was killed: the test proved nothing"
     out = run_train([*RESUME, "--run.dir", str(killed)], nproc=2)
     assert "resumed from" in out.stdout
-    whole, resumed = read_summary(tmp_path / "whole"), read_summary(killed)
+    whole, resumed = uninterrupted, read_summary(killed)
     assert resumed["params_sha256"] == whole["params_sha256"]
     assert resumed["samples_seen"] == whole["samples_seen"] == 2 * 16384
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines() if '"train"' in line]

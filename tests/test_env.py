@@ -101,3 +101,9 @@ def test_expand_hostlist(hostlist, hosts):
 def test_bad_hostlist():
     with pytest.raises(EnvironmentConfigError, match="unbalanced"):
         expand_hostlist("n[1-2")
+
+
+def test_torchrun_restart_round_and_agent_store():
+    e = detect({**TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    assert e.restart_count == 2 and e.agent_store
+    assert detect(TORCHRUN).restart_count == 0 and not detect(TORCHRUN).agent_store
