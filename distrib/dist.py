@@ -15,7 +15,7 @@ import torch
 import torch.distributed as tdist
 
 from distrib.env import DistEnv, check_visible_gpus, detect
-from distrib.errors import ConfigError, EnvironmentConfigError
+from distrib.errors import ConfigError, EnvironmentConfigError, PeerError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,8 +102,15 @@ def distributed(
     failed = False
     try:
         yield Runtime(env=denv, device=dev, backend=name)
-    except BaseException:
+    except BaseException as exc:
         failed = True
+        if _is_collective_failure(exc):
+            raise PeerError(
+                f"rank {denv.rank}: a collective failed ({str(exc).strip().splitlines()[-1][:300]}). Another rank "
+                f"most likely died or hangs: see the first error in its log. This rank exits instead of waiting "
+                f"(dist.timeout_s={timeout_s:g}). HINT: under torchrun --max-restarts=N the job restarts from the "
+                "newest checkpoint by itself; otherwise relaunch the same command to resume."
+            ) from exc
         raise
     finally:
         # Teardown on success and on error. On success, a barrier first lets every rank's last
@@ -126,6 +133,13 @@ def _round_store(denv: DistEnv, timeout: datetime.timedelta) -> tdist.Store | No
         return None
     base = tdist.TCPStore(denv.master_addr, denv.master_port, denv.world_size, is_master=False, timeout=timeout)
     return tdist.PrefixStore(f"distrib/round{denv.restart_count}", base)
+
+
+def _is_collective_failure(exc: BaseException) -> bool:
+    """A peer's death or a timeout in a collective: torch's DistError family, or gloo's RuntimeErrors."""
+    if isinstance(exc, tdist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in ("gloo/transport", "Connection closed by peer", "Timed out waiting"))
 
 
 def _url_host(addr: str) -> str:

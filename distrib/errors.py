@@ -6,6 +6,9 @@ from __future__ import annotations
 class DistribError(Exception):
     """Base class for errors raised by distrib."""
 
+    exit_code = 2
+    """The CLI's exit status for this error (2: bad input, nothing was lost)."""
+
 
 class ConfigError(DistribError, ValueError):
     """A config value, CLI flag or config file is invalid."""
@@ -17,3 +20,9 @@ class EnvironmentConfigError(DistribError, RuntimeError):
 
 class BatchError(DistribError, TypeError):
     """A batch is not a structure of tensors that distrib can move and split."""
+
+
+class PeerError(DistribError, RuntimeError):
+    """A collective failed or timed out: another rank died or hangs. Not a bad input, so exit status 1."""
+
+    exit_code = 1

@@ -28,6 +28,7 @@ from distrib.logs import log, writer_for
 from distrib.metrics import MeanMetrics, count_correct
 from distrib.model import params_sha256, set_grad_sync, unwrap_model, wrap_model
 from distrib.precision import Precision
+from distrib.stop import EXIT_STOPPED, StopRequest
 from distrib.transfer import describe, device_batches, leading_dim, map_tensors
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -109,6 +110,10 @@ class Trainer:
         self._interval_start = time.perf_counter()
         self._interval_steps = 0
         self.last_eval: dict[str, float] = {}
+        self.stop = StopRequest()
+        """Set it (a signal handler does) and every rank stops at the next log interval, checkpointed."""
+        self._stopping = False
+        self._saved_step = -1
         # Distinct per rank (dropout masks differ across ranks), reproducible from `seed`.
         _seed_everything(mix_seed(cfg.seed, rt.rank))
         self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
@@ -137,17 +142,27 @@ class Trainer:
     # ------------------------------------------------------------------ public
 
     def fit(self) -> dict[str, Any]:
-        """Train for `train.epochs` (or `train.max_steps`), evaluating after each epoch."""
+        """Train for `train.epochs` (or `train.max_steps`), evaluating after each epoch.
+
+        Returns the summary, or `{"stopped": True, ...}` when a stop was agreed (see `self.stop`).
+        """
         tc = self.cfg.train
         started = time.perf_counter()
-        while self.state.epoch < tc.epochs and self.state.step < self.total_steps:
+        while not self._done():
             self._train_epoch()
+            if self._stopping and not self._epoch_finished and not self._done():
+                return self._stopped()  # mid-epoch: no eval; the resumed run evaluates at the epoch end
             self.evaluate()
             if self._epoch_finished:
                 self.state.epoch += 1
                 self.state.epoch_samples = 0
                 self.save_checkpoint()
+            if self._stopping and not self._done():
+                return self._stopped()
         return self._finish(time.perf_counter() - started)
+
+    def _done(self) -> bool:
+        return self.state.epoch >= self.cfg.train.epochs or self.state.step >= self.total_steps
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -165,6 +180,7 @@ class Trainer:
             em.add(loss, count_correct(outputs, labels), leading_dim(inputs))
         module.train()
         result = em.reduce()
+        del result["votes"]
         self.last_eval = result
         self.writer.metrics({"kind": "eval", "step": self.state.step, "epoch": self.state.epoch, **result})
         log.info(f"eval  step {self.state.step} | epoch {self.state.epoch} | loss {result['loss']:.4f} | acc {result['accuracy']:.4f} | count {result['count']}")
@@ -172,6 +188,9 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Checkpoint at the current optimizer-step boundary (a few barriers; not on the per-step path)."""
+        if self._saved_step == self.state.step:
+            return  # e.g. a stop agreed on a step that ckpt.every already saved
+        self._saved_step = self.state.step
         module = unwrap_model(self.model)
         shared = {
             "model": module.state_dict(),
@@ -257,7 +276,7 @@ class Trainer:
             consumed = i + 1
             if last_micro:
                 self._optimizer_step(sum(group))
-                if st.step >= self.total_steps:
+                if st.step >= self.total_steps or self._stopping:
                     break
         self._epoch_finished = consumed == len(sizes)
         if self._interval_steps:
@@ -299,8 +318,11 @@ class Trainer:
     def _log_train(self) -> None:
         """All-reduce the interval's sums (the only extra collective), write one line, reset."""
         st = self.state
-        r = self.metrics.reduce()
+        r = self.metrics.reduce(vote=self.stop.requested)
         self.metrics.reset()
+        if r["votes"] and not self._stopping:
+            self._stopping = True
+            log.info(f"{self.stop.reason} received by {r['votes']} of {self.rt.world_size} ranks: stopping at step {st.step} with a checkpoint")
         now = time.perf_counter()
         elapsed = now - self._interval_start
         record = {
@@ -322,9 +344,19 @@ class Trainer:
         )
         self._interval_start, self._interval_steps = now, 0
 
+    def _stopped(self) -> dict[str, Any]:
+        """Checkpoint where every rank agreed to stop; the caller exits with EXIT_STOPPED."""
+        self.save_checkpoint()
+        log.info(
+            f"stopped at step {self.state.step}/{self.total_steps} (epoch {self.state.epoch}); checkpoint saved in "
+            f"{self.ckpt_root}. Exit status {EXIT_STOPPED}: run the same command again to continue."
+        )
+        return {"stopped": True, "optimizer_steps": self.state.step, "samples_seen": self.state.samples_seen}
+
     def _finish(self, wall_s: float) -> dict[str, Any]:
         module = unwrap_model(self.model)
         summary = {
+            "stopped": False,
             "world_size": self.rt.world_size,
             "launcher": self.rt.env.launcher,
             "device": str(self.rt.device),

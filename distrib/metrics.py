@@ -28,13 +28,17 @@ class MeanMetrics:
             self._sums[1] += correct.to(torch.float64)
         self._sums[2] += count
 
-    def reduce(self) -> dict[str, float]:
-        """All-reduce over ranks and read: {loss, accuracy, count}. A collective: call on every rank."""
-        total = all_reduce_sum(self._sums.clone())
-        loss_sum, correct, count = total.tolist()
+    def reduce(self, *, vote: bool = False) -> dict[str, float]:
+        """All-reduce over ranks and read: {loss, accuracy, count, votes}. A collective: call on every rank.
+
+        `vote` rides on the same all-reduce and `votes` is how many ranks voted: a yes/no agreement
+        (the graceful stop) for free at the log interval.
+        """
+        buf = torch.cat([self._sums, self._sums.new_full((1,), float(vote))])
+        loss_sum, correct, count, votes = all_reduce_sum(buf).tolist()
         if count == 0:
-            return {"loss": float("nan"), "accuracy": float("nan"), "count": 0}
-        return {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
+            return {"loss": float("nan"), "accuracy": float("nan"), "count": 0, "votes": int(votes)}
+        return {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count), "votes": int(votes)}
 
     def reset(self) -> None:
         self._sums.zero_()

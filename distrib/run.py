@@ -17,6 +17,7 @@ from distrib.config import Config
 from distrib.dist import distributed
 from distrib.logs import log, setup_console
 from distrib.loop import Trainer
+from distrib.stop import stop_on_signals
 
 
 def prepare(cfg: Config) -> Config:
@@ -63,6 +64,7 @@ def fit(cfg: Config, **trainer_args: Any) -> dict[str, Any]:
                 log.info(f"debug mode: 1 process on {rt.device}, no process group, num_workers=0, max_steps={cfg.train.max_steps}")
             trainer = Trainer(cfg, rt, **trainer_args)
             try:
-                return trainer.fit()
+                with stop_on_signals(trainer.stop):
+                    return trainer.fit()
             finally:
                 trainer.close()

@@ -12,6 +12,7 @@ from distrib.data import steps_per_epoch
 from distrib.errors import DistribError
 from distrib.optim import build_optimizer, build_scheduler
 from distrib.run import fit
+from distrib.stop import EXIT_STOPPED
 from distrib.task import make_datasets, make_model
 
 
@@ -40,11 +41,11 @@ def run(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
-        run(cfg)
+        summary = run(cfg)
     except DistribError as exc:
         print(f"distrib: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return exc.exit_code
+    return EXIT_STOPPED if summary["stopped"] else 0
 
 
 if __name__ == "__main__":

@@ -101,11 +101,14 @@ def test_a_crash_before_commit_leaves_only_a_staging_dir(tmp_path):
 # ----------------------------------------------------------------------------- resume end to end
 
 import os  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+from distrib.stop import EXIT_STOPPED  # noqa: E402
 from tests.helpers import REPO, child_env, read_summary, run_train  # noqa: E402
 
 RESUME = ["--task.dropout", "0.1", "--train.grad_accum", "2", "--train.batch_size", "16", "--train.epochs", "2",
@@ -119,10 +122,33 @@ def uninterrupted(tmp_path_factory) -> dict:
     return read_summary(run)
 
 
-def _launch(run_dir, *torchrun_flags: str) -> subprocess.Popen:
+def _launch(run_dir, *torchrun_flags: str, extra: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_flags,
-           "-m", "distrib.train", *RESUME, "--run.dir", str(run_dir)]
+           "-m", "distrib.train", *RESUME, *extra, "--run.dir", str(run_dir)]
     return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = [int(k) for k in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker (workers do not share the agent's process group in torch 2.13)."""
+    pids = [proc.pid, *_descendants(proc.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") and "zombie" not in _proc_state(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/status").read().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
 
 
 def _wait_for_checkpoints(run_dir, count: int) -> None:
@@ -145,18 +171,19 @@ def test_elastic_restart_after_a_worker_is_killed_is_bit_exact(tmp_path, uninter
     assert read_summary(run)["params_sha256"] == uninterrupted["params_sha256"]
 
 
-def test_killed_job_resumes_bit_exact_with_dropout_and_accumulation(tmp_path, uninterrupted):
+def test_killed_job_with_a_truncated_newest_checkpoint_resumes_from_the_previous_bit_exact(tmp_path, uninterrupted):
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distrib.train", *RESUME, "--run.dir", str(killed)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not list((killed / "checkpoints").glob("step-*[0-9]")) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the agent and both workers, mid-run, wherever they are
-    proc.wait()
+    proc = _launch(killed)
+    _wait_for_checkpoints(killed, 2)
+    _kill_tree(proc)  # the agent and both workers, mid-run, wherever they are
     assert not (killed / "summary.json").exists(), "the run finished before it was killed: the test proved nothing"
+    newest, previous = ck.candidates(killed / "checkpoints")[:2]
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # a torn write the manifest must catch
     out = run_train([*RESUME, "--run.dir", str(killed)], nproc=2)
-    assert "resumed from" in out.stdout
+    log = out.stdout + out.stderr
+    assert f"checkpoint {newest.name} is not usable" in log and "truncated" in log
+    assert f"resumed from {previous}" in log
     whole, resumed = uninterrupted, read_summary(killed)
     assert resumed["params_sha256"] == whole["params_sha256"]
     assert resumed["samples_seen"] == whole["samples_seen"] == 2 * 16384
@@ -164,13 +191,62 @@ def test_killed_job_resumes_bit_exact_with_dropout_and_accumulation(tmp_path, un
     assert steps == sorted(set(steps))  # lines logged after the checkpoint by the killed run were dropped
 
 
+def test_sigterm_to_the_torchrun_agent_stops_at_a_step_checkpoints_and_a_relaunch_is_bit_exact(tmp_path, uninterrupted):
+    run = tmp_path / "stopped"
+    # No periodic checkpoints in this run: the only mid-epoch one is the stop's.
+    proc = _launch(run, extra=["--ckpt.every", "100000"])
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() or '"train"' not in (run / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)  # the agent; it forwards SIGTERM to both workers
+    out, _ = proc.communicate(timeout=120)
+    assert not (run / "summary.json").exists(), "the run finished before the signal: the test proved nothing"
+    stop_step = int(re.search(r"\[rank0\] stopped at step (\d+)/", out).group(1))
+    assert stop_step % 50 == 0, "ranks agree at a log interval (train.log_every=50)"
+    assert "received by 2 of 2 ranks" in out
+    assert [p.name for p in ck.candidates(run / "checkpoints")] == [f"step-{stop_step:09d}"]
+    assert f"Exit status {EXIT_STOPPED}" in out
+    out = run_train([*RESUME, "--run.dir", str(run)], nproc=2)
+    assert f"resumed from {ck.step_dir(run / 'checkpoints', stop_step)}" in out.stdout
+    assert read_summary(run)["params_sha256"] == uninterrupted["params_sha256"]
+
+
+def test_sigterm_and_sigusr1_exit_with_the_documented_status(tmp_path):
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        run = tmp_path / sig.name
+        cmd = [sys.executable, "-m", "distrib.train", *RESUME, "--train.epochs", "50", "--run.dir", str(run)]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        while not (run / "metrics.jsonl").exists() or '"train"' not in (run / "metrics.jsonl").read_text():
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == EXIT_STOPPED, out[-2000:]
+        assert f"{sig.name} received by 1 of 1 ranks" in out
+
+
+def test_resume_with_dataloader_workers_is_bit_exact(tmp_path):
+    """Workers are seeded per (seed, rank, epoch, skip), so a mid-epoch resume draws the same dropout and order."""
+    args = [*RESUME, "--data.train_size", "1024", "--data.num_workers", "2", "--ckpt.every", "5", "--ckpt.keep", "100"]
+    run_train([*args, "--run.dir", str(tmp_path / "whole")], nproc=1)
+    whole = read_summary(tmp_path / "whole")
+    run = tmp_path / "cut"
+    run_train([*args, "--run.dir", str(run)], nproc=1)
+    # Pretend the job died after step 15 (mid-epoch 0, 32 steps per epoch), mid-way through an accumulation.
+    for later in ck.candidates(run / "checkpoints"):
+        if int(later.name.split("-")[1]) > 15:
+            shutil.rmtree(later)
+    (run / "summary.json").unlink()
+    out = run_train([*args, "--run.dir", str(run)], nproc=1)
+    assert "resumed from" in out.stdout and "step 15 (epoch 0" in out.stdout
+    assert read_summary(run)["params_sha256"] == whole["params_sha256"]
+
+
 def test_resume_at_another_world_size_continues_at_the_same_sample_count(tmp_path):
     args = [*RESUME, "--data.train_size", "2048", "--ckpt.every", "10", "--run.dir", str(tmp_path / "run")]
     run_train(args, nproc=2)
     ckpts = tmp_path / "run" / "checkpoints"
     for later in ("step-000000060", "step-000000064"):
-        import shutil
-
         shutil.rmtree(ckpts / later)
     out = run_train([*args, "--train.batch_size", "32"], nproc=1)
     assert "resuming a 2-process checkpoint" in out.stderr + out.stdout and "not be bit-identical" in out.stderr + out.stdout
