@@ -1,4 +1,4 @@
-"""The `distrib` command: `distrib train ...` (more subcommands join as they are built)."""
+"""The `distrib` command: `distrib train|doctor|report|slurm submit ...`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from typing import Sequence
 USAGE = """usage: distrib <command> [args]
 
 commands:
-  train    train the built-in task (same as python -m distrib.train)
+  train           train the built-in task (same as python -m distrib.train)
+  doctor          print what distrib sees (launcher, ranks, devices, Slurm, master) and flag launch mistakes
+  report RUN_DIR  plot metrics.jsonl (loss, lr, throughput, data wait) to RUN_DIR/report.png, print a summary
+  slurm submit    [--nodes N] [--gpus-per-node G] [--time T] [--partition P] [--dry-run] -- TRAIN ARGS
 """
 
 
@@ -22,6 +25,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from distrib.train import main as train_main
 
         return train_main(rest)
+    if command == "doctor":
+        from distrib.doctor import main as doctor_main
+
+        return doctor_main(rest)
+    if command == "report":
+        from distrib.report import main as report_main
+
+        return report_main(rest)
+    if command == "slurm" and rest[:1] == ["submit"]:
+        from distrib.slurm import submit_main
+
+        return submit_main(rest[1:])
     print(f"distrib: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

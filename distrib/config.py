@@ -125,8 +125,18 @@ class TrainConfig:
     """Wrap the model with torch.compile."""
     debug_steps: int = 10
     """Optimizer-step limit in --debug mode."""
+    straggler_threshold: float = 0.3
+    """Warn when (slowest - fastest) / slowest rank step time passes this, at a log interval."""
+    hang_timeout_s: float | None = 300.0
+    """Dump every rank's Python stacks when no step completes for this long; None disables."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device, for MFU (needs the task's FLOPs per sample); None: no MFU."""
+    progress: str = "auto"
+    """`auto` (a progress bar when stdout is a terminal, else one line per log interval), `bar`, `lines`."""
 
     def __post_init__(self) -> None:
+        _one_of("train", "progress", self.progress, ("auto", "bar", "lines"))
+        _positive("train", straggler_threshold=self.straggler_threshold, hang_timeout_s=self.hang_timeout_s, peak_flops=self.peak_flops)
         _positive(
             "train",
             batch_size=self.batch_size,
@@ -200,6 +210,28 @@ class CkptConfig:
             raise ConfigError("ckpt.resume is empty. HINT: pass --ckpt.resume auto, never, or a checkpoint directory.")
 
 
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+@dataclasses.dataclass(kw_only=True)
+class WandbConfig:
+    mode: str = "auto"
+    """`auto`: online when credentials are configured (WANDB_API_KEY or ~/.netrc), else offline; never a prompt."""
+    project: str = "distrib"
+    name: str | None = None
+    """Run name; None lets wandb pick one."""
+    tags: list[str] = dataclasses.field(default_factory=list)
+    """Comma-separated on the command line: --wandb.tags a,b."""
+    group: str | None = None
+    """None: the Slurm job id when there is one."""
+    init_timeout_s: float = 60.0
+    """How long wandb.init may take before distrib gives up on wandb (with a warning) and trains on."""
+
+    def __post_init__(self) -> None:
+        _one_of("wandb", "mode", self.mode, WANDB_MODES)
+        _positive("wandb", init_timeout_s=self.init_timeout_s)
+
+
 @dataclasses.dataclass(kw_only=True)
 class Config:
     seed: int = 0
@@ -213,6 +245,7 @@ class Config:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     dist: DistConfig = dataclasses.field(default_factory=DistConfig)
     ckpt: CkptConfig = dataclasses.field(default_factory=CkptConfig)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -175,7 +175,7 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
     local_world_size = (
         _int(env, "SLURM_NTASKS_PER_NODE")
         if "SLURM_NTASKS_PER_NODE" in env
-        else _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")), node_rank)
+        else tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "")), node_rank)
     )
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if "MASTER_ADDR" in env:
@@ -205,7 +205,7 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
     )
 
 
-def _tasks_on_node(spec: str, node: int) -> int:
+def tasks_on_node(spec: str, node: int) -> int:
     """Parse SLURM_TASKS_PER_NODE (e.g. `2(x3),1`) and return the count for node `node`."""
     counts: list[int] = []
     for part in filter(None, spec.split(",")):

@@ -16,6 +16,9 @@ from distrib.fileio import save_torch, write_atomic
 
 log = logging.getLogger("distrib")
 
+STOPPED_FILE = "stopped.json"
+"""Written by rank 0 when a run stops on a signal with a checkpoint (the Slurm epilogue requeues on it)."""
+
 
 def setup_console(rank: int, world_size: int) -> None:
     """Rank 0 logs INFO; other ranks WARNING and up, each line prefixed with the rank."""
@@ -30,14 +33,18 @@ def setup_console(rank: int, world_size: int) -> None:
 class RunWriter:
     """Rank 0's files in run.dir: metrics.jsonl, config.json, summary.json."""
 
-    def __init__(self, run_dir: str | Path, *, fresh: bool) -> None:
+    def __init__(self, run_dir: str | Path, *, fresh: bool, tracker: Any = None) -> None:
         self.dir = Path(run_dir)
+        self.tracker = tracker  # distrib.tracking.Tracker: wandb on rank 0, or None
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / STOPPED_FILE).unlink(missing_ok=True)  # this run is under way again
         # A fresh run starts a new metrics file; a resumed one appends to its own history.
         self._metrics = open(self.dir / "metrics.jsonl", "w" if fresh else "a", buffering=1)
 
     def metrics(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
 
     def rewind(self, *, step: int, epoch: int) -> None:
         """On resume, drop lines the interrupted run logged after its checkpoint (they will be logged again)."""
@@ -60,13 +67,15 @@ class RunWriter:
 
     def close(self) -> None:
         self._metrics.close()
+        if self.tracker is not None:
+            self.tracker.finish()
 
 
 class NullWriter(RunWriter):
     """What every rank but 0 gets: the same interface, no effects."""
 
     def __init__(self) -> None:  # noqa: D107 - deliberately skips the parent's file creation
-        pass
+        self.tracker = None
 
     def metrics(self, record: dict[str, Any]) -> None:
         pass
@@ -84,5 +93,5 @@ class NullWriter(RunWriter):
         pass
 
 
-def writer_for(rank: int, run_dir: str | Path, *, fresh: bool) -> RunWriter:
-    return RunWriter(run_dir, fresh=fresh) if rank == 0 else NullWriter()
+def writer_for(rank: int, run_dir: str | Path, *, fresh: bool, tracker: Any = None) -> RunWriter:
+    return RunWriter(run_dir, fresh=fresh, tracker=tracker) if rank == 0 else NullWriter()

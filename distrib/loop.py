@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -19,13 +20,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from distrib import checkpoint
+from distrib import checkpoint, tracking
 from distrib.config import Config
 from distrib.data import LoaderOptions, TrainLoader, eval_loader, mix_seed, steps_per_epoch
 from distrib.dist import Runtime, broadcast_object
 from distrib.errors import BatchError, ConfigError
-from distrib.logs import log, writer_for
+from distrib.logs import STOPPED_FILE, log, writer_for
 from distrib.metrics import MeanMetrics, count_correct
+from distrib.monitor import IntervalTimes, Progress, Watchdog, interval_fields
 from distrib.model import params_sha256, set_grad_sync, unwrap_model, wrap_model
 from distrib.precision import Precision
 from distrib.stop import EXIT_STOPPED, StopRequest
@@ -79,9 +81,13 @@ class Trainer:
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         split_batch: Callable[[Any], tuple[Any, Any]] = split_batch,
+        tokens_per_sample: float | None = None,
+        flops_per_sample: float | None = None,
     ) -> None:
         self.cfg, self.rt = cfg, rt
         self.optimizer, self.scheduler, self.loss_fn, self.split = optimizer, scheduler, loss_fn, split_batch
+        # Declared by the task, for tokens/s and MFU in the log (a model's FLOPs are not measurable cheaply).
+        self.tokens_per_sample, self.flops_per_sample = tokens_per_sample, flops_per_sample
         tc, dc = cfg.train, cfg.data
         self.precision = Precision(tc.precision, rt.device)
         opts = LoaderOptions(
@@ -107,8 +113,9 @@ class Trainer:
         self.metrics = MeanMetrics(rt.device)
         self.steps_per_epoch = steps_per_epoch(self.train_loader.num_batches(), tc.grad_accum)
         self.total_steps = min(tc.max_steps or 2**62, tc.epochs * self.steps_per_epoch)
-        self._interval_start = time.perf_counter()
+        self.times = IntervalTimes()
         self._interval_steps = 0
+        self._logger_run_id: str | None = None
         self.last_eval: dict[str, float] = {}
         self.stop = StopRequest()
         """Set it (a signal handler does) and every rank stops at the next log interval, checkpointed."""
@@ -120,8 +127,12 @@ class Trainer:
         resume = self._resume_path()
         if resume is not None:
             self._restore(resume)
-        # All checks passed: only now does rank 0 touch the file system.
-        self.writer = writer_for(rt.rank, cfg.run.dir, fresh=resume is None)
+        # All checks passed: only now does rank 0 touch the file system (and wandb).
+        tracker = tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=self._logger_run_id) if rt.is_rank_zero else None
+        self.writer = writer_for(rt.rank, cfg.run.dir, fresh=resume is None, tracker=tracker)
+        self.watchdog = Watchdog(tc.hang_timeout_s, rt.rank)
+        want_bar = tc.progress == "bar" or (tc.progress == "auto" and sys.stdout.isatty())
+        self.progress = Progress(rt.is_rank_zero and want_bar, total=self.total_steps, initial=self.state.step)
         if resume is not None:
             self.writer.rewind(step=self.state.step, epoch=self.state.epoch)
         self.writer.json("config.json", cfg.to_dict())
@@ -146,7 +157,6 @@ class Trainer:
 
         Returns the summary, or `{"stopped": True, ...}` when a stop was agreed (see `self.stop`).
         """
-        tc = self.cfg.train
         started = time.perf_counter()
         while not self._done():
             self._train_epoch()
@@ -173,6 +183,7 @@ class Trainer:
         module.eval()
         em = MeanMetrics(self.rt.device)
         for batch in device_batches(self.eval_loader, self.rt.device, prefetch=self.cfg.data.prefetch):
+            self.watchdog.beat()
             inputs, labels = self.split(batch)
             with self.precision.autocast():
                 outputs = module(inputs)
@@ -180,7 +191,6 @@ class Trainer:
             em.add(loss, count_correct(outputs, labels), leading_dim(inputs))
         module.train()
         result = em.reduce()
-        del result["votes"]
         self.last_eval = result
         self.writer.metrics({"kind": "eval", "step": self.state.step, "epoch": self.state.epoch, **result})
         log.info(f"eval  step {self.state.step} | epoch {self.state.epoch} | loss {result['loss']:.4f} | acc {result['accuracy']:.4f} | count {result['count']}")
@@ -201,6 +211,7 @@ class Trainer:
             "world_size": self.rt.world_size,
             "last_eval": self.last_eval,
             "config": self.cfg.to_dict(),
+            "logger_run_id": self.writer.tracker.run_id if self.writer.tracker is not None else None,
         }
         per_rank = {"rng": checkpoint.capture_rng(), "metrics": self.metrics.state().cpu(), "interval_steps": self._interval_steps}
         checkpoint.save(self.ckpt_root, self.state.step, rank=self.rt.rank, world_size=self.rt.world_size,
@@ -229,6 +240,7 @@ class Trainer:
         self.precision.scaler.load_state_dict(shared["scaler"])
         self.state = TrainState(**shared["train"])
         self.last_eval = shared["last_eval"]
+        self._logger_run_id = shared.get("logger_run_id")
         old_world = shared["world_size"]
         if old_world == self.rt.world_size:
             per_rank = torch.load(path / checkpoint.rank_file(self.rt.rank), map_location="cpu", weights_only=False)
@@ -252,6 +264,8 @@ class Trainer:
         If the DDP reducer outlives the process group, it becomes the group's last owner and its
         destructor joins gloo's worker threads while holding the GIL, which can deadlock.
         """
+        self.progress.close()
+        self.watchdog.close()
         self.writer.close()
         self.model = unwrap_model(self.model)
 
@@ -263,11 +277,16 @@ class Trainer:
         sizes = self.train_loader.micro_batch_sizes(skip)
         self.train_loader.set_epoch(st.epoch, skip)
         accum = tc.grad_accum
+        if self._interval_steps == 0:
+            self.times = IntervalTimes()  # the first interval of an epoch does not count the eval before it
         self.model.train()
         self._epoch_finished = False
-        batches = device_batches(self.train_loader, self.rt.device, prefetch=self.cfg.data.prefetch)
+        batches = iter(device_batches(self.train_loader, self.rt.device, prefetch=self.cfg.data.prefetch))
         consumed = 0
-        for i, batch in enumerate(batches):
+        for i in range(len(sizes)):
+            waited = time.perf_counter()
+            batch = next(batches)
+            self.times.data_wait += time.perf_counter() - waited
             if self.cfg.debug and st.step == 0 and i == 0:
                 log.info("first batch:\n" + describe(batch))
             group = sizes[i - i % accum : i - i % accum + accum]
@@ -297,7 +316,10 @@ class Trainer:
         # Mean loss of the micro-batch weighted by its share of the step's samples on this rank: the
         # accumulated gradient is that of the mean over the step (short last step included), and
         # DDP's average over ranks (all hold the same count) makes it the global mean.
+        started = time.perf_counter() if sync else 0.0
         self.precision.backward(loss * (n / step_samples))
+        if sync:  # DDP's all-reduce runs in this backward: a fast rank waits here for the slowest
+            self.times.sync += time.perf_counter() - started
         self.metrics.add(loss, count_correct(outputs, labels), n)
 
     def _optimizer_step(self, local_samples: int) -> None:
@@ -310,6 +332,8 @@ class Trainer:
         st.epoch_samples += local_samples
         st.samples_seen += local_samples * self.rt.world_size
         self._interval_steps += 1
+        self.watchdog.beat()
+        self.progress.step()
         if st.step % self.cfg.train.log_every == 0:
             self._log_train()
         if self.cfg.ckpt.every and st.step % self.cfg.ckpt.every == 0:
@@ -317,14 +341,16 @@ class Trainer:
 
     def _log_train(self) -> None:
         """All-reduce the interval's sums (the only extra collective), write one line, reset."""
-        st = self.state
-        r = self.metrics.reduce(vote=self.stop.requested)
+        st, world = self.state, self.rt.world_size
+        extras = [float(self.stop.requested), *self.times.extras(self.rt.rank, world, self.rt.device, self._interval_steps)]
+        r = self.metrics.reduce(extras)
         self.metrics.reset()
-        if r["votes"] and not self._stopping:
+        votes, reduced = int(r["extra"][0]), r["extra"][1:]
+        if votes and not self._stopping:
             self._stopping = True
-            log.info(f"{self.stop.reason} received by {r['votes']} of {self.rt.world_size} ranks: stopping at step {st.step} with a checkpoint")
-        now = time.perf_counter()
-        elapsed = now - self._interval_start
+            log.info(f"{self.stop.reason} received by {votes} of {world} ranks: stopping at step {st.step} with a checkpoint")
+        elapsed = reduced[1] / world  # the interval's wall time, averaged over ranks
+        samples_per_s = r["count"] / elapsed if elapsed > 0 else 0.0
         record = {
             "kind": "train",
             "step": st.step,
@@ -334,19 +360,29 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "samples": st.samples_seen,
             "interval_samples": r["count"],
-            "samples_per_s": r["count"] / elapsed if elapsed > 0 else 0.0,
+            "samples_per_s": samples_per_s,
             "step_time_s": elapsed / max(self._interval_steps, 1),
+            **interval_fields(reduced, world, self.cfg.train.straggler_threshold, warn=self.rt.is_rank_zero),
         }
+        if self.tokens_per_sample:
+            record["tokens_per_s"] = samples_per_s * self.tokens_per_sample
+        if self.flops_per_sample and self.cfg.train.peak_flops:
+            record["mfu"] = samples_per_s * self.flops_per_sample / (self.cfg.train.peak_flops * world)
         self.writer.metrics(record)
-        log.info(
-            f"train step {st.step}/{self.total_steps} | epoch {st.epoch} | loss {r['loss']:.4f} | "
-            f"acc {r['accuracy']:.4f} | lr {record['lr']:.3g} | {record['samples_per_s']:.0f} samples/s"
-        )
-        self._interval_start, self._interval_steps = now, 0
+        if self.progress.active:
+            self.progress.show(epoch=st.epoch, loss=f"{r['loss']:.4f}", samples_s=f"{samples_per_s:.0f}")
+        else:
+            log.info(
+                f"train step {st.step}/{self.total_steps} | epoch {st.epoch} | loss {r['loss']:.4f} | "
+                f"acc {r['accuracy']:.4f} | lr {record['lr']:.3g} | {samples_per_s:.0f} samples/s | "
+                f"data wait {record['data_wait_frac']:.0%}"
+            )
+        self.times, self._interval_steps = IntervalTimes(), 0
 
     def _stopped(self) -> dict[str, Any]:
         """Checkpoint where every rank agreed to stop; the caller exits with EXIT_STOPPED."""
         self.save_checkpoint()
+        self.writer.json(STOPPED_FILE, {"step": self.state.step, "signal": self.stop.reason, "exit_status": EXIT_STOPPED})
         log.info(
             f"stopped at step {self.state.step}/{self.total_steps} (epoch {self.state.epoch}); checkpoint saved in "
             f"{self.ckpt_root}. Exit status {EXIT_STOPPED}: run the same command again to continue."

@@ -7,7 +7,7 @@ global mean is exact (to fp64 rounding) whatever the world size and however unev
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -28,17 +28,25 @@ class MeanMetrics:
             self._sums[1] += correct.to(torch.float64)
         self._sums[2] += count
 
-    def reduce(self, *, vote: bool = False) -> dict[str, float]:
-        """All-reduce over ranks and read: {loss, accuracy, count, votes}. A collective: call on every rank.
+    def reduce(self, extra: Sequence[float] = ()) -> dict[str, Any]:
+        """All-reduce over ranks and read: {loss, accuracy, count} (+ `extra`). A collective: call on every rank.
 
-        `vote` rides on the same all-reduce and `votes` is how many ranks voted: a yes/no agreement
-        (the graceful stop) for free at the log interval.
+        `extra` values ride on the same all-reduce and come back summed over ranks as `extra`: the
+        log interval's other global numbers (the graceful-stop vote, timings) cost no collective of their own.
         """
-        buf = torch.cat([self._sums, self._sums.new_full((1,), float(vote))])
-        loss_sum, correct, count, votes = all_reduce_sum(buf).tolist()
-        if count == 0:
-            return {"loss": float("nan"), "accuracy": float("nan"), "count": 0, "votes": int(votes)}
-        return {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count), "votes": int(votes)}
+        buf = self._sums
+        if extra:
+            buf = torch.cat([buf, torch.tensor(list(extra), dtype=torch.float64).to(buf.device, non_blocking=True)])
+        values = all_reduce_sum(buf.clone() if not extra else buf).tolist()
+        loss_sum, correct, count = values[:3]
+        out: dict[str, Any] = (
+            {"loss": loss_sum / count, "accuracy": correct / count, "count": int(count)}
+            if count
+            else {"loss": float("nan"), "accuracy": float("nan"), "count": 0}
+        )
+        if extra:
+            out["extra"] = values[3:]
+        return out
 
     def reset(self) -> None:
         self._sums.zero_()

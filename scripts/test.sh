@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Set everything up and run the test suite. CI (.ci/run) calls exactly this.
+# Set everything up and run the test suite. CI (.ci/run) calls exactly this, with DISTRIB_SLURM=1.
+#
+# DISTRIB_SLURM=1 (needs root and apt): also install and start the two-node Slurm test cluster
+# (scripts/slurm-cluster.sh) and fail, rather than skip, the Slurm tests if it is not reachable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if [[ "${DISTRIB_SLURM:-0}" == 1 ]]; then
+    bash scripts/slurm-cluster.sh start
+    export DISTRIB_REQUIRE_SLURM=1
+fi
 exec .venv/bin/python -m pytest "$@"

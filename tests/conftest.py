@@ -12,8 +12,9 @@ import torch.distributed as tdist
 torch.set_num_threads(1)
 
 
-# pytest's own bookkeeping, and the cache dir torch's inductor exports the first time it is imported.
-_OWNED_BY_OTHERS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+# pytest's own bookkeeping, the cache dir torch's inductor exports when first imported, and the
+# address of the wandb service a first in-process wandb.init starts (wandb owns it).
+_OWNED_BY_OTHERS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "WANDB_SERVICE"}
 
 
 @pytest.fixture(autouse=True)

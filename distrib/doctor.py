@@ -1,0 +1,193 @@
+"""`distrib doctor`: what distrib sees in this process, and the classic launch mistakes with their fix.
+
+Run it the way the job runs (`srun distrib doctor`, `torchrun ... -m distrib.doctor`, or plainly).
+`diagnose()` is a pure function of the environment and a few probes, so every rule is testable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import sys
+from typing import Callable, Mapping, Sequence
+
+from distrib.env import DistEnv, tasks_on_node, detect, expand_hostlist
+from distrib.errors import EnvironmentConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    level: str
+    """`error` (the job will fail or silently misbehave) or `warning`."""
+    message: str
+    fix: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Probes:
+    """What doctor measures outside the environment variables (replaceable in tests)."""
+
+    gpus: int = 0
+    gpu_names: tuple[str, ...] = ()
+    torch_version: str = ""
+    nccl_version: str | None = None
+    port_in_use: Callable[[str, int], bool] = lambda host, port: False
+    resolves: Callable[[str], bool] = lambda host: True
+    is_local: Callable[[str], bool] = lambda host: True
+
+
+def real_probes() -> Probes:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    nccl = None
+    if gpus and torch.distributed.is_nccl_available():
+        v = torch.cuda.nccl.version()
+        nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return Probes(
+        gpus=gpus,
+        gpu_names=tuple(torch.cuda.get_device_name(i) for i in range(gpus)),
+        torch_version=torch.__version__,
+        nccl_version=nccl,
+        port_in_use=_port_in_use,
+        resolves=_resolves,
+        is_local=_is_local,
+    )
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return True
+
+
+def _is_local(host: str) -> bool:
+    try:
+        addrs = {a[4][0] for a in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addrs & {"127.0.0.1", "::1"}) or host in (socket.gethostname(), socket.getfqdn())
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "")
+    return int(raw) if raw.isdigit() else None
+
+
+def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, str]], list[Finding]]:
+    """(facts as (name, value) rows, findings) for this process's environment."""
+    facts: list[tuple[str, str]] = []
+    found: list[Finding] = []
+    try:
+        denv = detect(env)
+    except EnvironmentConfigError as exc:
+        found.append(Finding("error", str(exc), "see the HINT above"))
+        denv = DistEnv()
+    facts += [
+        ("launcher", denv.launcher),
+        ("rank", f"{denv.rank} of {denv.world_size} (local {denv.local_rank} of {denv.local_world_size}, node {denv.node_rank})"),
+        ("torch", probes.torch_version or "?"),
+        ("devices", f"{probes.gpus} CUDA GPU(s): {', '.join(probes.gpu_names)}" if probes.gpus else "no CUDA GPU: CPU"),
+        ("backend", "nccl" if probes.gpus else "gloo"),
+        ("nccl", probes.nccl_version or "-"),
+    ]
+
+    in_slurm = "SLURM_JOB_ID" in env
+    nnodes = _int(env, "SLURM_JOB_NUM_NODES") or _int(env, "SLURM_NNODES") or 1
+    gpus_on_node = _int(env, "SLURM_GPUS_ON_NODE") or 0
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    step_tasks_here = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""), _int(env, "SLURM_NODEID") or 0)
+    if in_slurm:
+        facts.append(("slurm", f"job {env['SLURM_JOB_ID']}: {nnodes} node(s) {env.get('SLURM_JOB_NODELIST', '?')}, "
+                               f"{env.get('SLURM_NTASKS', '?')} task(s) ({env.get('SLURM_TASKS_PER_NODE', '?')} per node), "
+                               f"{gpus_on_node or 'no'} GPU(s) per node" + (f", step {env.get('SLURM_STEP_ID', env.get('SLURM_STEPID'))}" if in_step else ", batch shell")))
+    else:
+        facts.append(("slurm", "no allocation"))
+
+    torchrun = denv.launcher == "torchrun" and "TORCHELASTIC_RUN_ID" in env
+    # torchrun started by several srun tasks on one node: every task's agent starts its own workers.
+    if torchrun and in_step and step_tasks_here > 1:
+        found.append(Finding(
+            "error",
+            f"torchrun runs inside an srun step with {step_tasks_here} tasks on this node: each task's agent starts "
+            f"--nproc_per_node processes, so the node runs {step_tasks_here}x too many (a double launch).",
+            "with torchrun use one task per node (srun --ntasks-per-node=1, as slurm/train.sbatch does); or drop "
+            "torchrun and let srun start one task per GPU (slurm/srun.sbatch)",
+        ))
+    # --ntasks is per job, --ntasks-per-node per node; on several nodes they are easy to confuse.
+    ntasks = _int(env, "SLURM_NTASKS")
+    if in_slurm and not torchrun and nnodes > 1 and gpus_on_node and ntasks and "SLURM_NTASKS_PER_NODE" not in env:
+        if ntasks < nnodes * gpus_on_node:
+            found.append(Finding(
+                "error",
+                f"SLURM_NTASKS={ntasks} is the whole job's task count: over {nnodes} nodes with {gpus_on_node} GPUs "
+                f"each that leaves {nnodes * gpus_on_node - ntasks} GPU(s) idle.",
+                f"ask for --ntasks-per-node={gpus_on_node} (per node) instead of --ntasks={ntasks}",
+            ))
+    # The world size the launcher set against what the allocation provides.
+    if in_slurm and gpus_on_node and denv.world_size > 1 and denv.world_size != nnodes * gpus_on_node:
+        found.append(Finding(
+            "warning",
+            f"world size {denv.world_size} does not match the allocation: {nnodes} node(s) x {gpus_on_node} GPU(s) = {nnodes * gpus_on_node}.",
+            "start one process per allocated GPU (torchrun --nproc_per_node=$SLURM_GPUS_ON_NODE, or srun "
+            "--ntasks-per-node=$SLURM_GPUS_ON_NODE)",
+        ))
+    if probes.gpus and denv.local_world_size > probes.gpus:
+        found.append(Finding(
+            "error",
+            f"{denv.local_world_size} processes on this node but only {probes.gpus} GPU(s) are visible.",
+            f"start at most {probes.gpus} processes per node",
+        ))
+
+    # Master address and port.
+    addr, port = denv.master_addr, denv.master_port
+    if denv.launcher == "single" and in_slurm and env.get("SLURM_JOB_NODELIST"):
+        addr = expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
+    addr = env.get("MASTER_ADDR", addr)
+    port = _int(env, "MASTER_PORT") or port
+    facts.append(("master", f"{addr}:{port}"))
+    if not probes.resolves(addr):
+        found.append(Finding("error", f"MASTER_ADDR={addr} does not resolve on this host.", "use a hostname or IP every node can reach"))
+    elif probes.is_local(addr) and not torchrun and denv.rank == 0 and probes.port_in_use(addr, port):
+        # Under torchrun the agent's store listens there already; elsewhere rank 0 is about to bind it.
+        found.append(Finding(
+            "error",
+            f"MASTER_PORT={port} is already in use on {addr}: rank 0 cannot open its store there.",
+            f"export MASTER_PORT=<a free port, e.g. {_free_port()}>, or stop the process holding it",
+        ))
+    return facts, found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    facts, found = diagnose(os.environ, real_probes())
+    rank = dict(facts)["rank"].split(" ")[0]
+    prefix = f"[rank{rank}] " if " of 1 " not in dict(facts)["rank"] else ""  # one block per rank under srun
+    width = max(len(k) for k, _ in facts)
+    lines = [f"{name:<{width}}  {value}" for name, value in facts]
+    lines += [f"{f.level.upper()}: {f.message}\n  fix: {f.fix}" for f in found] or ["no problems found"]
+    print("\n".join(prefix + line for line in "\n".join(lines).splitlines()), flush=True)
+    return 1 if any(f.level == "error" for f in found) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Slurm jobs: what the sbatch files compute (run dir, rendezvous, processes per node), the
+requeue decision after a graceful stop, and `distrib slurm submit`.
+
+The sbatch files in `slurm/` stay thin: they call `python -m distrib.slurm prologue` for their
+variables and `python -m distrib.slurm epilogue` for the requeue, so that logic lives (and is
+tested) here once. Every count comes from `SLURM_*` variables, never from a number the sbatch
+header already sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from distrib.env import expand_hostlist, slurm_port
+from distrib.errors import ConfigError
+from distrib.logs import STOPPED_FILE
+from distrib.stop import EXIT_STOPPED
+
+DEFAULT_MAX_REQUEUES = 20
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def run_dir_from(args: Sequence[str], job_id: str) -> str:
+    """The `--run.dir` the user passed, else `runs/slurm-<job id>`: a requeued job keeps its id, so its dir."""
+    for i, arg in enumerate(args):
+        if arg == "--run.dir" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--run.dir="):
+            return arg.split("=", 1)[1]
+    return f"runs/slurm-{job_id}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobPlan:
+    """What one batch job runs: derived from the allocation, identical on a requeue."""
+
+    run_dir: str
+    nnodes: int
+    nproc_per_node: int
+    master_addr: str
+    master_port: int
+    job_id: str
+
+    def exports(self) -> str:
+        """Shell lines the sbatch files `eval`."""
+        values = {
+            "DISTRIB_RUN_DIR": self.run_dir,
+            "DISTRIB_NNODES": self.nnodes,
+            "DISTRIB_NPROC_PER_NODE": self.nproc_per_node,
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": self.master_port,
+        }
+        return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in values.items())
+
+
+def plan(args: Sequence[str], env: Mapping[str, str]) -> JobPlan:
+    """The job's plan from the allocation's `SLURM_*` variables (inside a batch script)."""
+    job_id = env.get("SLURM_JOB_ID")
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not job_id or not nodelist:
+        raise ConfigError("SLURM_JOB_ID/SLURM_JOB_NODELIST are not set: this runs inside an sbatch job. HINT: sbatch slurm/train.sbatch ...")
+    nodes = expand_hostlist(nodelist)
+    return JobPlan(
+        run_dir=run_dir_from(args, job_id),
+        nnodes=int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(nodes)),
+        nproc_per_node=processes_per_node(env),
+        master_addr=nodes[0],
+        master_port=slurm_port(job_id),
+        job_id=job_id,
+    )
+
+
+def processes_per_node(env: Mapping[str, str]) -> int:
+    """The allocation's GPUs on this node (SLURM_GPUS_ON_NODE), else NPROC_PER_NODE, else 1 (a CPU process)."""
+    for name in ("SLURM_GPUS_ON_NODE", "NPROC_PER_NODE"):
+        raw = env.get(name, "")
+        if re.fullmatch(r"\d+", raw) and int(raw) > 0:
+            return int(raw)
+    return 1
+
+
+def epilogue(run_dir: str, status: int, env: Mapping[str, str], *, requeue: Sequence[str] = ("scontrol", "requeue")) -> int:
+    """After the training step: requeue the job if it stopped on a signal with a checkpoint.
+
+    Returns the batch script's exit status. A job requeued `DISTRIB_MAX_REQUEUES` times (default
+    20; Slurm counts them in SLURM_RESTART_COUNT) is not requeued again, so a job that is signalled
+    at every start cannot loop forever.
+    """
+    stopped = Path(run_dir) / STOPPED_FILE
+    if not stopped.exists():
+        return status
+    restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
+    cap = int(env.get("DISTRIB_MAX_REQUEUES") or DEFAULT_MAX_REQUEUES)
+    job_id = env.get("SLURM_JOB_ID", "")
+    if restarts >= cap:
+        print(f"distrib: stopped with a checkpoint, but job {job_id} was already requeued {restarts} times "
+              f"(DISTRIB_MAX_REQUEUES={cap}): not requeueing. Resubmit with the same --run.dir to continue.", flush=True)
+        return EXIT_STOPPED
+    print(f"distrib: stopped with a checkpoint in {run_dir}; requeueing job {job_id} "
+          f"(requeue {restarts + 1} of at most {cap}); it resumes on its own.", flush=True)
+    done = subprocess.run([*requeue, job_id], capture_output=True, text=True)
+    if done.returncode != 0:
+        # E.g. a preemption that Slurm requeues itself; the job then resumes all the same.
+        print(f"distrib: {' '.join(requeue)} {job_id} failed: {done.stderr.strip()}", flush=True)
+        return EXIT_STOPPED
+    return 0
+
+
+# --------------------------------------------------------------------------- submit
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SubmitOptions:
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    time: str | None = None
+    partition: str | None = None
+    template: str = "train"
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= 1. HINT: omit it to take the template's default.")
+        if self.template not in ("train", "srun"):
+            raise ConfigError(f"--template={self.template!r} is not one of train, srun.")
+
+
+def template_text(name: str) -> str:
+    return (TEMPLATES / f"{name}.sbatch").read_text()
+
+
+def render(opts: SubmitOptions, train_args: Sequence[str], *, python: str = sys.executable) -> str:
+    """The sbatch script: the template with the options as `#SBATCH` lines and the train arguments baked in.
+
+    The result is a complete script: `sbatch` accepts it as it is, with no further arguments.
+    """
+    text = template_text(opts.template)
+    header = [f"#SBATCH --{k}={v}" for k, v in (("nodes", opts.nodes), ("gpus-per-node", opts.gpus_per_node),
+                                                  ("time", opts.time), ("partition", opts.partition)) if v is not None]
+    baked = [
+        f"export PYTHON=${{PYTHON:-{shlex.quote(python)}}}",
+        f"set -- {' '.join(shlex.quote(a) for a in train_args)} \"$@\"" if train_args else "",
+    ]
+    lines = text.splitlines()
+    # Options go after the template's own #SBATCH lines (sbatch: the last occurrence wins) and
+    # before the first command; both must sit before any command for sbatch to read them.
+    last = max(i for i, line in enumerate(lines) if line.startswith("#SBATCH"))
+    out = lines[: last + 1] + header + [line for line in baked if line] + lines[last + 1 :]
+    return "\n".join(out) + "\n"
+
+
+def submit(opts: SubmitOptions, train_args: Sequence[str], *, dry_run: bool) -> int:
+    script = render(opts, train_args)
+    if dry_run:
+        sys.stdout.write(script)
+        return 0
+    done = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"distrib: sbatch failed: {done.stderr.strip()}", file=sys.stderr)
+        return 1
+    print(done.stdout.strip().split(";")[0])
+    return 0
+
+
+def submit_main(argv: Sequence[str]) -> int:
+    """`distrib slurm submit [--nodes N] [--gpus-per-node G] [--time T] [--partition P] [--dry-run] -- ARGS`."""
+    argv = list(argv)
+    train_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, train_args = argv[:cut], argv[cut + 1 :]
+    p = argparse.ArgumentParser(prog="distrib slurm submit", description="Render slurm/train.sbatch with these options and submit it.")
+    p.add_argument("--nodes", type=int)
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--time", help="Slurm time limit, e.g. 04:00:00")
+    p.add_argument("--partition")
+    p.add_argument("--template", default="train", choices=("train", "srun"), help="train: torchrun per node; srun: one task per GPU")
+    p.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    ns = p.parse_args(argv)
+    try:
+        opts = SubmitOptions(nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, time=ns.time, partition=ns.partition, template=ns.template)
+    except ConfigError as exc:
+        print(f"distrib: error: {exc}", file=sys.stderr)
+        return 2
+    return submit(opts, train_args, dry_run=ns.dry_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Helpers the sbatch files call: `prologue -- ARGS` prints exports; `epilogue RUN_DIR STATUS` requeues."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["prologue"]:
+        rest = args[2:] if args[1:2] == ["--"] else args[1:]
+        sys.stdout.write(plan(rest, os.environ).exports())
+        return 0
+    if args[:1] == ["epilogue"] and len(args) == 3:
+        return epilogue(args[1], int(args[2]), os.environ)
+    if args[:1] == ["submit"]:
+        return submit_main(args[1:])
+    print("usage: python -m distrib.slurm prologue -- ARGS | epilogue RUN_DIR STATUS | submit ...", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

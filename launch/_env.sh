@@ -1,0 +1,9 @@
+# Sourced by the launchers: the interpreter, processes per node, and one thread per CPU rank.
+# $1: processes per node when there is no GPU.
+PYTHON=${PYTHON:-python}
+read -r GPUS < <("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+NPROC_PER_NODE=${NPROC_PER_NODE:-$([[ $GPUS -gt 0 ]] && echo "$GPUS" || echo "$1")}
+if [[ $GPUS == 0 ]]; then
+    # One thread per rank: N CPU ranks each using every core would oversubscribe the machine.
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi

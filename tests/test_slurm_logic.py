@@ -1,0 +1,114 @@
+"""The logic behind the sbatch files and `distrib doctor`, from environment dicts (no cluster needed)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from distrib import slurm
+from distrib.doctor import Probes, _port_in_use, diagnose
+from distrib.logs import STOPPED_FILE
+from distrib.stop import EXIT_STOPPED
+from tests.helpers import REPO, child_env, free_port, read_summary, run_train
+
+ALLOC = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2"}
+
+
+def test_plan_reads_the_allocation_and_keeps_a_given_run_dir():
+    p = slurm.plan(["--train.epochs", "2"], {**ALLOC, "SLURM_GPUS_ON_NODE": "8"})
+    assert (p.run_dir, p.nnodes, p.nproc_per_node, p.master_addr, p.master_port) == ("runs/slurm-4242", 2, 8, "gpu07", 15000 + 4242)
+    assert slurm.plan(["--run.dir", "/scratch/x"], ALLOC).run_dir == "/scratch/x"
+    assert slurm.plan(["--run.dir=/scratch/y"], {**ALLOC, "NPROC_PER_NODE": "3"}).run_dir == "/scratch/y"
+    assert slurm.plan([], {**ALLOC, "NPROC_PER_NODE": "3"}).nproc_per_node == 3
+    assert slurm.plan([], ALLOC).nproc_per_node == 1
+    assert "export DISTRIB_RUN_DIR='runs/slurm-4242'" not in p.exports() and "export DISTRIB_RUN_DIR=runs/slurm-4242" in p.exports()
+    with pytest.raises(slurm.ConfigError, match="inside an sbatch job"):
+        slurm.plan([], {})
+
+
+def _stopped(tmp_path):
+    (tmp_path / STOPPED_FILE).write_text(json.dumps({"step": 8}))
+
+
+def test_epilogue_requeues_only_after_a_stop_and_at_most_the_cap(tmp_path, capfd):
+    assert slurm.epilogue(str(tmp_path), 1, {"SLURM_JOB_ID": "7"}, requeue=("false",)) == 1  # a failure is not requeued
+    _stopped(tmp_path)
+    assert slurm.epilogue(str(tmp_path), 1, {"SLURM_JOB_ID": "7"}, requeue=("true",)) == 0
+    assert "requeueing job 7 (requeue 1 of at most 20)" in capfd.readouterr().out
+    env = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3", "DISTRIB_MAX_REQUEUES": "3"}
+    assert slurm.epilogue(str(tmp_path), 1, env, requeue=("false",)) == EXIT_STOPPED
+    assert "already requeued 3 times (DISTRIB_MAX_REQUEUES=3): not requeueing" in capfd.readouterr().out
+
+
+def test_render_puts_options_after_the_template_header_and_bakes_the_arguments():
+    text = slurm.render(slurm.SubmitOptions(nodes=4, gpus_per_node=8, partition="gpu"), ["--run.dir", "a b"], python="/opt/py")
+    lines = text.splitlines()
+    sbatch = [i for i, line in enumerate(lines) if line.startswith("#SBATCH")]
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    assert max(sbatch) < first_command  # sbatch stops reading #SBATCH at the first command
+    assert {"#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu"} <= set(lines)
+    assert "set -- --run.dir 'a b' \"$@\"" in lines and "export PYTHON=${PYTHON:-/opt/py}" in lines
+    with pytest.raises(slurm.ConfigError, match="--nodes=0 must be >= 1"):
+        slurm.SubmitOptions(nodes=0)
+
+
+def test_sbatch_files_never_repeat_a_count():
+    for name in ("train", "srun"):
+        text = (REPO / "slurm" / f"{name}.sbatch").read_text()
+        header = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+        assert not [h for h in header if any(k in h for k in ("--nodes", "--ntasks=", "--gpus", "--nnodes"))], header
+        assert "--requeue" in text and "--signal=USR1@" in text
+
+
+def _diag(env, **probes):
+    return diagnose(env, Probes(**probes))
+
+
+def test_doctor_flags_ntasks_meant_per_node():
+    env = {**ALLOC, "SLURM_GPUS_ON_NODE": "8", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)",
+           "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    _, found = _diag(env, gpus=8)
+    msgs = " ".join(f.message + f.fix for f in found)
+    assert "SLURM_NTASKS=8 is the whole job's task count" in msgs and "--ntasks-per-node=8" in msgs
+    assert "world size 8 does not match the allocation: 2 node(s) x 8 GPU(s) = 16" in msgs
+    ok = {**env, "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "8(x2)"}
+    assert _diag(ok, gpus=8)[1] == []
+
+
+def test_doctor_flags_a_double_launch_and_too_many_local_processes():
+    env = {**ALLOC, "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+           "TORCHELASTIC_RUN_ID": "x", "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}
+    _, found = _diag(env, gpus=4)
+    msgs = " ".join(f.message for f in found)
+    assert "a double launch" in msgs and "8 processes on this node but only 4 GPU(s)" in msgs
+
+
+def test_doctor_flags_a_port_in_use_for_real():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert _port_in_use("127.0.0.1", port)
+        out = subprocess.run([sys.executable, "-m", "distrib.cli", "doctor"], env=child_env(MASTER_PORT=str(port)), capture_output=True, text=True)
+    assert out.returncode == 1 and f"MASTER_PORT={port} is already in use" in out.stdout and "fix: export MASTER_PORT=" in out.stdout
+    assert not _port_in_use("127.0.0.1", free_port())
+
+
+def test_two_torchrun_agents_with_c10d_rendezvous_train_together_without_slurm(tmp_path):
+    args = ["--data.train_size", "4096", "--data.eval_size", "256", "--train.epochs", "1", "--task.dropout", "0.1"]
+    port = str(free_port())
+    agents = [
+        subprocess.Popen(["bash", str(REPO / "launch/multinode.sh"), *args, "--run.dir", str(tmp_path / "two-agents")], cwd=REPO,
+                         env=child_env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_ID="t", PYTHON=sys.executable),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outs = [a.communicate(timeout=180)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    run_train([*args, "--run.dir", str(tmp_path / "one-agent")], nproc=2)
+    two, one = read_summary(tmp_path / "two-agents"), read_summary(tmp_path / "one-agent")
+    assert two["world_size"] == 2 and two["params_sha256"] == one["params_sha256"]
