@@ -130,6 +130,22 @@ def test_submit_prints_the_job_id_and_the_job_completes(cluster, tmp_path, local
     assert read_summary(tmp_path / "runs" / f"slurm-{job}")["params_sha256"] == local_short
 
 
+def _start_requeued_now(job: str) -> None:
+    """Lift the hold Slurm puts on a requeued job (Reason=BeginTime), safely.
+
+    slurmd revokes the old instance's credential and rejects a new one created in the same second
+    or earlier ("Killing non-startable batch job: Job credential revoked"): Slurm's hold exists
+    for that. So wait until no node is still completing the old instance, and for the clock to
+    pass the revocation's second, before starting it.
+    """
+    deadline = time.monotonic() + 60
+    while subprocess.run(["sinfo", "-h", "-t", "completing", "-o", "%N"], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "nodes still completing the job's first instance"
+        time.sleep(0.2)
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def local_long(tmp_path_factory) -> dict:
     run = tmp_path_factory.mktemp("local-long")
@@ -160,7 +176,7 @@ def test_a_signal_checkpoints_requeues_resumes_and_matches_the_uninterrupted_run
     assert stopped["signal"] == f"SIG{sig}" and stopped["step"] % 8 == 0
     assert (run / "checkpoints" / f"step-{stopped['step']:09d}").is_dir()
     assert _wait_state(job, ("PENDING", "RUNNING", "COMPLETED")) in ("PENDING", "RUNNING", "COMPLETED")
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+    _start_requeued_now(job)
     assert _wait_state(job, ENDED) == "COMPLETED", _job_log(tmp_path, job)
     log = _job_log(tmp_path, job)
     assert "requeueing job" in log and f"resumed from {run.relative_to(tmp_path)}/checkpoints/step-{stopped['step']:09d}" in log
