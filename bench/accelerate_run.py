@@ -38,7 +38,12 @@ def main() -> None:
         if step == total:
             break
     report("accelerate", args, clock, rank, world, logged)
+    acc.wait_for_everyone()  # as in hand.py: a clean gloo teardown
+    del net, opt
+    acc.free_memory()  # drops the accelerator's own references to the DDP model
     acc.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

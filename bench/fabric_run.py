@@ -42,6 +42,10 @@ def main() -> None:
         if step == total:
             break
     report("fabric", args, clock, fabric.global_rank, world, logged)
+    fabric.barrier()  # as in hand.py: a clean gloo teardown
+    del net, opt
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

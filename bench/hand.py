@@ -29,7 +29,7 @@ def main() -> None:
     net.train()
     for i, (x, y) in enumerate(loader):
         last = (i + 1) % args.accum == 0
-        with contextlib.nullcontext() if last else net.no_sync():
+        with contextlib.nullcontext() if last or args.sync_every_micro else net.no_sync():
             loss = F.cross_entropy(net(x), y) / args.accum
             loss.backward()
         if not last:
@@ -45,7 +45,11 @@ def main() -> None:
                 print(f"step {step} loss {logged:.4f}", flush=True)
         if step == total:
             break
-    report("hand", args, clock, rank, world, logged)
+    report("hand_sync_every_micro" if args.sync_every_micro else "hand", args, clock, rank, world, logged)
+    # Clean gloo teardown (torch 2.13): all ranks past their last collective, then the DDP reducer
+    # before the process group; otherwise a rank can abort at exit ("terminate called without an active exception").
+    dist.barrier()
+    del net
     dist.destroy_process_group()
 
 

@@ -25,6 +25,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("hand", "distrib", "accelerate", "fabric")
 RUNNERS = {"hand": "hand.py", "distrib": "distrib_run.py", "accelerate": "accelerate_run.py", "fabric": "fabric_run.py"}
+# Extra runs for one scenario: name -> (runner, extra arguments). accum4's reference for what
+# skipping the all-reduce on 3 of 4 micro-batches gains: the hand loop without no_sync.
+EXTRAS: dict[str, dict[str, tuple[str, list[str]]]] = {"accum4": {"hand_sync_every_micro": ("hand.py", ["--sync_every_micro"])}}
 
 # name -> (processes, runner arguments). Per-process batch is fixed, so 1 vs 2 processes is weak scaling.
 SCENARIOS: dict[str, tuple[int, list[str]]] = {
@@ -35,19 +38,25 @@ SCENARIOS: dict[str, tuple[int, list[str]]] = {
     "comm": (2, ["--dim", "2048", "--hidden", "2048", "--depth", "3", "--batch", "4", "--steps", "100"]),
     "plain_1proc": (1, ["--dim", "256", "--hidden", "1024", "--depth", "3", "--batch", "64", "--steps", "150"]),
 }
+# The same fixed glibc malloc thresholds for every framework (distrib's CPU launchers set these too).
+# With glibc's default *dynamic* threshold, whether a step's multi-MB temporaries are served from
+# fresh mmap'd pages (page faults every step) depends on the process's allocation history: a DDP
+# wrapper or not changed a 1-process run by 25%, which measures the allocator, not the framework.
+# `--default-malloc` runs without them (see BENCHMARKS.md).
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 SMOKE = {"plain": (2, ["--dim", "64", "--hidden", "128", "--depth", "2", "--batch", "32", "--warmup", "2", "--steps", "8", "--log_every", "5"])}
 
 
-def launch(framework: str, nproc: int, args: list[str], out: Path) -> tuple[dict, float]:
-    """One torchrun launch; returns rank 0's record and the whole process's wall time."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_RESULT": str(out), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(HERE / RUNNERS[framework]), *args]
+def launch(runner: str, nproc: int, args: list[str], out: Path) -> tuple[dict, float]:
+    """One torchrun launch of `runner` (a script in bench/); returns rank 0's record and the whole process's wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **ALLOCATOR, "BENCH_RESULT": str(out), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(HERE / runner), *args]
     out.unlink(missing_ok=True)
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - started
     if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"{framework} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{runner} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return json.loads(out.read_text().splitlines()[-1]), wall
 
 
@@ -60,7 +69,7 @@ def table(results: dict) -> str:
     rows = ["| scenario | framework | steps/s (median) | spread | ratio to hand | process wall s (median) |", "|---|---|---|---|---|---|"]
     for name, per in results.items():
         base = statistics.median(per["hand"]["steps_per_s"])
-        for fw in FRAMEWORKS:
+        for fw in per:
             sps = per[fw]["steps_per_s"]
             rows.append(f"| {name} | {fw} | {statistics.median(sps):.2f} | {spread(sps):.1%} | {statistics.median(sps) / base:.3f} | {statistics.median(per[fw]['wall_s']):.1f} |")
     return "\n".join(rows)
@@ -105,24 +114,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--name", default=None, help="results file name (default: smoke or the date)")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's dynamic malloc thresholds on (see ALLOCATOR)")
+    p.add_argument("--results", type=Path, default=HERE / "results", help="where the .json/.md/.png go")
     ns = p.parse_args(argv)
+    if ns.default_malloc:
+        ALLOCATOR.clear()
     scenarios = SMOKE if ns.smoke else {n: SCENARIOS[n] for n in ns.scenarios.split(",")}
     rounds = 1 if ns.smoke else ns.rounds
     name = ns.name or ("smoke" if ns.smoke else datetime.date.today().isoformat())
-    results: dict = {n: {fw: {"steps_per_s": [], "wall_s": []} for fw in FRAMEWORKS} for n in scenarios}
+    runs = {n: {**{fw: (RUNNERS[fw], []) for fw in FRAMEWORKS}, **({} if ns.smoke else EXTRAS.get(n, {}))} for n in scenarios}
+    results: dict = {n: {fw: {"steps_per_s": [], "wall_s": []} for fw in runs[n]} for n in scenarios}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.jsonl"
         for n, (nproc, args) in scenarios.items():
             for r in range(rounds):
-                for fw in FRAMEWORKS:  # alternate, so drift in the machine hits every framework alike
-                    record, wall = launch(fw, nproc, args, out)
+                for fw, (runner, extra) in runs[n].items():  # alternate, so drift in the machine hits every framework alike
+                    record, wall = launch(runner, nproc, [*args, *extra], out)
                     results[n][fw]["steps_per_s"].append(record["steps_per_s"])
                     results[n][fw]["wall_s"].append(wall)
                     print(f"{n} round {r + 1}/{rounds} {fw:10s} {record['steps_per_s']:8.2f} steps/s  {wall:5.1f} s", flush=True)
-    dest = HERE / "results"
-    dest.mkdir(exist_ok=True)
+    dest = ns.results
+    dest.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "rounds": rounds, "scenarios": {n: {"nproc": s[0], "args": s[1]} for n, s in scenarios.items()}}
+            "python": platform.python_version(), "rounds": rounds, "allocator_env": dict(ALLOCATOR), "scenarios": {n: {"nproc": s[0], "args": s[1]} for n, s in scenarios.items()}}
     try:
         import torch
 
@@ -135,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         one = statistics.median(results["plain_1proc"]["distrib"]["steps_per_s"])
         two = statistics.median(results["plain"]["distrib"]["steps_per_s"])
         md += f"\n\nScaling (distrib, plain, fixed per-process batch): 2 processes {two:.2f} steps/s vs 1 process {one:.2f}: efficiency {two / one:.1%}"
+    if "hand_sync_every_micro" in results.get("accum4", {}):
+        skip = statistics.median(results["accum4"]["distrib"]["steps_per_s"])
+        every = statistics.median(results["accum4"]["hand_sync_every_micro"]["steps_per_s"])
+        md += f"\n\nAccumulation (accum4): distrib, one all-reduce per step, {skip:.2f} steps/s vs {every:.2f} with an all-reduce on every micro-batch: {skip / every:.2f}x"
     (dest / f"{name}.md").write_text(md + "\n")
     plot(results, dest / f"{name}.png")
     print(md)

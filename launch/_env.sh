@@ -6,4 +6,9 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-$([[ $GPUS -gt 0 ]] && echo "$GPUS" || echo "$1
 if [[ $GPUS == 0 ]]; then
     # One thread per rank: N CPU ranks each using every core would oversubscribe the machine.
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    # glibc serves allocations above a *dynamic* threshold with fresh mmap'd pages, so a CPU step's
+    # multi-MB temporaries (the optimizer's, activations) can page-fault in on every step depending
+    # on the process's allocation history: measured 36 vs 48 steps/s for the same loop (BENCHMARKS.md).
+    # Fixed thresholds keep them on the heap. Your own settings win.
+    export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-67108864} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-268435456}
 fi

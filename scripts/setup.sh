@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install distrib with its dev dependencies. Idempotent; safe to re-run.
+# Create .venv and install distrib with its dev and benchmark (accelerate, lightning) dependencies.
+# Idempotent; safe to re-run.
 #
 # torch: the project asks for a normal range (torch>=2.4), so GPU machines get a CUDA build.
 # Where no NVIDIA GPU is visible we pin torch 2.13.0 (on CI and our dev machines a CPU build that
@@ -19,5 +20,5 @@ if [[ -z "${TORCH_SPEC:-}" ]]; then
     fi
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
 .venv/bin/python -c 'import torch, distrib; print(f"distrib ready: torch {torch.__version__}, cuda={torch.cuda.is_available()}")'
