@@ -47,9 +47,9 @@ ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "26
 SMOKE = {"plain": (2, ["--dim", "64", "--hidden", "128", "--depth", "2", "--batch", "32", "--warmup", "2", "--steps", "8", "--log_every", "5"])}
 
 
-def launch(runner: str, nproc: int, args: list[str], out: Path) -> tuple[dict, float]:
+def launch(runner: str, nproc: int, args: list[str], out: Path, allocator: dict[str, str]) -> tuple[dict, float]:
     """One torchrun launch of `runner` (a script in bench/); returns rank 0's record and the whole process's wall time."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **ALLOCATOR, "BENCH_RESULT": str(out), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **allocator, "BENCH_RESULT": str(out), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(HERE / runner), *args]
     out.unlink(missing_ok=True)
     started = time.perf_counter()
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's dynamic malloc thresholds on (see ALLOCATOR)")
     p.add_argument("--results", type=Path, default=HERE / "results", help="where the .json/.md/.png go")
     ns = p.parse_args(argv)
-    if ns.default_malloc:
-        ALLOCATOR.clear()
+    allocator = {} if ns.default_malloc else ALLOCATOR
     scenarios = SMOKE if ns.smoke else {n: SCENARIOS[n] for n in ns.scenarios.split(",")}
     rounds = 1 if ns.smoke else ns.rounds
     name = ns.name or ("smoke" if ns.smoke else datetime.date.today().isoformat())
@@ -129,14 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         for n, (nproc, args) in scenarios.items():
             for r in range(rounds):
                 for fw, (runner, extra) in runs[n].items():  # alternate, so drift in the machine hits every framework alike
-                    record, wall = launch(runner, nproc, [*args, *extra], out)
+                    record, wall = launch(runner, nproc, [*args, *extra], out, allocator)
                     results[n][fw]["steps_per_s"].append(record["steps_per_s"])
                     results[n][fw]["wall_s"].append(wall)
                     print(f"{n} round {r + 1}/{rounds} {fw:10s} {record['steps_per_s']:8.2f} steps/s  {wall:5.1f} s", flush=True)
     dest = ns.results
     dest.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "rounds": rounds, "allocator_env": dict(ALLOCATOR), "scenarios": {n: {"nproc": s[0], "args": s[1]} for n, s in scenarios.items()}}
+            "python": platform.python_version(), "rounds": rounds, "allocator_env": allocator, "scenarios": {n: {"nproc": s[0], "args": s[1]} for n, s in scenarios.items()}}
     try:
         import torch
 
