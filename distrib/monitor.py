@@ -8,11 +8,11 @@ travel in the log interval's one all-reduce.
 from __future__ import annotations
 
 import dataclasses
-import faulthandler
 import resource
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -72,6 +72,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def thread_stacks() -> list[str]:
+    """Every other thread's Python stack as lines, most recent call last, each headed by the thread's name."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    lines: list[str] = []
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue  # the caller (the watchdog) is no news
+        lines.append(f"Thread {names.get(ident, '?')!r} (0x{ident:x}), most recent call last:")
+        lines += [part for entry in traceback.format_stack(frame) for part in entry.rstrip("\n").split("\n")]
+    return lines
+
+
 class Watchdog:
     """Dumps this rank's Python stacks when no progress is reported for `timeout_s`.
 
@@ -104,10 +116,13 @@ class Watchdog:
                 continue
             self._fired = True  # once per stall; a later beat re-arms it
             log.error(f"[watchdog] rank {self.rank}: no progress for {stalled:.0f} s (train.hang_timeout_s={self.timeout_s:g}); Python stacks of every thread follow")
+            # One log record per line: every line carries the rank prefix, and each is one short
+            # write, so the dumps of ranks that share a terminal or a Slurm log stay readable
+            # (faulthandler writes fragments that interleave mid-line across processes).
+            for line in thread_stacks():
+                log.error(line)
             for h in log.handlers:
                 h.flush()
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            sys.stderr.flush()
 
     def close(self) -> None:
         self._stop.set()
