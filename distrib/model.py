@@ -35,7 +35,9 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
             find_unused_parameters=cfg.find_unused_parameters,
             static_graph=cfg.static_graph,
             gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-            bucket_cap_mb=cfg.bucket_cap_mb,
+            # Only when set: any explicit value, even DDP's own 25, also sizes the first bucket
+            # (default 1 MiB), which delays the first all-reduce and its overlap with backward.
+            **({} if cfg.bucket_cap_mb is None else {"bucket_cap_mb": cfg.bucket_cap_mb}),
         )
     if compile:
         model = torch.compile(model)

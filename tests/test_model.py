@@ -29,7 +29,12 @@ def _wrap(rank: int, world: int, device: str) -> dict:
             "device": str(next(model.parameters()).device),
             "keys": sorted(unwrap_model(model).state_dict()),
         }
-        del model
+        # With the default config the buckets are DDP's own, the small first bucket included.
+        module = nn.Sequential(nn.Linear(4, 4))
+        default, plain = wrap_model(module, rt, DistConfig()), DDP(module)
+        out["default_buckets"] = default._bucket_config == plain._bucket_config
+        out["first_bucket_bytes"] = default._bucket_config.first_bucket_bytes_cap
+        del model, default, plain
         return out
 
 
@@ -37,6 +42,7 @@ def test_ddp_options_on_two_gloo_ranks(tmp_path):
     for r in spawn(_wrap, 2, tmp_path, "cpu"):
         assert r["ddp"] and r["find_unused"] and r["bucket_view"] and not r["syncbn"]
         assert r["bucket_bytes"] == 1024 * 1024
+        assert r["default_buckets"] and r["first_bucket_bytes"] == torch.distributed._DEFAULT_FIRST_BUCKET_BYTES < 25 * 2**20
         assert not any(k.startswith("module.") for k in r["keys"])
 
 
