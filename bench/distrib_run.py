@@ -24,7 +24,7 @@ def main() -> None:
             "train.batch_size": args.batch, "train.grad_accum": args.accum, "train.epochs": 1,
             "train.max_steps": args.warmup + args.steps, "train.log_every": args.log_every,
             "ckpt.every": None, "ckpt.resume": "never", "wandb.mode": "disabled",
-        })
+        }).replace(**dict(kv.split("=", 1) for kv in args.distrib_set))
         summary = distrib.fit(cfg, model=net, optimizer=opt, train_data=dataset(args, world))
     report("distrib", args, clock, int(os.environ.get("RANK", "0")), world, summary["eval"].get("loss"))
 

@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log_every", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sync_every_micro", action="store_true", help="hand loop only: all-reduce on every micro-batch (no no_sync)")
+    p.add_argument("--distrib_set", action="append", default=[], metavar="KEY=VALUE", help="distrib only: a config override (e.g. dist.bucket_cap_mb=25)")
     p.add_argument("--out", default=os.environ.get("BENCH_RESULT", ""))
     return p.parse_args(argv)
 

@@ -1,10 +1,12 @@
-"""The benchmark's smoke run (CI): all four frameworks run the workload and report; timings are not checked."""
+"""The benchmarks' smoke runs (CI): every framework and every GPU-feed variant runs and reports; timings are not checked."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 from tests.helpers import REPO, child_env
 
@@ -18,3 +20,27 @@ def test_benchmark_smoke_runs_every_framework(tmp_path):
     assert all(len(r["steps_per_s"]) == 1 and r["steps_per_s"][0] > 0 for r in results.values())
     table = (tmp_path / "smoke.md").read_text()
     assert table.count("| plain |") == 4 and (tmp_path / "smoke.png").stat().st_size > 10_000
+
+
+def _gpu_feed_smoke(tmp_path, *device: str) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "bench/gpu_feed.py"), "--smoke", *device, "--results", str(tmp_path)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads((tmp_path / "gpu-smoke.json").read_text())
+    assert set(out["results"]) == {"resident", "distrib", "distrib_no_prefetch", "naive"}
+    assert all(len(v) == 1 and v[0] > 0 for v in out["results"].values())
+    assert out["feed_efficiency"]["resident"] == 1.0
+    return out
+
+
+def test_gpu_feed_benchmark_runs_its_code_paths_on_cpu(tmp_path):
+    out = _gpu_feed_smoke(tmp_path, "--device", "cpu")
+    assert "needs a CUDA device" in out["sync_check"]["skipped"]
+
+
+@pytest.mark.gpu
+def test_gpu_feed_benchmark_and_the_sync_check_on_cuda(tmp_path):
+    out = _gpu_feed_smoke(tmp_path)
+    sync = out["sync_check"]
+    assert sync["clean_steps_ok"], sync["clean"]  # no host sync on non-logging steps
+    assert sync["selftest_caught"], sync["selftest_tail"]  # and the check does catch a planted .item()
