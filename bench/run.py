@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp) / "result.jsonl"
         for n, (nproc, args) in scenarios.items():
             for r in range(rounds):
-                for fw, (runner, extra) in runs[n].items():  # alternate, so drift in the machine hits every framework alike
+                order = list(runs[n].items())
+                # Alternate, and rotate the order each round: with a fixed order a machine that slows
+                # down during the run would always penalise the frameworks that go last.
+                for fw, (runner, extra) in order[r % len(order):] + order[: r % len(order)]:
                     record, wall = launch(runner, nproc, [*args, *extra], out, allocator)
                     results[n][fw]["steps_per_s"].append(record["steps_per_s"])
                     results[n][fw]["wall_s"].append(wall)
