@@ -12,9 +12,10 @@ import torch.distributed as tdist
 torch.set_num_threads(1)
 
 
-# pytest's own bookkeeping, the cache dir torch's inductor exports when first imported, and the
-# address of the wandb service a first in-process wandb.init starts (wandb owns it).
-_OWNED_BY_OTHERS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "WANDB_SERVICE"}
+# pytest's own bookkeeping, the cache dir torch's inductor exports when first imported, the Triton
+# paths inductor exports when it first compiles for CUDA, and the address of the wandb service a
+# first in-process wandb.init starts (each owned by that library).
+_OWNED_BY_OTHERS = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TRITON_PTXAS_PATH", "WANDB_SERVICE"}
 
 
 @pytest.fixture(autouse=True)

@@ -22,19 +22,20 @@ def test_benchmark_smoke_runs_every_framework(tmp_path):
     assert table.count("| plain |") == 4 and (tmp_path / "smoke.png").stat().st_size > 10_000
 
 
-def _gpu_feed_smoke(tmp_path, *device: str) -> dict:
-    done = subprocess.run([sys.executable, str(REPO / "bench/gpu_feed.py"), "--smoke", *device, "--results", str(tmp_path)],
+def _gpu_feed_smoke(tmp_path, *args: str) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "bench/gpu_feed.py"), "--smoke", *args, "--results", str(tmp_path)],
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads((tmp_path / "gpu-smoke.json").read_text())
-    assert set(out["results"]) == {"resident", "distrib", "distrib_no_prefetch", "naive"}
+    assert set(out["results"]) == {"resident", "distrib", "distrib_no_prefetch", "naive", "loader"}
     assert all(len(v) == 1 and v[0] > 0 for v in out["results"].values())
     assert out["feed_efficiency"]["resident"] == 1.0
     return out
 
 
 def test_gpu_feed_benchmark_runs_its_code_paths_on_cpu(tmp_path):
-    out = _gpu_feed_smoke(tmp_path, "--device", "cpu")
+    out = _gpu_feed_smoke(tmp_path, "--device", "cpu", "--set", "steps=5")
+    assert out["meta"]["params"]["steps"] == 5
     assert "needs a CUDA device" in out["sync_check"]["skipped"]
 
 
