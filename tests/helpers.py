@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+
+from distrib import checkpoint as ck
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +69,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def rewind(run_dir: Path, step: int) -> None:
+    """As if a finished run had died right after `step`: drop the later checkpoints and the summary."""
+    for later in ck.candidates(run_dir / "checkpoints"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    (run_dir / "summary.json").unlink()
