@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from run import ALLOCATOR, FRAMEWORKS, RUNNERS, SCENARIOS, launch, spread
+from run import ALLOCATOR, FRAMEWORKS, RUNNERS, SCENARIOS, launch, rotated, spread
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,10 +32,9 @@ def main(argv: list[str] | None = None) -> None:
         name, _, setting = v.partition("=")
         runs[f"distrib_{name}"] = (RUNNERS["distrib"], ["--distrib_set", setting])
     results: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs.items())
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(ns.rounds):
-            for name, (runner, extra) in order[r % len(order):] + order[: r % len(order)]:
+            for name, (runner, extra) in rotated(list(runs.items()), r):
                 record, wall = launch(runner, nproc, [*args, *extra], Path(tmp) / "result.jsonl", ALLOCATOR)
                 results[name].append(record["steps_per_s"])
                 print(f"{ns.scenario} round {r + 1}/{ns.rounds} {name:16s} {record['steps_per_s']:8.2f} steps/s  {wall:5.1f} s", flush=True)

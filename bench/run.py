@@ -60,6 +60,12 @@ def launch(runner: str, nproc: int, args: list[str], out: Path, allocator: dict[
     return json.loads(out.read_text().splitlines()[-1]), wall
 
 
+def rotated(order: list, r: int) -> list:
+    """Round r's order. Runs alternate, and the order rotates each round: with a fixed order a
+    machine that slows down during the run would always penalise the frameworks that go last."""
+    return order[r % len(order):] + order[: r % len(order)]
+
+
 def spread(values: list[float]) -> float:
     """(max - min) / median: how far apart the rounds were."""
     return (max(values) - min(values)) / statistics.median(values)
@@ -127,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp) / "result.jsonl"
         for n, (nproc, args) in scenarios.items():
             for r in range(rounds):
-                order = list(runs[n].items())
-                # Alternate, and rotate the order each round: with a fixed order a machine that slows
-                # down during the run would always penalise the frameworks that go last.
-                for fw, (runner, extra) in order[r % len(order):] + order[: r % len(order)]:
+                for fw, (runner, extra) in rotated(list(runs[n].items()), r):
                     record, wall = launch(runner, nproc, [*args, *extra], out, allocator)
                     results[n][fw]["steps_per_s"].append(record["steps_per_s"])
                     results[n][fw]["wall_s"].append(wall)
