@@ -66,6 +66,15 @@ def rotated(order: list, r: int) -> list:
     return order[r % len(order):] + order[: r % len(order)]
 
 
+def check_args(p: argparse.ArgumentParser, flag: str, names: str, known, rounds: int) -> None:
+    """Bad names or rounds are refused before the first launch, not after an hour of rounds."""
+    unknown = [n for n in names.split(",") if n not in known]
+    if unknown:
+        p.error(f"{flag} {names}: unknown {', '.join(unknown)}; choose from {','.join(known)}")
+    if rounds < 1:
+        p.error(f"--rounds {rounds}: must be at least 1")
+
+
 def spread(values: list[float]) -> float:
     """(max - min) / median: how far apart the rounds were."""
     return (max(values) - min(values)) / statistics.median(values)
@@ -123,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's dynamic malloc thresholds on (see ALLOCATOR)")
     p.add_argument("--results", type=Path, default=HERE / "results", help="where the .json/.md/.png go")
     ns = p.parse_args(argv)
+    check_args(p, "--scenarios", ns.scenarios, SCENARIOS, ns.rounds)
     allocator = {} if ns.default_malloc else ALLOCATOR
     scenarios = SMOKE if ns.smoke else {n: SCENARIOS[n] for n in ns.scenarios.split(",")}
     rounds = 1 if ns.smoke else ns.rounds

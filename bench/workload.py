@@ -104,6 +104,7 @@ def report(framework: str, args: argparse.Namespace, clock: StepClock, rank: int
         "steps": len(clock.times),
         "steps_per_s": clock.steps_per_s(args.warmup),
         "loss": loss,
+        "distrib_set": args.distrib_set,  # the config overrides the runner received (bench/ab.py variants)
     }
     with open(Path(args.out), "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -45,3 +45,37 @@ def test_gpu_feed_benchmark_and_the_sync_check_on_cuda(tmp_path):
     sync = out["sync_check"]
     assert sync["clean_steps_ok"], sync["clean"]  # no host sync on non-logging steps
     assert sync["selftest_caught"], sync["selftest_tail"]  # and the check does catch a planted .item()
+
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("run.py", ["--scenarios", "plain,comms"], "--scenarios plain,comms: unknown comms; choose from plain,"),
+    ("run.py", ["--rounds", "0"], "--rounds 0: must be at least 1"),
+    ("ab.py", ["--frameworks", "hand,fabirc"], "--frameworks hand,fabirc: unknown fabirc; choose from hand,"),
+    ("ab.py", ["--variant", "view"], "--variant view: expected NAME=KEY=VALUE"),
+    ("ab.py", ["--variant", "view=dist.bucket_view=true"], "Unknown config key 'dist.bucket_view'. Did you mean"),
+])
+def test_benchmark_scripts_refuse_bad_arguments_before_any_launch(tmp_path, script, args, message):
+    out = tmp_path / "out"
+    where = ["--results", str(out)] if script == "run.py" else ["--out", str(out / "ab.json")]
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, *where],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert not out.exists()  # refused before the first launch: nothing ran, nothing was written
+
+
+def test_ab_smoke_runs_a_framework_and_a_distrib_config_variant(tmp_path):
+    out = tmp_path / "ab.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench/ab.py"), "--smoke", "--frameworks", "hand",
+                           "--variant", "view=dist.gradient_as_bucket_view=true", "--out", str(out)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert (summary["scenario"], summary["rounds"]) == ("smoke", 1)
+    results = summary["results"]
+    assert set(results) == {"hand", "distrib_view"}
+    assert results["hand"]["ratio_to_hand"] == 1.0
+    assert results["distrib_view"]["runs"][0] > 0 and results["distrib_view"]["ratio_to_hand"] > 0
+    # the variant's override reached distrib's runner, and only it
+    assert (results["hand"]["distrib_set"], results["distrib_view"]["distrib_set"]) == ([], ["dist.gradient_as_bucket_view=true"])
+    assert "distrib_view" in done.stdout and "ratio to hand" in done.stdout
