@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -55,12 +56,14 @@ def test_gpu_feed_benchmark_and_the_sync_check_on_cuda(tmp_path):
     ("ab.py", ["--variant", "view"], "--variant view: expected NAME=KEY=VALUE"),
     ("ab.py", ["--variant", "view=dist.bucket_view=true"], "Unknown config key 'dist.bucket_view'. Did you mean"),
 ])
-def test_benchmark_scripts_refuse_bad_arguments_before_any_launch(tmp_path, script, args, message):
+def test_benchmark_scripts_refuse_bad_arguments_before_any_launch(tmp_path, monkeypatch, capsys, script, args, message):
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # in process: the check runs before any launch
+    main = importlib.import_module(script.removesuffix(".py")).main
     out = tmp_path / "out"
-    where = ["--results", str(out)] if script == "run.py" else ["--out", str(out / "ab.json")]
-    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, *where],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    with pytest.raises(SystemExit) as exited:
+        main([*args, *(["--results", str(out)] if script == "run.py" else ["--out", str(out / "ab.json")])])
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and message in stderr, stderr[-2000:]
     assert not out.exists()  # refused before the first launch: nothing ran, nothing was written
 
 
