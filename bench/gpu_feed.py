@@ -87,18 +87,25 @@ class Clock:
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int, total: int) -> None:
         self.count, self.t0, self.t1 = 0, 0.0, 0.0
+        self.device, self.warmup, self.total = device, warmup, total
         inner = optimizer.step
 
         def step(*a: Any, **k: Any) -> Any:
             out = inner(*a, **k)
-            self.count += 1
-            if self.count in (warmup, total):
-                _sync(device)  # two syncs in a run: the steps in between are timed as they run
-                now = time.perf_counter()
-                self.t0, self.t1 = (now, self.t1) if self.count == warmup else (self.t0, now)
+            self.tick()
             return out
 
         optimizer.step = step  # type: ignore[method-assign]
+
+    def tick(self) -> None:
+        """One step done; timestamps the end of warm-up and the last step."""
+        self.count += 1
+        if self.count in (self.warmup, self.total):
+            _sync(self.device)  # two syncs in a run: the steps in between are timed as they run
+            if self.count == self.warmup:
+                self.t0 = time.perf_counter()
+            else:
+                self.t1 = time.perf_counter()
 
     def steps_per_s(self, steps: int) -> float:
         return steps / (self.t1 - self.t0)
@@ -150,8 +157,7 @@ def run_variant(variant: str, p: dict, device: torch.device) -> dict:
     elif variant == "loader":
         loader = DataLoader(data, batch_size=p["batch"], shuffle=True, num_workers=p["workers"], pin_memory=device.type == "cuda")
         for i, _batch in enumerate(loader):
-            if i + 1 in (p["warmup"], total):  # no GPU work: a host clock is the whole story
-                clock.t0, clock.t1 = (time.perf_counter(), clock.t1) if i + 1 == p["warmup"] else (clock.t0, time.perf_counter())
+            clock.tick()  # a batch is this variant's step (no optimizer); nothing is queued on the GPU to sync
             if i + 1 == total:
                 break
     elif variant == "naive":

@@ -48,7 +48,6 @@ def test_gpu_feed_benchmark_and_the_sync_check_on_cuda(tmp_path):
     assert sync["selftest_caught"], sync["selftest_tail"]  # and the check does catch a planted .item()
 
 
-
 @pytest.mark.parametrize("script,args,message", [
     ("run.py", ["--scenarios", "plain,comms"], "--scenarios plain,comms: unknown comms; choose from plain,"),
     ("run.py", ["--rounds", "0"], "--rounds 0: must be at least 1"),

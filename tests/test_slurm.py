@@ -154,12 +154,13 @@ def local_long(tmp_path_factory) -> dict:
 
 
 def _trained_past(run: Path, step: int) -> bool:
-    """A train record past `step` in the run's metrics: the job (re)started and is training."""
+    """A train record past `step` in the run's metrics: the job (re)started and is training.
+
+    Not read_metrics(): the job is still writing, so only lines already ended by a newline are whole.
+    """
     path = run / "metrics.jsonl"
-    if not path.exists():
-        return False
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return any(r.get("kind") == "train" and r["step"] > step for r in records)
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return any(r["kind"] == "train" and r["step"] > step for r in map(json.loads, lines))
 
 
 # One job is signalled twice, each stop checkpointing and requeueing it:
