@@ -131,15 +131,16 @@ def prune(root: Path, keep: int) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    """This rank's RNG states: python, numpy, torch CPU and (when present) every CUDA device."""
+    """This rank's RNG states as plain data (loadable with weights_only=True): python, numpy, torch, CUDA."""
     import random
 
     import numpy as np
     import torch
 
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -152,10 +153,29 @@ def restore_rng(state: dict[str, Any]) -> None:
     import torch
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_file(path: Path) -> Any:
+    """A checkpoint file as data: `weights_only=True`, so a planted pickle cannot run code."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        from distrib.errors import ConfigError
+
+        first = str(exc).strip().splitlines()[0][:300]
+        raise ConfigError(
+            f"{path} holds more than plain data (tensors, numbers, strings, lists, dicts), so distrib will not load it: "
+            f"{first}. HINT: checkpoint only state_dicts and plain values; a file someone else planted is refused on purpose."
+        ) from None
 
 
 def rank_file(rank: int) -> str:

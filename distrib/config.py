@@ -6,14 +6,17 @@ Unknown keys are an error that names the nearest valid key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import json
 import sys
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from distrib.errors import ConfigError
 
@@ -56,10 +59,6 @@ class RunConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
-    train_size: int = 16384
-    """Samples in the built-in task's training set."""
-    eval_size: int = 2048
-    """Samples in the built-in task's evaluation set."""
     num_workers: int = 0
     """DataLoader worker processes per rank (0 loads in the main process)."""
     persistent_workers: bool = False
@@ -74,33 +73,12 @@ class DataConfig:
     """On CUDA, copy batch n+1 on a side stream while batch n computes."""
 
     def __post_init__(self) -> None:
-        _positive("data", train_size=self.train_size, eval_size=self.eval_size, prefetch_factor=self.prefetch_factor)
+        _positive("data", prefetch_factor=self.prefetch_factor)
         _non_negative("data", num_workers=self.num_workers)
         if self.num_workers == 0 and self.persistent_workers:
             raise ConfigError("data.persistent_workers=true needs data.num_workers > 0. HINT: pass --data.num_workers 2 or drop the flag.")
         if self.num_workers == 0 and self.prefetch_factor is not None:
             raise ConfigError("data.prefetch_factor is set but data.num_workers=0. HINT: pass --data.num_workers 2 or unset prefetch_factor.")
-
-
-@dataclasses.dataclass(kw_only=True)
-class TaskConfig:
-    dim: int = 32
-    """Input features of the built-in task."""
-    hidden: int = 128
-    """Width of each hidden layer of the MLP."""
-    depth: int = 2
-    """Number of hidden layers."""
-    classes: int = 8
-    """Number of classes (chance accuracy is 1/classes)."""
-    dropout: float = 0.0
-    """Dropout after each hidden layer."""
-
-    def __post_init__(self) -> None:
-        _positive("task", dim=self.dim, hidden=self.hidden, depth=self.depth)
-        if self.classes < 2:
-            raise ConfigError(f"task.classes={self.classes} must be >= 2. HINT: pass --task.classes 2 or more.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"task.dropout={self.dropout} must be in [0, 1). HINT: pass --task.dropout 0.1.")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -235,15 +213,16 @@ class WandbConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class Config:
+    """distrib's own keys. A script adds its sections with `config_class(sections)` (or `sections=` to
+    `parse_config`/`main`); the built-in task is such a script (`distrib.task.SECTIONS`)."""
+
     seed: int = 0
-    """Seeds data generation, model init, shuffling and dropout."""
+    """Seeds shuffling, dropout and whatever the script seeds from it."""
     debug: bool = False
     """Single process, no process group, num_workers=0, anomaly detection, deterministic kernels."""
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     dist: DistConfig = dataclasses.field(default_factory=DistConfig)
     ckpt: CkptConfig = dataclasses.field(default_factory=CkptConfig)
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
@@ -253,24 +232,63 @@ class Config:
 
     def replace(self, **dotted: Any) -> "Config":
         """A copy with dotted keys replaced (`cfg.replace(**{"train.epochs": 1})`), re-validated."""
+        cls = type(self)
         flat = flatten(self.to_dict())
         for key, value in dotted.items():
-            _check_key(key)
+            _check_key(key, cls)
             flat[key] = value
-        return from_flat(flat)
+        return from_flat(flat, cls)
+
+
+# --------------------------------------------------------------------------- a script's own sections
+
+_CLASSES: dict[tuple[tuple[str, type], ...], type] = {}
+
+
+def config_class(sections: Mapping[str, type] | None = None) -> type[Config]:
+    """`Config` plus a script's own sections: `{"model": ModelConfig}` adds `--model.*` keys.
+
+    A section named like one of distrib's (`data`, `train`, ...) must subclass distrib's dataclass
+    for it and so extends it (the built-in task adds `data.train_size` this way). The same sections
+    give the same class, so configs built from them compare equal.
+    """
+    if not sections:
+        return Config
+    key = tuple(sorted(sections.items(), key=lambda kv: kv[0]))
+    if key in _CLASSES:
+        return _CLASSES[key]
+    core = _field_types(Config)
+    fields: list[tuple[str, type, Any]] = []
+    for name, cls in key:
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            raise ConfigError(f"section {name!r} must be a dataclass type, got {cls!r}. HINT: decorate it with @dataclasses.dataclass(kw_only=True).")
+        if not name.isidentifier():
+            raise ConfigError(f"section name {name!r} is not an identifier. HINT: use a name like 'model'.")
+        if name in core and not dataclasses.is_dataclass(core[name]):
+            raise ConfigError(f"section {name!r} would replace distrib's top-level key {name!r}. HINT: choose another section name.")
+        if name in core and not issubclass(cls, core[name]):
+            raise ConfigError(
+                f"section {name!r} is distrib's own; {cls.__name__} must subclass distrib's {core[name].__name__} to "
+                f"extend it. HINT: class {cls.__name__}({core[name].__name__}): ... or choose another section name."
+            )
+        fields.append((name, cls, dataclasses.field(default_factory=cls)))
+    made = dataclasses.make_dataclass("ScriptConfig", fields, bases=(Config,), kw_only=True)
+    made.__module__ = __name__
+    _CLASSES[key] = made
+    return made
 
 
 # --------------------------------------------------------------------------- parsing
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for hints in [typing.get_type_hints(cls)] for f in dataclasses.fields(cls)}
 
 
-def _schema() -> dict[str, Any]:
+def _schema(cls: type = Config) -> dict[str, Any]:
     """Dotted key -> type, for every leaf field."""
     schema: dict[str, Any] = {}
-    for name, tp in _field_types(Config).items():
+    for name, tp in _field_types(cls).items():
         if dataclasses.is_dataclass(tp):
             for sub, subtp in _field_types(tp).items():
                 schema[f"{name}.{sub}"] = subtp
@@ -279,12 +297,12 @@ def _schema() -> dict[str, Any]:
     return schema
 
 
-def _check_key(key: str) -> None:
-    schema = _schema()
+def _check_key(key: str, cls: type = Config) -> None:
+    schema = _schema(cls)
     if key not in schema:
         close = difflib.get_close_matches(key, schema.keys(), n=1, cutoff=0.4)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"Unknown config key {key!r}.{hint} HINT: valid keys are {', '.join(sorted(schema))}.")
+        raise ConfigError(f"Unknown config key {key!r}.{hint} HINT: `--help` lists every key; valid keys are {', '.join(sorted(schema))}.")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -296,6 +314,15 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -331,15 +358,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if tp is str:
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a valid {getattr(tp, '__name__', tp)}. HINT: pass --{key} <{getattr(tp, '__name__', tp)}>.") from None
+        raise ConfigError(f"{key}={value!r} is not a valid {_type_name(tp)}. HINT: pass --{key} <{_type_name(tp)}>.") from None
     return value
 
 
-def from_flat(flat: dict[str, Any]) -> Config:
-    """Build a validated Config from dotted keys (unknown keys are an error)."""
-    schema = _schema()
+def from_flat(flat: dict[str, Any], cls: type[Config] = Config) -> Config:
+    """Build a validated config of class `cls` from dotted keys (unknown keys are an error)."""
+    schema = _schema(cls)
     for key in flat:
-        _check_key(key)
+        _check_key(key, cls)
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for key, value in flat.items():
@@ -349,9 +376,12 @@ def from_flat(flat: dict[str, Any]) -> Config:
             sections.setdefault(section, {})[name] = value
         else:
             top[key] = value
-    types_ = _field_types(Config)
-    built = {name: types_[name](**values) for name, values in sections.items()}
-    return Config(**top, **built)
+    types_ = _field_types(cls)
+    try:
+        built = {name: types_[name](**values) for name, values in sections.items()}
+    except TypeError as exc:  # a script section's own __init__ rejecting a value
+        raise ConfigError(f"{exc}. HINT: check the keys of your script's section.") from None
+    return cls(**top, **built)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -385,9 +415,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return flatten(data)
 
 
-def parse_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
+def parse_flags(argv: Sequence[str], cls: type[Config] = Config) -> tuple[str | None, dict[str, Any]]:
     """Split argv into (config file, dotted overrides). `--key value`, `--key=value`, bare `--flag` = true."""
-    schema = _schema()
+    schema = _schema(cls)
     config_file: str | None = None
     overrides: dict[str, Any] = {}
     args = list(argv)
@@ -395,7 +425,10 @@ def parse_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"Unexpected argument {arg!r}. HINT: options look like --section.key value, e.g. --train.epochs 3.")
+            raise ConfigError(
+                f"Unexpected argument {arg!r}: distrib takes only --section.key value options. HINT: pass --train.epochs 3 "
+                "style options; a script's own setting belongs in its section (sections={'mine': MyConfig} -> --mine.key value)."
+            )
         key, eq, value = arg[2:].partition("=")
         if not eq:
             next_is_value = i + 1 < len(args) and not args[i + 1].startswith("--")
@@ -409,18 +442,74 @@ def parse_flags(argv: Sequence[str]) -> tuple[str | None, dict[str, Any]]:
         if key == "config":
             config_file = value
         else:
-            _check_key(key)
+            _check_key(key, cls)
             overrides[key] = value
         i += 1
     return config_file, overrides
 
 
-def parse_config(argv: Sequence[str] | None = None) -> Config:
-    """defaults < --config FILE < --section.key flags."""
+def parse_config(
+    argv: Sequence[str] | None = None, *, sections: Mapping[str, type] | None = None, defaults: Mapping[str, Any] | None = None
+) -> Config:
+    """Field defaults < the script's `defaults` < --config FILE < --section.key flags.
+
+    `sections` adds a script's own dataclass sections; `defaults` (dotted keys) sets the script's
+    defaults for any key, distrib's included. Raises ConfigError; `distrib.main` turns that into exit 2.
+    """
     argv = sys.argv[1:] if argv is None else argv
-    config_file, overrides = parse_flags(argv)
-    flat = flatten(Config().to_dict())
+    cls = config_class(sections)
+    config_file, overrides = parse_flags(argv, cls)
+    flat = flatten(cls().to_dict())
+    for key, value in (defaults or {}).items():
+        _check_key(key, cls)
+        flat[key] = value
     if config_file is not None:
         flat.update(load_file(config_file))
     flat.update(overrides)
-    return from_flat(flat)
+    return from_flat(flat, cls)
+
+
+# --------------------------------------------------------------------------- --help
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field (the string literal that follows it in the class body)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue  # no source (a REPL, a frozen app): the key is listed without its text
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                    docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def config_help(cls: type[Config] = Config, *, prog: str | None = None, defaults: Mapping[str, Any] | None = None) -> str:
+    """Every key with its type, default and docstring, by section (what `--help` prints)."""
+    prog = prog or Path(sys.argv[0]).name
+    values = flatten(cls().to_dict())
+    values.update(defaults or {})
+    lines = [
+        f"usage: {prog} [--config FILE] [--section.key VALUE ...]",
+        "",
+        "Precedence: defaults < --config FILE (TOML, YAML, JSON) < flags. `none` unsets an optional key.",
+    ]
+    top_docs = _field_docs(cls)
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            lines += ["", f"[{name}]" + (f"  {top_docs[name]}" if name in top_docs else "")]
+            docs = _field_docs(tp)
+            entries = [(f"{name}.{sub}", subtp, docs.get(sub, "")) for sub, subtp in _field_types(tp).items()]
+        else:
+            entries = [(name, tp, top_docs.get(name, ""))]
+        for key, ktp, doc in entries:
+            shown = values[key]
+            shown = "none" if shown is None else ",".join(map(str, shown)) if isinstance(shown, list) else shown
+            lines.append(f"  --{key} {_type_name(ktp).upper()}  (default: {shown})")
+            if doc:
+                lines += [f"      {line}" for line in textwrap.wrap(doc, 92)]
+    return "\n".join(lines)

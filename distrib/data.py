@@ -12,13 +12,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from typing import Any, Callable, Iterator, Sized
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from distrib.errors import ConfigError
+from distrib.dist import all_reduce_sum
+from distrib.errors import BatchError, ConfigError
+from distrib.transfer import device_batches, leading_dim
 
 
 def mix_seed(*parts: int) -> int:
@@ -122,13 +125,69 @@ def _check_size(dataset: Sized, what: str, world_size: int) -> int:
     return n
 
 
-class TrainLoader:
-    """A training DataLoader plus the arithmetic the loop needs (micro-batch sizes per epoch)."""
+ItemCounter = Callable[[Any], "torch.Tensor | int"]
+"""Counts what a batch's loss averages over (e.g. its label tokens); None: the samples."""
 
-    def __init__(self, dataset: Dataset, *, world_size: int, rank: int, seed: int, shuffle: bool, drop_last: bool, opts: LoaderOptions) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch of an optimizer step, on the device, with the weight that makes accumulation exact.
+
+    With `items` the local count of what the loss averages over (samples, or label tokens) and
+    `step_items` the same count summed over the step's micro-batches on every rank:
+    `loss * weight` (a mean over this micro-batch's items) or `loss * world_size` (a loss already
+    divided by `step_items`, the Hugging Face `num_items_in_batch` convention) makes the
+    accumulated, DDP-averaged gradient that of the whole step's mean, whatever the split.
+    """
+
+    batch: Any
+    """The batch, every tensor on the device."""
+    size: int
+    """Samples in this micro-batch (on this rank)."""
+    items: Any
+    """What the loss averages over in this micro-batch: `size`, or a device tensor of tokens."""
+    step_items: Any
+    """`items` summed over the optimizer step's micro-batches and every rank."""
+    world_size: int
+    last: bool
+    """The step's last micro-batch: its backward all-reduces the gradients; the optimizer steps after it."""
+    epoch: int
+    """The epoch this micro-batch belongs to."""
+
+    @property
+    def weight(self) -> Any:
+        """Scale for a loss that is the mean over this micro-batch's items."""
+        return self.items * self.world_size / self.step_items
+
+
+class TrainLoader:
+    """The training loader: a `DistributedSampler` DataLoader that yields device `MicroBatch`es.
+
+    Iterating it runs the rest of the current epoch: it calls `set_epoch` itself, groups
+    micro-batches into optimizer steps of `grad_accum`, weights each exactly (the epoch's short last
+    step included), and keeps the position (`epoch`, `step`, samples) that `state_dict` checkpoints,
+    so a resumed run continues at the next unseen batch without reading the consumed ones.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        world_size: int,
+        rank: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        opts: LoaderOptions,
+        device: torch.device = torch.device("cpu"),
+        prefetch: bool = True,
+        grad_accum: int = 1,
+        items: ItemCounter | None = None,
+    ) -> None:
         _check_size(dataset, "train", world_size)
-        self.seed, self.rank, self.drop_last = seed, rank, drop_last
-        self.batch_size = opts.batch_size
+        self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
+        self.batch_size, self.grad_accum, self.items = opts.batch_size, grad_accum, items
+        self.device, self.prefetch = device, prefetch
         self.sampler = TrainSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.generator = torch.Generator()
         self.loader = _dataloader(dataset, self.sampler, opts, drop_last=drop_last, generator=self.generator)
@@ -137,11 +196,49 @@ class TrainLoader:
                 f"With data.drop_last=true, {self.sampler.num_samples} samples per rank make no full batch of "
                 f"train.batch_size={opts.batch_size}. HINT: lower train.batch_size or set data.drop_last=false."
             )
+        self._epoch_total = sum(self.micro_batch_sizes(0))
+        self._epoch = 0
+        self.epoch_samples = 0
+        """Samples this rank consumed in the current epoch, at the last step boundary."""
+        self.step = 0
+        """Optimizer steps begun: incremented as a step's last micro-batch is handed out."""
+        self.samples_seen = 0
+        """Global samples handed out in whole steps (all ranks)."""
+        self.wait_s = 0.0
+        """Seconds spent waiting for batches (the input pipeline); the monitor reads and resets it."""
+
+    # ------------------------------------------------------------------ position
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next micro-batch comes from (the current one is over once all its steps were handed out)."""
+        return self._epoch + (self.epoch_samples >= self._epoch_total)
+
+    @property
+    def current_epoch(self) -> int:
+        """The epoch of the step handed out last (the epoch under way, or just finished)."""
+        return self._epoch
+
+    @property
+    def epoch_done(self) -> bool:
+        """Every step of the current epoch has been handed out (a loop broken after the last one included)."""
+        return self.epoch_samples >= self._epoch_total
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "epoch_samples": 0 if self.epoch_done else self.epoch_samples,
+                "step": self.step, "samples_seen": self.samples_seen, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where `state` was saved; from another world size, at the same global sample count."""
+        self._epoch, self.step, self.samples_seen = state["epoch"], state["step"], state["samples_seen"]
+        self.epoch_samples = state["epoch_samples"] * state["world_size"] // self.world_size
 
     def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
-        """Called by the framework at the start of every epoch (users cannot forget it)."""
+        """Select the epoch's permutation and skip this rank's first `skip_samples` (the loader calls it)."""
         self.sampler.set_epoch(epoch, skip_samples)
         self.generator.manual_seed(mix_seed(self.seed, self.rank, epoch, skip_samples))
+
+    # ------------------------------------------------------------------ arithmetic
 
     @property
     def samples_per_rank(self) -> int:
@@ -157,8 +254,70 @@ class TrainLoader:
     def num_batches(self, skip_samples: int = 0) -> int:
         return len(self.micro_batch_sizes(skip_samples))
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.num_batches(0), self.grad_accum)
+
+    # ------------------------------------------------------------------ iteration
+
+    def _next(self, it: Iterator[Any], expected: int) -> Any:
+        waited = time.perf_counter()
+        batch = next(it)
+        self.wait_s += time.perf_counter() - waited
+        n = leading_dim(batch)
+        if n != expected:
+            raise BatchError(
+                f"A micro-batch has {n} samples where the sampler arithmetic expects {expected}. distrib "
+                "weights losses by the known step size; HINT: do not change batch sizes in collate_fn or the Dataset."
+            )
+        return batch
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        if self.epoch_done:  # roll over to the next epoch
+            self._epoch, self.epoch_samples = self._epoch + 1, 0
+        epoch, skip = self._epoch, self.epoch_samples
+        self.set_epoch(epoch, skip)
+        sizes = self.micro_batch_sizes(skip)
+        it = iter(device_batches(self.loader, self.device, prefetch=self.prefetch))
+        world, accum = self.world_size, self.grad_accum
+        for start in range(0, len(sizes), accum):
+            group = sizes[start : start + accum]
+            local = sum(group)
+            if self.items is None:
+                # Samples: every rank holds the same count, so the weights are host arithmetic.
+                pending = None
+                step_items: Any = local * world
+            else:
+                # Items (tokens) differ per micro-batch and rank: load the step's micro-batches first,
+                # count on the device and sum over ranks once per step (no host sync; one small
+                # all-reduce that NCCL runs on its own stream).
+                pending = [self._next(it, n) for n in group]
+                counts = [self.items(b) for b in pending]
+                step_items = all_reduce_sum(torch.stack([torch.as_tensor(c, device=self.device) for c in counts]).sum().to(torch.float64))
+            for j, n in enumerate(group):
+                batch = pending[j] if pending is not None else self._next(it, n)
+                last = j == len(group) - 1
+                if last:  # the position advances as the step's last micro-batch is handed out
+                    self.step += 1
+                    self.epoch_samples += local
+                    self.samples_seen += local * world
+                yield MicroBatch(batch=batch, size=n, items=n if pending is None else counts[j], step_items=step_items,
+                                 world_size=world, last=last, epoch=epoch)
+
+    def __len__(self) -> int:
+        """Micro-batches left in the current epoch."""
+        return self.num_batches(0 if self.epoch_done else self.epoch_samples)
+
+
+class EvalLoader:
+    """Evaluation batches on the device: rank r takes samples r, r+W, ... with no padding, so each counts once."""
+
+    def __init__(self, dataset: Dataset, *, world_size: int, rank: int, opts: LoaderOptions, device: torch.device = torch.device("cpu"), prefetch: bool = True) -> None:
+        self.loader = eval_loader(dataset, world_size=world_size, rank=rank, opts=opts)
+        self.device, self.prefetch = device, prefetch
+
     def __iter__(self) -> Iterator[Any]:
-        return iter(self.loader)
+        return iter(device_batches(self.loader, self.device, prefetch=self.prefetch))
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -1,54 +1,19 @@
-"""The library entry point: `fit()` runs a user's model and data under whatever launcher started us.
+"""`fit()` and `main()`: the two ways in for a script.
 
-Lifecycle: prepare config -> init distributed -> build trainer -> fit -> close. Teardown (writer
-close, destroy_process_group) happens on success and on error.
+Lifecycle: config -> Session (process group, device, signals) -> Trainer.fit -> teardown, which
+(writer and tracker close, DDP release, destroy_process_group) happens on success and on error.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import os
-from typing import Any, Iterator
+import sys
+from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
-from distrib.config import Config
-from distrib.dist import distributed
-from distrib.logs import log, setup_console
+from distrib.config import Config, config_class, config_help, parse_config
+from distrib.errors import DistribError
 from distrib.loop import Trainer
-from distrib.stop import stop_on_signals
-
-
-def prepare(cfg: Config) -> Config:
-    """Apply --debug: a small step limit and in-process data loading (so breakpoint() works)."""
-    if not cfg.debug:
-        return cfg
-    limit = min(cfg.train.max_steps or cfg.train.debug_steps, cfg.train.debug_steps)
-    return dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, num_workers=0, persistent_workers=False, prefetch_factor=None),
-        train=dataclasses.replace(cfg.train, max_steps=limit),
-    )
-
-
-@contextlib.contextmanager
-def _debug_checks(device: torch.device) -> Iterator[None]:
-    """Anomaly detection and deterministic kernels (slow, but a NaN or a race names its source).
-
-    Both are process-global switches, so they are restored afterwards.
-    """
-    if device.type == "cuda":
-        # cuBLAS needs this before its first call to be deterministic; debug mode is single-process.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    anomaly, deterministic = torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled()
-    torch.autograd.set_detect_anomaly(True)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.autograd.set_detect_anomaly(anomaly)
-        torch.use_deterministic_algorithms(deterministic)
+from distrib.session import Session
+from distrib.stop import EXIT_STOPPED
 
 
 def fit(cfg: Config, **trainer_args: Any) -> dict[str, Any]:
@@ -56,15 +21,30 @@ def fit(cfg: Config, **trainer_args: Any) -> dict[str, Any]:
 
     Runs unchanged under `python`, `torchrun` and `srun`: the launcher is detected from the environment.
     """
-    cfg = prepare(cfg)
-    with distributed(device=cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s, single=cfg.debug) as rt:
-        setup_console(rt.rank, rt.world_size)
-        with _debug_checks(rt.device) if cfg.debug else contextlib.nullcontext():
-            if cfg.debug:
-                log.info(f"debug mode: 1 process on {rt.device}, no process group, num_workers=0, max_steps={cfg.train.max_steps}")
-            trainer = Trainer(cfg, rt, **trainer_args)
-            try:
-                with stop_on_signals(trainer.stop):
-                    return trainer.fit()
-            finally:
-                trainer.close()
+    with Session(cfg) as session:
+        return Trainer(session, **trainer_args).fit()
+
+
+def main(
+    train: Callable[[Config], Mapping[str, Any] | None],
+    *,
+    sections: Mapping[str, type] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    argv: Sequence[str] | None = None,
+) -> int:
+    """A script's command line: parse the config (`--help` lists every key), run `train(cfg)`, return the exit status.
+
+    `sys.exit(distrib.main(train, sections={"model": ModelConfig}, defaults={"train.epochs": 10}))`.
+    Exit statuses as for `python -m distrib.train`: 0 done, 1 a failure (a peer died), 2 bad input
+    (`distrib: error: ...`, nothing written), 75 stopped by a signal with a checkpoint.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:
+        print(config_help(config_class(sections), defaults=defaults))
+        return 0
+    try:
+        summary = train(parse_config(args, sections=sections, defaults=defaults))
+    except DistribError as exc:
+        print(f"distrib: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return EXIT_STOPPED if summary and summary.get("stopped") else 0

@@ -6,11 +6,58 @@ problem is learnable (an MLP reaches >0.9 accuracy) and far above chance (1/clas
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from distrib.config import TaskConfig
+from distrib.config import DataConfig, OptimConfig, _positive, config_class
+from distrib.errors import ConfigError
+
+
+@dataclasses.dataclass(kw_only=True)
+class TaskConfig:
+    """The built-in task's model shape (`python -m distrib.train` only; scripts bring their own)."""
+
+    dim: int = 32
+    """Input features of the built-in task."""
+    hidden: int = 128
+    """Width of each hidden layer of the MLP."""
+    depth: int = 2
+    """Number of hidden layers."""
+    classes: int = 8
+    """Number of classes (chance accuracy is 1/classes)."""
+    dropout: float = 0.0
+    """Dropout after each hidden layer."""
+
+    def __post_init__(self) -> None:
+        _positive("task", dim=self.dim, hidden=self.hidden, depth=self.depth)
+        if self.classes < 2:
+            raise ConfigError(f"task.classes={self.classes} must be >= 2. HINT: pass --task.classes 2 or more.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"task.dropout={self.dropout} must be in [0, 1). HINT: pass --task.dropout 0.1.")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TaskDataConfig(DataConfig):
+    """distrib's data keys plus the built-in task's dataset sizes."""
+
+    train_size: int = 16384
+    """Samples in the built-in task's training set."""
+    eval_size: int = 2048
+    """Samples in the built-in task's evaluation set."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("data", train_size=self.train_size, eval_size=self.eval_size)
+
+
+SECTIONS = {"task": TaskConfig, "data": TaskDataConfig, "optim": OptimConfig}
+"""The built-in task's config sections: its model, its dataset sizes, and an optimizer built from config."""
+
+TaskRunConfig = config_class(SECTIONS)
+"""The config class of `python -m distrib.train`: distrib's keys plus `SECTIONS`."""
 
 def _teacher(cfg: TaskConfig, g: torch.Generator) -> nn.Module:
     # A one-layer teacher without bias: classes are cones through the origin, roughly balanced,

@@ -15,6 +15,11 @@ import torch
 import torch.multiprocessing as mp
 
 from distrib import checkpoint as ck
+from distrib.config import config_class
+from distrib.task import TaskConfig, TaskDataConfig
+
+TaskData = config_class({"task": TaskConfig, "data": TaskDataConfig})
+"""The built-in task's model and data keys without its `optim` section: for tests that pass their own optimizer."""
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 import distrib
-from distrib.task import make_datasets, make_model
+from distrib.task import TaskConfig, TaskDataConfig, make_datasets, make_model
 
 
 class SlowDataset(torch.utils.data.Dataset):
@@ -40,7 +40,7 @@ class SlowDataset(torch.utils.data.Dataset):
 
 def main() -> int:
     torch.set_num_threads(1)
-    cfg = distrib.parse_config(sys.argv[1:])
+    cfg = distrib.parse_config(sys.argv[1:], sections={"task": TaskConfig, "data": TaskDataConfig})
     train, evaluation = make_datasets(cfg.task, train_size=cfg.data.train_size, eval_size=cfg.data.eval_size, seed=cfg.seed)
     model = make_model(cfg.task, seed=cfg.seed)
     distrib.fit(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_data=SlowDataset(train), eval_data=evaluation)

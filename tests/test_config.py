@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import pytest
 
-from distrib.config import Config, parse_config
+import dataclasses
+import functools
+import subprocess
+import sys
+import textwrap
+
+from distrib.config import Config, config_class, config_help
+from distrib.config import parse_config as parse_core
 from distrib.errors import ConfigError
+from distrib.task import SECTIONS, TaskRunConfig
+
+# The built-in task's keys (task.*, data.train_size, optim.*) are its own sections, as for any script.
+parse_config = functools.partial(parse_core, sections=SECTIONS)
 
 
 def test_defaults_are_valid():
     cfg = parse_config([])
-    assert cfg == Config()
-    assert cfg.train.batch_size == 64 and cfg.optim.name == "adamw"
+    assert cfg == TaskRunConfig() and parse_core([]) == Config()
+    assert cfg.train.batch_size == 64 and cfg.optim.name == "adamw" and cfg.data.train_size == 16384
 
 
 def test_flags_override_file_override_defaults(tmp_path):
@@ -79,3 +90,94 @@ def test_replace_revalidates():
     assert cfg.train.epochs == 2
     with pytest.raises(ConfigError):
         Config().replace(**{"train.epochs": 0})
+
+
+# --------------------------------------------------------------------------- a script's own config
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    """A script's own section."""
+
+    width: int = 8
+    """Hidden width of the script's model."""
+    act: str = "relu"
+    """Activation."""
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ConfigError(f"model.width={self.width} must be >= 1. HINT: pass --model.width 8.")
+
+
+def test_the_task_keys_belong_to_the_built_in_task_not_to_every_script():
+    for key in ("--task.hidden", "--data.train_size", "--optim.lr"):
+        with pytest.raises(ConfigError, match="Unknown config key"):
+            parse_core([key, "3"])
+
+
+def test_a_script_section_round_trips_through_flags_file_defaults_and_help(tmp_path):
+    sections = {"model": ModelConfig}
+    defaults = {"model.width": 16, "train.epochs": 9}
+    cfg = parse_core([], sections=sections, defaults=defaults)
+    assert (cfg.model.width, cfg.model.act, cfg.train.epochs) == (16, "relu", 9)  # the script's defaults win over the fields'
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  width: 32\n  act: gelu\ntrain:\n  epochs: 4\n")
+    cfg = parse_core(["--config", str(f), "--model.width", "64"], sections=sections, defaults=defaults)
+    assert (cfg.model.width, cfg.model.act, cfg.train.epochs) == (64, "gelu", 4)  # defaults < file < flags
+    assert cfg.to_dict()["model"] == {"width": 64, "act": "gelu"}
+    assert cfg.replace(**{"model.act": "tanh"}).model.act == "tanh"
+    with pytest.raises(ConfigError, match="model.width=0 must be >= 1"):
+        parse_core(["--model.width", "0"], sections=sections)
+    with pytest.raises(ConfigError, match="Did you mean 'model.width'"):
+        parse_core(["--model.widht", "3"], sections=sections)
+    text = config_help(config_class(sections), prog="train.py", defaults=defaults)
+    assert "--model.width INT  (default: 16)" in text and "Hidden width of the script's model." in text
+    assert "--train.epochs INT  (default: 9)" in text and "--train.batch_size INT  (default: 64)" in text
+    assert "--data.train_size" not in text  # the built-in task's key, not this script's
+
+
+def test_a_section_may_extend_distribs_own_but_not_replace_it():
+    from distrib.task import TaskDataConfig
+
+    assert parse_core(["--data.train_size", "7"], sections={"data": TaskDataConfig}).data.train_size == 7
+    with pytest.raises(ConfigError, match="must subclass distrib's DataConfig"):
+        config_class({"data": ModelConfig})
+    with pytest.raises(ConfigError, match="replace distrib's top-level key 'seed'"):
+        config_class({"seed": ModelConfig})
+
+
+SCRIPT = textwrap.dedent("""
+    import dataclasses, sys
+    import distrib
+
+    @dataclasses.dataclass(kw_only=True)
+    class Mine:
+        width: int = 3
+        \"\"\"The width.\"\"\"
+
+    def train(cfg):
+        print("WIDTH", cfg.model.width, cfg.train.epochs)
+
+    sys.exit(distrib.main(train, sections={"model": Mine}, defaults={"train.epochs": 5}))
+""")
+
+
+@pytest.mark.parametrize(
+    "argv, status, needle",
+    [
+        (["--model.width", "7"], 0, "WIDTH 7 5"),
+        (["--help"], 0, "--model.width INT  (default: 3)"),
+        (["-h"], 0, "The width."),
+        (["positional"], 2, "distrib: error: Unexpected argument 'positional'"),
+        (["--model.width", "x"], 2, "distrib: error: model.width='x' is not a valid int"),
+        (["--optim.lr", "0.1"], 2, "distrib: error: Unknown config key 'optim.lr'"),
+    ],
+)
+def test_a_script_s_command_line_exits_like_the_cli(tmp_path, argv, status, needle):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == status, proc.stderr
+    assert needle in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["script.py"]  # nothing written

@@ -18,14 +18,19 @@ def ids(n: int) -> TensorDataset:
     return TensorDataset(torch.arange(n), torch.zeros(n, dtype=torch.long))
 
 
-def loader(n: int, world: int, rank: int, batch: int, **kw) -> TrainLoader:
-    return TrainLoader(ids(n), world_size=world, rank=rank, seed=kw.pop("seed", 0), shuffle=True,
+def loader(n: int, world: int, rank: int, batch: int, grad_accum: int = 1, **kw) -> TrainLoader:
+    return TrainLoader(ids(n), world_size=world, rank=rank, seed=kw.pop("seed", 0), shuffle=True, grad_accum=grad_accum,
                        drop_last=kw.pop("drop_last", False), opts=LoaderOptions(batch_size=batch, **kw))
 
 
+def at(ld: TrainLoader, epoch: int, skip: int = 0) -> TrainLoader:
+    """The loader positioned as a checkpoint taken `skip` samples into `epoch` would leave it."""
+    ld.load_state_dict({"epoch": epoch, "epoch_samples": skip, "step": 0, "samples_seen": 0, "world_size": ld.world_size})
+    return ld
+
+
 def epoch_batches(ld: TrainLoader, epoch: int, skip: int = 0) -> list[list[int]]:
-    ld.set_epoch(epoch, skip)
-    return [b[0].tolist() for b in ld]
+    return [mb.batch[0].tolist() for mb in at(ld, epoch, skip)]
 
 
 def test_each_epoch_has_a_new_order_and_ranks_are_disjoint():
@@ -53,7 +58,18 @@ def test_micro_batch_sizes_match_the_loader():
         ld = loader(n, world, 0, batch, drop_last=drop)
         assert [len(b) for b in epoch_batches(ld, 0)] == ld.micro_batch_sizes()
         ld = loader(n, world, 0, batch, drop_last=drop)
-        assert [len(b) for b in epoch_batches(ld, 0, skip=batch)] == ld.micro_batch_sizes(batch)
+        assert [len(b) for b in epoch_batches(ld, 0, skip=batch)] == ld.micro_batch_sizes(batch if ld.num_batches(batch) else 0)
+        # A position at the end of an epoch (every sample consumed) continues with the next epoch.
+        assert ld.current_epoch == (0 if batch < ld.samples_per_rank else 1)
+
+
+def test_micro_batches_carry_exact_weights_and_the_position_advances_per_step():
+    ld = loader(100, 2, 0, 16, grad_accum=2)  # 50 a rank: steps of 16+16 and 16+2
+    mbs = list(at(ld, 0))
+    assert [(mb.size, mb.last) for mb in mbs] == [(16, False), (16, True), (16, False), (2, True)]
+    assert [mb.weight for mb in mbs] == [0.5, 0.5, 16 / 18, 2 / 18]
+    assert (ld.step, ld.samples_seen, ld.epoch, ld.current_epoch) == (2, 100, 1, 0)
+    assert ld.state_dict() == {"epoch": 1, "epoch_samples": 0, "step": 2, "samples_seen": 100, "world_size": 2}
 
 
 def test_skip_resumes_at_the_next_unseen_sample():
@@ -95,8 +111,7 @@ class SeedProbe(Dataset):
 def worker_draws(rank: int, epoch: int) -> list[tuple[int, ...]]:
     ld = TrainLoader(SeedProbe(), world_size=2, rank=rank, seed=0, shuffle=False, drop_last=False,
                      opts=LoaderOptions(batch_size=1, num_workers=2))
-    ld.set_epoch(epoch)
-    return [tuple(b[0].tolist()) for b in ld]
+    return [tuple(mb.batch[0].tolist()) for mb in at(ld, epoch)]
 
 
 def test_workers_are_seeded_per_rank_worker_and_epoch_and_reproducibly():

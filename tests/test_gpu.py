@@ -15,7 +15,7 @@ import torch
 
 from distrib import Config, fit
 from distrib.task import make_datasets, make_model
-from tests.helpers import REPO, child_env, read_summary, rewind, run_train
+from tests.helpers import TaskData, REPO, child_env, read_summary, rewind, run_train
 
 pytestmark = pytest.mark.gpu
 
@@ -49,7 +49,7 @@ def test_resume_on_cuda_is_bit_exact(tmp_path, precision):
 
 
 def _fit_cuda(tmp_path, name: str, **dotted) -> dict:
-    cfg = Config().replace(**{"run.dir": str(tmp_path / name), "run.device": "cuda", "data.train_size": 2048, "train.batch_size": 64,
+    cfg = TaskData().replace(**{"run.dir": str(tmp_path / name), "run.device": "cuda", "data.train_size": 2048, "train.batch_size": 64,
                               "train.epochs": 2, "wandb.mode": "disabled", **dotted})
     train, ev = make_datasets(cfg.task, train_size=2048, eval_size=512, seed=0)
     model = make_model(cfg.task, seed=0)

@@ -12,17 +12,16 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.utils.data import Dataset
 
-from distrib import Config, Trainer, distributed, fit
-from distrib.env import DistEnv
+from distrib import Session, Trainer, fit
 from distrib.errors import BatchError
 from distrib.model import ddp_of
 from distrib.task import make_datasets, make_model
-from tests.helpers import spawn
+from tests.helpers import TaskData, spawn
 
 
 def _cfg(run_dir, **dotted) -> Config:
-    base = {"run.dir": str(run_dir), "run.device": "cpu", "optim.name": "sgd", "task.hidden": 16, "task.depth": 1, "dist.timeout_s": 60}
-    return Config().replace(**{**base, **dotted})
+    base = {"run.dir": str(run_dir), "run.device": "cpu", "task.hidden": 16, "task.depth": 1, "dist.timeout_s": 60}
+    return TaskData().replace(**{**base, **dotted})
 
 
 class Counter:
@@ -38,13 +37,13 @@ def _count_allreduces(rank: int, world: int, run_dir: str, accum: int) -> dict:
     cfg = _cfg(run_dir, **{"data.train_size": 200, "train.batch_size": 8, "train.grad_accum": accum, "train.epochs": 2, "train.log_every": 3})
     train, _ = make_datasets(cfg.task, train_size=200, eval_size=8, seed=0)
     model = make_model(cfg.task, seed=0)
-    with distributed(device="cpu") as rt:
-        trainer = Trainer(cfg, rt, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=train)
+    with Session(cfg) as session:
+        trainer = Trainer(session, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=train)
+        trainer.prepare()
         counter = Counter()
         ddp_of(trainer.model).register_comm_hook(counter, _counting_hook)
         summary = trainer.fit()
         buckets = len(ddp_of(trainer.model).reducer._get_zeros_like_grad_buckets())
-        trainer.close()
     return {"calls": counter.calls, "steps": summary["optimizer_steps"], "buckets": buckets}
 
 
@@ -96,11 +95,10 @@ def _evaluate(rank: int, world: int, run_dir: str) -> dict:
     cfg = _cfg(run_dir, **{"data.eval_size": 1001, "train.batch_size": 64})
     train, ev = make_datasets(cfg.task, train_size=64, eval_size=1001, seed=0)
     model = make_model(cfg.task, seed=0)
-    with distributed(device="cpu", denv=None if world > 1 else DistEnv()) as rt:
-        trainer = Trainer(cfg, rt, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=train, eval_data=ev)
-        result = trainer.evaluate()
-        trainer.close()
-    return result
+    with Session(cfg) as session:
+        trainer = Trainer(session, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=train, eval_data=ev)
+        trainer.prepare()
+        return trainer.evaluate()
 
 
 def test_eval_counts_every_sample_once_and_matches_one_process(tmp_path):

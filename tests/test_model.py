@@ -13,7 +13,7 @@ from distrib.errors import ConfigError
 from distrib.model import unwrap_model, wrap_model
 from distrib.precision import Precision
 from distrib.task import make_datasets, make_model
-from tests.helpers import spawn
+from tests.helpers import TaskData, spawn
 
 
 def _wrap(rank: int, world: int, device: str) -> dict:
@@ -67,7 +67,7 @@ def test_no_wrapper_in_one_process():
 
 
 def _fit(tmp_path, name: str, lr: float = 0.5, **dotted) -> tuple[dict, nn.Module, dict]:
-    cfg = Config().replace(**{"run.dir": str(tmp_path / name), "run.device": "cpu", "data.train_size": 512, "train.batch_size": 32,
+    cfg = TaskData().replace(**{"run.dir": str(tmp_path / name), "run.device": "cpu", "data.train_size": 512, "train.batch_size": 32,
                               "train.epochs": 1, "task.hidden": 16, "task.depth": 1, **dotted})
     train, ev = make_datasets(cfg.task, train_size=512, eval_size=64, seed=0)
     model = make_model(cfg.task, seed=0)

@@ -183,8 +183,7 @@ def test_report_writes_a_png_and_a_summary(tmp_path):
 
 
 def test_mfu_follows_from_the_declared_flops_and_the_peak(tmp_path):
-    from distrib.config import TaskConfig
-    from distrib.task import make_model
+    from distrib.task import TaskConfig, make_model
 
     run = tmp_path / "run"
     run_train([*SMALL, "--train.epochs", "1", "--train.peak_flops", "1e9", "--wandb.mode", "disabled", "--run.dir", str(run)], nproc=1)

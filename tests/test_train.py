@@ -11,7 +11,7 @@ import torch
 
 from distrib import parse_config
 from distrib.model import params_sha256
-from distrib.task import make_model
+from distrib.task import TaskConfig, make_model
 from distrib.train import main
 from tests.helpers import REPO, child_env, read_metrics, read_summary, run_train
 
@@ -26,7 +26,7 @@ def _params(run_dir) -> dict[str, torch.Tensor]:
 
 
 def _assert_same_params(a, b) -> None:
-    pa, pb, p0 = _params(a), _params(b), make_model(parse_config([]).task, seed=0).state_dict()
+    pa, pb, p0 = _params(a), _params(b), make_model(TaskConfig(), seed=0).state_dict()
     assert pa.keys() == pb.keys() == p0.keys()
     for k in pa:
         torch.testing.assert_close(pa[k], pb[k], rtol=1e-5, atol=1e-6)
@@ -70,7 +70,7 @@ def test_main_job_learns_and_writes_the_contract_files(tmp_path):
     assert train[-1]["loss"] < train[0]["loss"] / 2
     state = _params(run)
     assert not any(k.startswith("module.") for k in state)
-    model = make_model(parse_config([]).task, seed=0)
+    model = make_model(TaskConfig(), seed=0)
     model.load_state_dict(state)
     assert params_sha256(model) == summary["params_sha256"]
     assert (run / "config.json").is_file()
@@ -79,7 +79,7 @@ def test_main_job_learns_and_writes_the_contract_files(tmp_path):
 
 
 def test_params_sha256_tells_bitwise_equal_from_different():
-    a, b = make_model(parse_config([]).task, seed=0), make_model(parse_config([]).task, seed=0)
+    a, b = make_model(TaskConfig(), seed=0), make_model(TaskConfig(), seed=0)
     assert params_sha256(a) == params_sha256(b)
     with torch.no_grad():
         b[0].weight[0, 0] = torch.nextafter(b[0].weight[0, 0], torch.tensor(1.0))

@@ -1,0 +1,372 @@
+"""`Session`: the building blocks of a training loop, the same at one process and many.
+
+    with distrib.Session(cfg) as session:                       # env, process group, device, signals
+        model, optimizer = session.setup(model, optimizer)      # device, DDP, compile, SyncBatchNorm
+        train = session.train_loader(train_set)                 # DistributedSampler, set_epoch, resume
+        session.load({"model": model, "optimizer": optimizer, "train": train})
+        while train.epoch < cfg.train.epochs:
+            for mb in train:                                    # micro-batches with exact weights
+                with session.no_backward_sync(model, enabled=not mb.last):
+                    loss = F.cross_entropy(model(mb.batch[0]), mb.batch[1])
+                    session.backward(loss * mb.weight)
+                if mb.last:
+                    session.step(optimizer)
+
+`fit` is a loop written on these very blocks (`distrib.loop.Trainer`). Nothing is written and no
+tracker starts until the first `log`, `save` or `write_json`; `load` must come before those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from distrib import checkpoint, tracking
+from distrib.config import Config
+from distrib.data import EvalLoader, ItemCounter, LoaderOptions, TrainLoader, mix_seed
+from distrib.dist import Runtime, all_reduce_sum, broadcast_object, distributed
+from distrib.errors import ConfigError
+from distrib.logs import RunWriter, log, setup_console, writer_for
+from distrib.model import set_grad_sync, unwrap_model, wrap_model
+from distrib.precision import Precision
+from distrib.stop import StopRequest, stop_on_signals
+
+
+def prepare(cfg: Config) -> Config:
+    """Apply --debug: a small step limit and in-process data loading (so breakpoint() works)."""
+    if not cfg.debug:
+        return cfg
+    limit = min(cfg.train.max_steps or cfg.train.debug_steps, cfg.train.debug_steps)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, num_workers=0, persistent_workers=False, prefetch_factor=None),
+        train=dataclasses.replace(cfg.train, max_steps=limit),
+    )
+
+
+@contextlib.contextmanager
+def _debug_checks(device: torch.device) -> Iterator[None]:
+    """Anomaly detection and deterministic kernels (slow, but a NaN or a race names its source).
+
+    Both are process-global switches, so they are restored afterwards.
+    """
+    if device.type == "cuda":
+        # cuBLAS needs this before its first call to be deterministic; debug mode is single-process.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    anomaly, deterministic = torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled()
+    torch.autograd.set_detect_anomaly(True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.autograd.set_detect_anomaly(anomaly)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+class Session:
+    """The run's environment and the verbs a loop needs; a context manager torn down on success and error."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = prepare(cfg)
+        self.stop = StopRequest()
+        """Set by SIGTERM/SIGUSR1 (or by you); `should_stop()` agrees on it across ranks."""
+        self.resumed_from: Path | None = None
+        """The checkpoint `load` restored, if any."""
+        self._stack: contextlib.ExitStack | None = None
+        self._writer: RunWriter | None = None
+        self._models: list[nn.Module] = []
+        self._params: dict[int, list[torch.Tensor]] = {}
+        self._run_id: str | None = None
+        self._rewind: tuple[int, int | None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "Session":
+        cfg, stack = self.cfg, contextlib.ExitStack()
+        self.rt: Runtime = stack.enter_context(
+            distributed(device=cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s, single=cfg.debug)
+        )
+        self._stack = stack
+        try:
+            setup_console(self.rt.rank, self.rt.world_size)
+            if cfg.debug:
+                stack.enter_context(_debug_checks(self.rt.device))
+                log.info(f"debug mode: 1 process on {self.rt.device}, no process group, num_workers=0, max_steps={cfg.train.max_steps}")
+            self.precision = Precision(cfg.train.precision, self.rt.device)
+            stack.enter_context(stop_on_signals(self.stop))
+        except BaseException:
+            stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        assert self._stack is not None, "Session.__exit__ without __enter__"
+        try:
+            self.close()
+        finally:
+            stack, self._stack = self._stack, None
+            return stack.__exit__(*exc)
+
+    def close(self) -> None:
+        """Close rank 0's files and tracker, and release the DDP wrappers before the process group goes.
+
+        A DDP reducer that outlives the process group becomes the group's last owner, and its
+        destructor joins gloo's threads while holding the GIL, which can deadlock.
+        """
+        if self._writer is not None:
+            self._writer.close()
+        for model in self._models:
+            ddp = model if hasattr(model, "reducer") else getattr(model, "_orig_mod", None)
+            if ddp is not None and hasattr(ddp, "reducer"):
+                del ddp.reducer
+        self._models.clear()
+
+    # ------------------------------------------------------------------ where we run
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+    @property
+    def rank(self) -> int:
+        return self.rt.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.rt.world_size
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.rt.is_rank_zero
+
+    def seed_everything(self, seed: int | None = None) -> None:
+        """Seed python, numpy and torch from (`seed` or cfg.seed, rank): dropout differs per rank, reproducibly."""
+        s = mix_seed(self.cfg.seed if seed is None else seed, self.rank)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)  # also seeds every CUDA device
+
+    # ------------------------------------------------------------------ model and data
+
+    def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
+        """Move `model` to the device and wrap it (DDP with several processes, torch.compile if asked).
+
+        Returns the wrapped model, or `(model, *optimizers)`: optimizers built on `model.parameters()`
+        before the call stay valid (parameters move in place).
+        """
+        wrapped = wrap_model(model, self.rt, self.cfg.dist, compile=self.cfg.train.compile)
+        self._models.append(wrapped)
+        return (wrapped, *optimizers) if optimizers else wrapped
+
+    def _loader_options(self, batch_size: int, collate_fn: Callable[[list[Any]], Any] | None) -> LoaderOptions:
+        dc = self.cfg.data
+        return LoaderOptions(
+            batch_size=batch_size,
+            num_workers=dc.num_workers,
+            persistent_workers=dc.persistent_workers,
+            prefetch_factor=dc.prefetch_factor,
+            pin_memory=self.device.type == "cuda",  # pinned host memory only helps a CUDA copy
+            collate_fn=collate_fn,
+        )
+
+    def train_loader(self, dataset: Dataset, *, batch_size: int | None = None, grad_accum: int | None = None,
+                     collate_fn: Callable[[list[Any]], Any] | None = None, items: ItemCounter | None = None) -> TrainLoader:
+        """The distributed training loader (train.batch_size and train.grad_accum unless given).
+
+        `items` counts what the loss averages over in a batch (e.g. `distrib.label_tokens(shift=True)`);
+        without it, the samples. Micro-batches are then weighted by the step's global count.
+        """
+        tc = self.cfg.train
+        return TrainLoader(
+            dataset, world_size=self.world_size, rank=self.rank, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle,
+            drop_last=self.cfg.data.drop_last, opts=self._loader_options(batch_size or tc.batch_size, collate_fn),
+            device=self.device, prefetch=self.cfg.data.prefetch, grad_accum=grad_accum or tc.grad_accum, items=items,
+        )
+
+    def eval_loader(self, dataset: Dataset, *, batch_size: int | None = None, collate_fn: Callable[[list[Any]], Any] | None = None) -> EvalLoader:
+        """Evaluation batches on the device; over all ranks, every sample exactly once (no padding)."""
+        tc = self.cfg.train
+        opts = self._loader_options(batch_size or tc.eval_batch_size or tc.batch_size, collate_fn)
+        return EvalLoader(dataset, world_size=self.world_size, rank=self.rank, opts=opts, device=self.device, prefetch=self.cfg.data.prefetch)
+
+    # ------------------------------------------------------------------ the step
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """train.precision's autocast (a no-op in fp32)."""
+        return self.precision.autocast()
+
+    @contextlib.contextmanager
+    def no_backward_sync(self, model: nn.Module, enabled: bool = True) -> Iterator[None]:
+        """Skip DDP's gradient all-reduce in the backward passes inside (accumulating micro-batches).
+
+        Wrap forward *and* backward: DDP decides at forward time. A no-op in one process.
+        """
+        set_grad_sync(model, not enabled)
+        try:
+            yield
+        finally:
+            set_grad_sync(model, True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, scaled for fp16."""
+        self.precision.backward(loss)
+
+    def step(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
+        """Unscale and clip (train.clip_grad_norm, the global norm), step, zero the gradients, step the schedule."""
+        params = self._params.get(id(optimizer))
+        if params is None:
+            params = self._params[id(optimizer)] = [p for group in optimizer.param_groups for p in group["params"]]
+        self.precision.step(optimizer, params, self.cfg.train.clip_grad_norm)
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or `mean`) `tensor` over ranks in place; unchanged in one process."""
+        if op not in ("sum", "mean"):
+            raise ConfigError(f"all_reduce op={op!r}: use 'sum' or 'mean'.")
+        all_reduce_sum(tensor)
+        if op == "mean":
+            tensor /= self.world_size
+        return tensor
+
+    def should_stop(self) -> bool:
+        """Whether any rank got a stop signal (a collective: call it on every rank at the same point)."""
+        return all_reduce_sum(torch.tensor([float(self.stop.requested)], device=self.device)).item() > 0
+
+    # ------------------------------------------------------------------ files (rank 0) and tracker
+
+    @property
+    def writer(self) -> RunWriter:
+        """Rank 0's run directory writer (a null writer elsewhere), opened at first use."""
+        if self._writer is None:
+            cfg = self.cfg
+            tracker = tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=self._run_id) if self.is_rank_zero else None
+            self._writer = writer_for(self.rank, cfg.run.dir, fresh=self.resumed_from is None, tracker=tracker)
+            if self._rewind is not None:
+                self._writer.rewind(step=self._rewind[0], epoch=self._rewind[1])
+            self._writer.json("config.json", cfg.to_dict())
+        return self._writer
+
+    def log(self, record: Mapping[str, Any], *, step: int, kind: str = "train") -> None:
+        """One line of metrics.jsonl (and the tracker), rank 0 only."""
+        self.writer.metrics({"kind": kind, "step": step, **record})
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """`run.dir/name`, written atomically by rank 0."""
+        self.writer.json(name, obj)
+
+    def save_model(self, model: nn.Module) -> None:
+        """`run.dir/model.pt`: the plain module's state_dict, its own keys (rank 0)."""
+        self.writer.save_model(unwrap_model(model).state_dict())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def ckpt_root(self) -> Path:
+        return Path(self.cfg.run.dir) / "checkpoints"
+
+    def save(self, state: Mapping[str, Any], *, step: int | None = None) -> Path:
+        """Checkpoint `state` (models, optimizers, schedulers, loaders, anything with a state_dict, plain data).
+
+        Atomic and verified: staging directory, each rank's file, a manifest written last, rename;
+        keeps the newest ckpt.keep. Every rank must call it. `step` defaults to a TrainLoader's step.
+        """
+        step = _step_of(state) if step is None else step
+        writer = self.writer  # opens rank 0's files (and the tracker) if this is the first effect
+        shared: dict[str, Any] = {"objects": {}, "world_size": self.world_size, "config": self.cfg.to_dict(),
+                                  "logger_run_id": writer.tracker.run_id if writer.tracker is not None else self._run_id,
+                                  "scaler": self.precision.scaler.state_dict()}
+        per_rank: dict[str, Any] = {"objects": {}, "rng": checkpoint.capture_rng()}
+        for key, value in state.items():
+            target = per_rank if getattr(value, "distrib_per_rank", False) else shared
+            target["objects"][key] = _state_of(value)
+        checkpoint.save(self.ckpt_root, step, rank=self.rank, world_size=self.world_size, keep=self.cfg.ckpt.keep,
+                        shared=shared, per_rank=per_rank)
+        return checkpoint.step_dir(self.ckpt_root, step)
+
+    def load(self, state: dict[str, Any]) -> Path | None:
+        """Restore `state` in place from the checkpoint ckpt.resume picks (`auto`: the newest good one).
+
+        Objects with `load_state_dict` are loaded; plain values are replaced in `state`. Returns the
+        checkpoint, or None for a fresh start. Call it before the first `log` or `save`.
+        """
+        if self._writer is not None:
+            raise ConfigError("Session.load() after the run's files were opened (a log or save came first). HINT: call load() before training.")
+        path = self._resume_path()
+        if path is None:
+            return None
+        shared = checkpoint.load_file(path / "state.pt")
+        same_world = shared["world_size"] == self.world_size
+        per_rank = checkpoint.load_file(path / checkpoint.rank_file(self.rank)) if same_world else {"objects": {}}
+        saved = {**shared["objects"], **per_rank["objects"]}
+        wanted = {k for k, v in state.items() if same_world or not getattr(v, "distrib_per_rank", False)}
+        missing = sorted(wanted - set(saved))
+        if missing:
+            raise ConfigError(f"checkpoint {path} holds no {', '.join(missing)} (it has {', '.join(sorted(saved))}). HINT: resume with the same state keys, or start fresh with --ckpt.resume never.")
+        for key, value in state.items():
+            if key not in wanted:
+                continue  # this rank's share of a different world: start it fresh
+            loaded = saved[key]
+            if isinstance(value, nn.Module):
+                unwrap_model(value).load_state_dict(loaded)
+            elif hasattr(value, "load_state_dict"):
+                value.load_state_dict(loaded)
+            else:
+                state[key] = loaded
+        self.precision.scaler.load_state_dict(shared["scaler"])
+        self._run_id = shared.get("logger_run_id")
+        if same_world:
+            checkpoint.restore_rng(per_rank["rng"])
+        else:
+            log.warning(
+                f"resuming a {shared['world_size']}-process checkpoint ({path}) on {self.world_size} processes: training "
+                "continues at the same number of samples seen, but the result will not be bit-identical to an uninterrupted run"
+            )
+        self.resumed_from = path
+        loaders = [v for v in state.values() if isinstance(v, TrainLoader)]
+        self._rewind = (loaders[0].step, loaders[0].epoch) if loaders else (_manifest_step(path), None)
+        return path
+
+    def _resume_path(self) -> Path | None:
+        """Rank 0 picks the checkpoint (so all ranks agree even if one is written meanwhile)."""
+        choice: Any = None
+        if self.is_rank_zero:
+            try:
+                path = checkpoint.resolve_resume(self.cfg.ckpt.resume, self.ckpt_root)
+                choice = str(path) if path is not None else None
+            except ConfigError as exc:
+                choice = exc
+        choice = broadcast_object(choice)
+        if isinstance(choice, ConfigError):
+            raise choice
+        return Path(choice) if choice is not None else None
+
+
+def _state_of(value: Any) -> Any:
+    if isinstance(value, nn.Module):
+        return unwrap_model(value).state_dict()
+    if hasattr(value, "state_dict"):
+        return value.state_dict()
+    return value
+
+
+def _step_of(state: Mapping[str, Any]) -> int:
+    for value in state.values():
+        if isinstance(value, TrainLoader):
+            return value.step
+    raise ConfigError("Session.save(state) found no TrainLoader in state to take the step from. HINT: pass step=N.")
+
+
+def _manifest_step(path: Path) -> int:
+    return int(checkpoint.verify(path)["step"])
+
