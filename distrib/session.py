@@ -109,18 +109,18 @@ class Session:
         return self
 
     def __exit__(self, *exc: Any) -> bool | None:
-        assert self._stack is not None, "Session.__exit__ without __enter__"
-        try:
-            self.close()
-        finally:
-            stack, self._stack = self._stack, None
-            return stack.__exit__(*exc)
+        stack, self._stack = self._stack, None
+        if stack is None:
+            raise RuntimeError("Session.__exit__ without __enter__")
+        stack.callback(self.close)  # runs first (last in, first out), while the process group still exists
+        return stack.__exit__(*exc)
 
     def close(self) -> None:
         """Close rank 0's files and tracker, and release the DDP wrappers before the process group goes.
 
         A DDP reducer that outlives the process group becomes the group's last owner, and its
-        destructor joins gloo's threads while holding the GIL, which can deadlock.
+        destructor joins gloo's threads while holding the GIL, which can deadlock. So a model from
+        `setup` is a DDP wrapper only inside the session; afterwards use `distrib.unwrap_model(model)`.
         """
         if self._writer is not None:
             self._writer.close()

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from distrib import Config, fit
+from distrib import fit
 from distrib.task import make_datasets, make_model
 from tests.helpers import TaskData, REPO, child_env, read_summary, rewind, run_train
 

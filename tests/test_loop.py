@@ -19,7 +19,7 @@ from distrib.task import make_datasets, make_model
 from tests.helpers import TaskData, spawn
 
 
-def _cfg(run_dir, **dotted) -> Config:
+def _cfg(run_dir, **dotted):
     base = {"run.dir": str(run_dir), "run.device": "cpu", "task.hidden": 16, "task.depth": 1, "dist.timeout_s": 60}
     return TaskData().replace(**{**base, **dotted})
 

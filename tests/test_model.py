@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distrib import Config, distributed, fit
+from distrib import distributed, fit
 from distrib.config import DistConfig
 from distrib.errors import ConfigError
 from distrib.model import unwrap_model, wrap_model

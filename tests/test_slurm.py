@@ -109,6 +109,19 @@ def test_srun_sbatch_with_two_tasks_and_no_torchrun_matches(cluster, tmp_path, l
     assert summary["params_sha256"] == local_short
 
 
+def test_your_own_loop_runs_under_srun_and_ends_at_fits_parameters(cluster, tmp_path):
+    """examples/own_loop.py (the user's loop on distrib's blocks) as srun tasks, against fit under torchrun."""
+    args = ["--wandb.mode", "disabled", "--train.epochs", "2", "--train.grad_accum", "2"]
+    local = tmp_path / "fit"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "examples/digits.py"),
+                    *args, "--run.dir", str(local)], cwd=REPO, env=child_env(), check=True, capture_output=True, timeout=240)
+    command = " ".join([sys.executable, str(REPO / "examples/own_loop.py"), *args, "--run.dir", str(tmp_path / "own")])
+    job, done = _sbatch(tmp_path, "--ntasks=2", f"--wrap=srun {command}")
+    assert done.returncode == 0, _job_log(tmp_path, job) + done.stderr
+    summary = read_summary(tmp_path / "own")
+    assert summary["world_size"] == 2 and summary["params_sha256"] == read_summary(local)["params_sha256"]
+
+
 def test_submit_dry_run_prints_a_script_sbatch_runs_as_it_is(cluster, tmp_path, local_short):
     out = subprocess.run([sys.executable, "-m", "distrib.cli", "slurm", "submit", "--nodes", "2", "--time", "00:10:00",
                           "--dry-run", "--", *SHORT], cwd=tmp_path, env=_env(), capture_output=True, text=True, check=True).stdout

@@ -3,7 +3,6 @@ token-exact losses over padded sequences, step functions with their own metrics,
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

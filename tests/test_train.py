@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from distrib import parse_config
 from distrib.model import params_sha256
 from distrib.task import TaskConfig, make_model
 from distrib.train import main

@@ -1,0 +1,113 @@
+"""The open API's blocks: your own loop on a Session ends where `fit` ends, at one process and many;
+a Session has no side effects until it writes; checkpoints of your own objects resume bit-exact and
+are loaded as data, never as code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from distrib import Config, Session
+from tests.helpers import REPO, child_env, read_summary
+
+pytest.importorskip("sklearn")
+
+
+def _example(script: str, run_dir, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launch, str(REPO / "examples" / script), "--run.dir", str(run_dir), "--wandb.mode", "disabled", "--train.epochs", "3", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_your_own_loop_on_the_blocks_ends_at_fits_parameters_under_torchrun(tmp_path):
+    # 2 ranks, accumulation with a short last step (1348 samples: 674 a rank = 21 x 32 + 2).
+    args = ("--train.grad_accum", "2", "--train.epochs", "8")
+    _example("digits.py", tmp_path / "fit", *args, nproc=2)
+    _example("own_loop.py", tmp_path / "own", *args, nproc=2)
+    fit_s, own_s = read_summary(tmp_path / "fit"), read_summary(tmp_path / "own")
+    assert own_s["params_sha256"] == fit_s["params_sha256"]  # bit for bit
+    assert own_s["world_size"] == fit_s["world_size"] == 2 and own_s["optimizer_steps"] == fit_s["optimizer_steps"] == 8 * 11
+    assert own_s["eval"]["count"] == fit_s["eval"]["count"] == 449
+    assert own_s["eval"]["accuracy"] == fit_s["eval"]["accuracy"] >= 0.9
+    model = torch.load(tmp_path / "own" / "model.pt", weights_only=True)
+    assert set(model) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # the module's own keys
+
+
+def test_your_own_loop_resumes_bit_exact(tmp_path):
+    whole = tmp_path / "whole"
+    _example("own_loop.py", whole)
+    cut = tmp_path / "cut"
+    _example("own_loop.py", cut, "--train.epochs", "2")  # "killed" after epoch 2 of 3
+    out = _example("own_loop.py", cut)
+    assert read_summary(cut)["params_sha256"] == read_summary(whole)["params_sha256"]
+    assert read_summary(cut)["optimizer_steps"] == 3 * 43
+    evals = [json.loads(l) for l in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in evals] == [0, 1, 2] and "eval accuracy" in out.stdout
+
+
+def _data(n: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 5, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long())
+
+
+def _own_loop(run_dir, *, batch: int, accum: int, epochs: int = 2) -> dict[str, torch.Tensor]:
+    cfg = Config().replace(**{"run.dir": str(run_dir), "run.device": "cpu", "train.batch_size": batch, "train.grad_accum": accum})
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with Session(cfg) as session:
+        model, optimizer = session.setup(model, optimizer)
+        train = session.train_loader(_data(30))
+        while train.epoch < epochs:
+            for mb in train:
+                with session.no_backward_sync(model, enabled=not mb.last):
+                    x, y = mb.batch
+                    session.backward(F.cross_entropy(model(x), y) * mb.weight)
+                if mb.last:
+                    session.step(optimizer)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_accumulation_in_one_process_equals_the_big_batch_with_a_short_last_step(tmp_path):
+    big = _own_loop(tmp_path / "a", batch=12, accum=1)  # 30 samples: steps of 12, 12, 6
+    acc = _own_loop(tmp_path / "b", batch=4, accum=3)  # micro-batches 4+4+4, 4+4+4, 4+2
+    start = _own_loop(tmp_path / "c", batch=12, accum=1, epochs=0)
+    for k in big:
+        torch.testing.assert_close(acc[k], big[k], rtol=0, atol=1e-6)
+    assert max((big[k] - start[k]).abs().max().item() for k in big) > 1e-2
+    assert not any((tmp_path / d).exists() for d in "abc")  # a Session that never logs or saves writes nothing
+
+
+def test_a_planted_pickle_in_a_checkpoint_runs_nothing(tmp_path):
+    run = tmp_path / "run"
+    _example("digits.py", run, "--train.epochs", "1")
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"objects": Evil()}, newest / "state.pt")
+    manifest = json.loads((newest / "MANIFEST.json").read_text())
+    from distrib.checkpoint import _sha256
+
+    manifest["files"]["state.pt"] = {"size": (newest / "state.pt").stat().st_size, "sha256": _sha256(newest / "state.pt")}
+    (newest / "MANIFEST.json").write_text(json.dumps(manifest))  # whoever plants the file writes the manifest too
+    before = (run / "metrics.jsonl").read_bytes()
+    cmd = [sys.executable, str(REPO / "examples" / "digits.py"), "--run.dir", str(run), "--wandb.mode", "disabled", "--train.epochs", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "distrib: error:" in proc.stderr and "more than plain data" in proc.stderr
+    assert not marker.exists()
+    assert (run / "metrics.jsonl").read_bytes() == before  # a refused resume changes no file
