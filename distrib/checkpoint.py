@@ -199,14 +199,20 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
     return path
 
 
-def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared: dict[str, Any] | None, per_rank: dict[str, Any]) -> None:
+def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared: dict[str, Any] | None, per_rank: dict[str, Any],
+         group: Any = None) -> None:
     """Write one checkpoint from every rank: rank 0 the replicated `shared` state, each rank its own.
 
-    Barriers order the phases so no rank writes into a directory that is not ready and the manifest
-    is written only after every rank's file is on disk. `shared` is only read on rank 0.
+    Barriers (on `group`, the default process group if None) order the phases so no rank writes
+    into a directory that is not ready and the manifest is written only after every rank's file is
+    on disk. `shared` is only read on rank 0.
     """
-    from distrib.dist import barrier
+    from functools import partial
+
+    from distrib.dist import barrier as barrier_on
     from distrib.fileio import save_torch
+
+    barrier = partial(barrier_on, group)
 
     leader = rank == 0
     if leader:

@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import inspect
 import json
+import keyword
+import math
 import sys
 import textwrap
 import types
@@ -182,6 +184,9 @@ class CkptConfig:
     """How many of the newest checkpoints to keep."""
     resume: str = "auto"
     """`auto` (newest good checkpoint in run.dir, else fresh), `never`, or a checkpoint directory."""
+    async_: bool = True
+    """`--ckpt.async`: the step waits only for a host copy of the state; writing, fsync and the commit
+    run in the background (one save in flight). `false`: every rank waits for the whole save."""
 
     def __post_init__(self) -> None:
         _positive("ckpt", every=self.every, keep=self.keep)
@@ -194,20 +199,25 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 @dataclasses.dataclass(kw_only=True)
 class WandbConfig:
-    mode: str = "auto"
-    """`auto`: online when credentials are configured (WANDB_API_KEY or ~/.netrc), else offline; never a prompt."""
-    project: str = "distrib"
+    """Weights & Biases on rank 0. A key left unset defers to wandb's own environment variables."""
+
+    mode: str | None = None
+    """`auto`: online when credentials are configured (WANDB_API_KEY or netrc), else offline; never a prompt.
+    `online`, `offline`, `disabled`. None: WANDB_MODE, or `disabled` under WANDB_DISABLED=true, else `auto`."""
+    project: str | None = None
+    """None: WANDB_PROJECT, else `distrib`."""
     name: str | None = None
-    """Run name; None lets wandb pick one."""
+    """Run name; None: WANDB_NAME, else wandb picks one."""
     tags: list[str] = dataclasses.field(default_factory=list)
-    """Comma-separated on the command line: --wandb.tags a,b."""
+    """Comma-separated on the command line: --wandb.tags a,b. Empty: WANDB_TAGS."""
     group: str | None = None
-    """None: the Slurm job id when there is one."""
+    """None: WANDB_RUN_GROUP, else the Slurm job id when there is one."""
     init_timeout_s: float = 60.0
-    """How long wandb.init may take before distrib gives up on wandb (with a warning) and trains on."""
+    """How long wandb.init may take (in the background: training does not wait) before distrib gives up on wandb."""
 
     def __post_init__(self) -> None:
-        _one_of("wandb", "mode", self.mode, WANDB_MODES)
+        if self.mode is not None:
+            _one_of("wandb", "mode", self.mode, WANDB_MODES)
         _positive("wandb", init_timeout_s=self.init_timeout_s)
 
 
@@ -228,7 +238,8 @@ class Config:
     wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested plain dicts, keyed as on the command line (`ckpt.async`, not the attribute `async_`)."""
+        return _as_dict(self)
 
     def replace(self, **dotted: Any) -> "Config":
         """A copy with dotted keys replaced (`cfg.replace(**{"train.epochs": 1})`), re-validated."""
@@ -269,7 +280,7 @@ def config_class(sections: Mapping[str, type] | None = None) -> type[Config]:
         if name in core and not issubclass(cls, core[name]):
             raise ConfigError(
                 f"section {name!r} is distrib's own; {cls.__name__} must subclass distrib's {core[name].__name__} to "
-                f"extend it. HINT: class {cls.__name__}({core[name].__name__}): ... or choose another section name."
+                f"extend it. HINT: class {cls.__name__}(distrib.config.{core[name].__name__}): ... or choose another section name."
             )
         fields.append((name, cls, dataclasses.field(default_factory=cls)))
     made = dataclasses.make_dataclass("ScriptConfig", fields, bases=(Config,), kw_only=True)
@@ -281,8 +292,26 @@ def config_class(sections: Mapping[str, type] | None = None) -> type[Config]:
 # --------------------------------------------------------------------------- parsing
 
 
+def _key(attr: str) -> str:
+    """A field's config key: a Python keyword can only be an attribute with a trailing `_` (`async_` is `async`)."""
+    return attr[:-1] if attr.endswith("_") and keyword.iskeyword(attr[:-1]) else attr
+
+
+def _attr(key: str) -> str:
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _as_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {_key(f.name): _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_as_dict(v) for v in obj]
+    return obj
+
+
 def _field_types(cls: type) -> dict[str, Any]:
-    return {f.name: hints[f.name] for hints in [typing.get_type_hints(cls)] for f in dataclasses.fields(cls)}
+    """Config key -> type of each field of dataclass `cls`."""
+    return {_key(f.name): hints[f.name] for hints in [typing.get_type_hints(cls)] for f in dataclasses.fields(cls)}
 
 
 def _schema(cls: type = Config) -> dict[str, Any]:
@@ -354,9 +383,14 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan passes every range check; inf is no setting either
+                raise ConfigError(f"{key}={value!r} is not a finite number. HINT: pass --{key} with a finite value, or none where the key allows it.")
+            return number
         if tp is str:
             return str(value)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={value!r} is not a valid {_type_name(tp)}. HINT: pass --{key} <{_type_name(tp)}>.") from None
     return value
@@ -378,7 +412,7 @@ def from_flat(flat: dict[str, Any], cls: type[Config] = Config) -> Config:
             top[key] = value
     types_ = _field_types(cls)
     try:
-        built = {name: types_[name](**values) for name, values in sections.items()}
+        built = {name: types_[name](**{_attr(k): v for k, v in values.items()}) for name, values in sections.items()}
     except TypeError as exc:  # a script section's own __init__ rejecting a value
         raise ConfigError(f"{exc}. HINT: check the keys of your script's section.") from None
     return cls(**top, **built)
@@ -484,7 +518,7 @@ def _field_docs(cls: type) -> dict[str, str]:
         for stmt, nxt in zip(body, body[1:]):
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
                 if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                    docs[stmt.target.id] = " ".join(nxt.value.value.split())
+                    docs[_key(stmt.target.id)] = " ".join(nxt.value.value.split())
     return docs
 
 

@@ -181,7 +181,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def barrier() -> None:
+def barrier(group: Any = None) -> None:
     if _active():
-        tdist.barrier()
+        tdist.barrier(group=group)
 

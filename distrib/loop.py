@@ -71,6 +71,7 @@ class Trainer:
         self._interval_steps = 0
         self._saved_step = -1
         self._prepared = False
+        self._lr = 0.0
 
     # ------------------------------------------------------------------ set-up
 
@@ -220,6 +221,7 @@ class Trainer:
             self.times = IntervalTimes()  # the first interval of an epoch does not count the eval before it
             self.train.wait_s = 0.0
         self.model.train()
+        self._before_workers_start()
         first = self.cfg.debug and self.train.step == 0
         for mb in self.train:
             if first:
@@ -254,6 +256,7 @@ class Trainer:
             self.metrics.add_total("items", mb.items)
 
     def _optimizer_step(self) -> None:
+        self._lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule moves on after it)
         self.session.step(self.optimizer, self.scheduler)
         self._interval_steps += 1
         self.watchdog.beat()
@@ -281,7 +284,7 @@ class Trainer:
         items = r.pop("items", None)
         samples_per_s = samples / elapsed if elapsed > 0 else 0.0
         record: dict[str, Any] = {"epoch": loader.current_epoch, **self._named(r),
-                                  "lr": self.optimizer.param_groups[0]["lr"], "samples": loader.samples_seen,
+                                  "lr": self._lr, "samples": loader.samples_seen,
                                   "interval_samples": samples, "samples_per_s": samples_per_s,
                                   "step_time_s": elapsed / max(self._interval_steps, 1),
                                   **interval_fields(reduced, world, self.cfg.train.straggler_threshold, warn=s.is_rank_zero)}
@@ -309,6 +312,7 @@ class Trainer:
             return {}
         module = unwrap_model(self.model)
         module.eval()
+        self._before_workers_start()
         em = Metrics(self.session.device)
         for batch in self.eval_loader:
             self.watchdog.beat()
@@ -329,6 +333,11 @@ class Trainer:
             cb.on_eval(self, result)
         return result
 
+    def _before_workers_start(self) -> None:
+        """DataLoader workers are forked: not while the checkpoint thread may hold a lock the children would inherit."""
+        if self.cfg.data.num_workers > 0:
+            self.session.wait_for_save()
+
     def _named(self, r: dict[str, Any]) -> dict[str, Any]:
         """The metrics a line shows: what was computed, plus perplexity where the loss is per token."""
         named = {k: v for k, v in sorted(r.items(), key=lambda kv: kv[0] != "loss") if k not in ("samples", "items", "extra")}
@@ -339,6 +348,7 @@ class Trainer:
     def _stopped(self) -> dict[str, Any]:
         """Checkpoint where every rank agreed to stop; the caller exits with EXIT_STOPPED."""
         self.save_checkpoint()
+        self.session.wait_for_save()  # stopped.json promises a committed checkpoint at this step
         step = self.train.step
         self.session.write_json(STOPPED_FILE, {"step": step, "signal": self.stop.reason, "exit_status": EXIT_STOPPED})
         log.info(

@@ -6,21 +6,31 @@ Lifecycle: config -> Session (process group, device, signals) -> Trainer.fit -> 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
 from distrib.config import Config, config_class, config_help, parse_config
-from distrib.errors import DistribError
+from distrib.errors import ConfigError, DistribError
 from distrib.loop import Trainer
 from distrib.session import Session
 from distrib.stop import EXIT_STOPPED
 
 
 def fit(cfg: Config, **trainer_args: Any) -> dict[str, Any]:
-    """Train `model` on `train_data` (see `Trainer` for the arguments) and return the summary.
+    """Train `model` on `train_data` and return the summary (the keyword arguments are `Trainer`'s).
 
-    Runs unchanged under `python`, `torchrun` and `srun`: the launcher is detected from the environment.
+    model, train_data (required); eval_data, optimizer, scheduler, loss_fn, step_fn, collate_fn,
+    items, callbacks, tokens_per_sample, flops_per_sample. Runs unchanged under `python`,
+    `torchrun` and `srun`: the launcher is detected from the environment.
     """
+    accepted = [p for p in inspect.signature(Trainer.__init__).parameters if p not in ("self", "session")]
+    for name in trainer_args:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            raise ConfigError(f"fit() got an unknown argument {name!r}.{f' Did you mean {close[0]!r}?' if close else ''} "
+                              f"HINT: fit takes {', '.join(accepted)}.")
     with Session(cfg) as session:
         return Trainer(session, **trainer_args).fit()
 
@@ -39,10 +49,11 @@ def main(
     (`distrib: error: ...`, nothing written), 75 stopped by a signal with a checkpoint.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in args or "--help" in args:
-        print(config_help(config_class(sections), defaults=defaults))
-        return 0
     try:
+        if "-h" in args or "--help" in args:
+            parse_config([], sections=sections, defaults=defaults)  # the script's own sections and defaults must be valid too
+            print(config_help(config_class(sections), defaults=defaults))
+            return 0
         summary = train(parse_config(args, sections=sections, defaults=defaults))
     except DistribError as exc:
         print(f"distrib: error: {exc}", file=sys.stderr)

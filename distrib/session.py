@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import random
 from pathlib import Path
@@ -38,6 +39,7 @@ from distrib.errors import ConfigError
 from distrib.logs import RunWriter, log, setup_console, writer_for
 from distrib.model import set_grad_sync, unwrap_model, wrap_model
 from distrib.precision import Precision
+from distrib.saving import Saver, snapshot
 from distrib.stop import StopRequest, stop_on_signals
 
 
@@ -87,6 +89,8 @@ class Session:
         self._params: dict[int, list[torch.Tensor]] = {}
         self._run_id: str | None = None
         self._rewind: tuple[int, int | None] | None = None
+        self._saver = Saver()
+        self._ckpt_group: Any = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -112,18 +116,23 @@ class Session:
         stack, self._stack = self._stack, None
         if stack is None:
             raise RuntimeError("Session.__exit__ without __enter__")
-        stack.callback(self.close)  # runs first (last in, first out), while the process group still exists
+        stack.callback(self.close, failed=exc[0] is not None)  # runs first (last in, first out), in the process group
         return stack.__exit__(*exc)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Close rank 0's files and tracker, and release the DDP wrappers before the process group goes.
 
         A DDP reducer that outlives the process group becomes the group's last owner, and its
         destructor joins gloo's threads while holding the GIL, which can deadlock. So a model from
         `setup` is a DDP wrapper only inside the session; afterwards use `distrib.unwrap_model(model)`.
         """
-        if self._writer is not None:
-            self._writer.close()
+        try:
+            # A stop or the end of training waits for the save in flight; after an error, not for long
+            # (its peers may be gone): an unfinished save is only a .tmp directory, ignored on resume.
+            self._saver.wait(timeout=30.0 if failed else None)
+        finally:
+            if self._writer is not None:
+                self._writer.close()
         for model in self._models:
             ddp = model if hasattr(model, "reducer") else getattr(model, "_orig_mod", None)
             if ddp is not None and hasattr(ddp, "reducer"):
@@ -280,6 +289,8 @@ class Session:
 
         Atomic and verified: staging directory, each rank's file, a manifest written last, rename;
         keeps the newest ckpt.keep. Every rank must call it. `step` defaults to a TrainLoader's step.
+        With ckpt.async (the default) it returns once the state is copied to host memory; the
+        write and commit finish in the background (`wait_for_save`; the session's end waits too).
         """
         step = _step_of(state) if step is None else step
         writer = self.writer  # opens rank 0's files (and the tracker) if this is the first effect
@@ -290,9 +301,23 @@ class Session:
         for key, value in state.items():
             target = per_rank if getattr(value, "distrib_per_rank", False) else shared
             target["objects"][key] = _state_of(value)
-        checkpoint.save(self.ckpt_root, step, rank=self.rank, world_size=self.world_size, keep=self.cfg.ckpt.keep,
-                        shared=shared, per_rank=per_rank)
+        save = functools.partial(checkpoint.save, self.ckpt_root, step, rank=self.rank, world_size=self.world_size,
+                                 keep=self.cfg.ckpt.keep)
+        if not self.cfg.ckpt.async_:
+            self._saver.wait()
+            save(shared=shared, per_rank=per_rank)
+            return checkpoint.step_dir(self.ckpt_root, step)
+        if self._ckpt_group is None and self.world_size > 1:
+            # Every rank reaches its first save together: the one collective that makes the group.
+            self._ckpt_group = torch.distributed.new_group(backend="gloo")
+        # state_dicts alias the live tensors: copy them now, before the next step changes them.
+        shared, per_rank = snapshot(shared), snapshot(per_rank)
+        self._saver.submit(functools.partial(save, shared=shared, per_rank=per_rank, group=self._ckpt_group))
         return checkpoint.step_dir(self.ckpt_root, step)
+
+    def wait_for_save(self) -> None:
+        """Block until the checkpoint in flight is committed (raises its error, if it failed)."""
+        self._saver.wait()
 
     def load(self, state: dict[str, Any]) -> Path | None:
         """Restore `state` in place from the checkpoint ckpt.resume picks (`auto`: the newest good one).

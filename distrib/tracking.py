@@ -1,17 +1,26 @@
-"""Weights & Biases on rank 0, and nothing that can take the training job down with it.
+"""Weights & Biases on rank 0, and nothing that can take the training job down with it, or slow it.
 
 `wandb.mode=auto` goes online only when credentials are configured (so a batch job never meets
-an interactive login prompt) and offline otherwise, into `<run.dir>/wandb`. The run id comes from
-the checkpoint on resume, so a resumed or requeued job keeps logging into the same run. Any
-exception from wandb, at init or at log time, becomes one warning and wandb is switched off for
-the rest of the run.
+an interactive login prompt) and offline otherwise, into `<run.dir>/wandb`. Keys left unset defer
+to wandb's environment conventions (WANDB_MODE, WANDB_DISABLED, WANDB_PROJECT, WANDB_DIR, ...).
+The run id comes from the checkpoint on resume, so a resumed or requeued job keeps logging into the
+same run. wandb runs in a process of its own: the first step never waits for it, records logged
+before it is up are queued and sent in order. Any exception from wandb, at init or at log time,
+becomes one warning and wandb is switched off for the rest of the run; a wandb that still hangs
+when training ends is ended after a bounded wait.
 """
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
+import queue
 import secrets
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,7 +40,18 @@ def has_credentials(env: Mapping[str, str] = os.environ) -> bool:
         return False
 
 
-def resolve_mode(mode: str, env: Mapping[str, str] = os.environ) -> str:
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def resolve_mode(mode: str | None, env: Mapping[str, str] = os.environ) -> str:
+    """distrib's key if set, else wandb's environment (WANDB_MODE, WANDB_DISABLED), else `auto`; then `auto` decides."""
+    if mode is None:
+        if env.get("WANDB_MODE", "").lower() in _ENV_MODES:
+            mode = _ENV_MODES[env["WANDB_MODE"].lower()]
+        elif env.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes", "on"):
+            mode = "disabled"
+        else:
+            mode = "auto"
     if mode == "auto":
         return "online" if has_credentials(env) else "offline"
     if mode == "online" and not has_credentials(env):
@@ -52,57 +72,71 @@ class Tracker:
         pass
 
 
-class WandbTracker(Tracker):
-    def __init__(self, run: Any) -> None:
-        self._run = run
-        self.run_id = run.id
+class ProcessTracker(Tracker):
+    """A wandb run in its own process (`wandb_worker.py`), fed through a pipe by a thread of ours.
+
+    `log` only enqueues, so no step waits, not even while wandb.init is still connecting; records
+    are sent in order once the process reads them. `finish` closes the pipe and waits a bounded
+    time for the run to flush; a run that hangs is ended, which costs its wandb history, not the job.
+    """
+
+    def __init__(self, init_args: dict[str, Any], *, run_id: str, finish_timeout_s: float) -> None:
+        self.run_id = run_id
+        self._finish_timeout_s = finish_timeout_s
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Run as a script, not `-m distrib...`: importing the package would import torch for nothing.
+        self._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("wandb_worker.py"))],
+                                      stdin=subprocess.PIPE, text=True, start_new_session=True)
+        self._queue.put(init_args)
+        self._feeder = threading.Thread(target=self._feed, name="distrib-wandb", daemon=True)
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        assert self._proc.stdin is not None
+        try:
+            while (item := self._queue.get()) is not _FINISH:
+                self._proc.stdin.write(json.dumps(item, default=str) + "\n")
+                self._proc.stdin.flush()
+            self._proc.stdin.close()
+        except (OSError, ValueError):  # the process is gone: nothing more to send
+            pass
 
     def log(self, record: dict[str, Any]) -> None:
-        if self._run is None:
-            return
-        kind = record.get("kind", "train")
-        values = {f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step") and isinstance(v, (int, float))}
-        try:
-            self._run.log(values, step=int(record["step"]))
-        except Exception as exc:  # noqa: BLE001 - wandb must never stop training
-            log.warning(f"wandb: log failed ({exc!r}); continuing without wandb")
-            self._run = None
+        self._queue.put(record)
 
     def finish(self) -> None:
-        if self._run is None:
-            return
+        self._queue.put(_FINISH)
         try:
-            self._run.finish()
-        except Exception as exc:  # noqa: BLE001
-            log.warning(f"wandb: finish failed ({exc!r})")
-        self._run = None
+            self._proc.wait(self._finish_timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning(f"wandb: the run did not finish within {self._finish_timeout_s:g} s of the end of training (wandb.init or "
+                        "the upload hangs?); ending it. Training is done and metrics.jsonl is whole; the wandb run may be incomplete")
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
+
+_FINISH = object()
 
 
 def start(cfg: WandbConfig, *, run_dir: str, config: dict[str, Any], run_id: str | None, env: Mapping[str, str] = os.environ) -> Tracker:
-    """Rank 0's tracker: a wandb run (resumed when `run_id` is given), or a null one if wandb is off or fails."""
+    """Rank 0's tracker: a wandb run (resumed when `run_id` is given) in its own process, or a null one if wandb is off."""
     mode = resolve_mode(cfg.mode, env)
     if mode == "disabled":
-        return Tracker()
+        return Tracker()  # and wandb is never started
+    run_id = run_id or secrets.token_hex(4)  # wandb ids: lowercase letters and digits
+    init_args = {
+        "mode": mode,
+        "dir": env.get("WANDB_DIR") or run_dir,
+        "id": run_id,
+        "project": cfg.project or env.get("WANDB_PROJECT") or "distrib",
+        "name": cfg.name,
+        "tags": cfg.tags or None,
+        "group": cfg.group or env.get("WANDB_RUN_GROUP") or env.get("SLURM_JOB_ID"),
+        "config": config,
+        "init_timeout": cfg.init_timeout_s,
+    }
     try:
-        import wandb
-
-        run_id = run_id or secrets.token_hex(4)  # wandb ids: lowercase letters and digits
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        run = wandb.init(
-            mode=mode,
-            dir=run_dir,
-            id=run_id,
-            resume="allow",
-            project=cfg.project,
-            name=cfg.name,
-            tags=cfg.tags or None,
-            group=cfg.group or env.get("SLURM_JOB_ID"),
-            config=config,
-            settings=wandb.Settings(console="off", silent=True, init_timeout=cfg.init_timeout_s, x_disable_stats=True),
-        )
-    except Exception as exc:  # noqa: BLE001 - no network, a bad key, a broken install: train on
-        log.warning(f"wandb: could not start a run ({type(exc).__name__}: {str(exc)[:300]}); training continues without wandb")
+        return ProcessTracker(init_args, run_id=run_id, finish_timeout_s=30.0)
+    except OSError as exc:
+        log.warning(f"wandb: could not start its process ({exc}); training continues without wandb")
         return Tracker()
-    where = Path(run.dir).parent  # run.dir is the run's files/ folder
-    log.info(f"wandb: {mode} run {run.id}" + (f" in {where} (upload later: wandb sync {where})" if mode == "offline" else ""))
-    return WandbTracker(run)

@@ -30,8 +30,19 @@ def train(cfg: distrib.Config) -> dict:
         test_loader = session.eval_loader(test_set)  # distrib: every test sample once over all ranks
         state = {"model": model, "optimizer": optimizer, "train": train_loader}
         session.load(state)  # distrib: resume from run.dir's newest checkpoint, if any
-        result: dict = {}
 
+        def evaluate() -> dict:
+            model.eval()
+            metrics = distrib.Metrics(session.device)  # distrib: exact global means
+            with torch.no_grad():
+                for inputs, labels in test_loader:
+                    logits = model(inputs)
+                    correct = (logits.argmax(1) == labels).sum()
+                    metrics.add({"loss": F.cross_entropy(logits, labels), "accuracy": (correct, len(labels))}, weight=len(labels))
+                    metrics.add_total("count", len(labels))
+            return metrics.compute()  # one all-reduce
+
+        result: dict = {}
         while train_loader.epoch < cfg.train.epochs:  # for epoch in range(epochs)
             model.train()
             for mb in train_loader:  # distrib: micro-batches (train.grad_accum) on the device
@@ -42,18 +53,11 @@ def train(cfg: distrib.Config) -> dict:
                 if mb.last:
                     session.step(optimizer)  # distrib: clip, step, zero_grad
 
-            model.eval()
-            metrics = distrib.Metrics(session.device)  # distrib: exact global means
-            with torch.no_grad():
-                for inputs, labels in test_loader:
-                    logits = model(inputs)
-                    correct = (logits.argmax(1) == labels).sum()
-                    metrics.add({"loss": F.cross_entropy(logits, labels), "accuracy": (correct, len(labels))}, weight=len(labels))
-                    metrics.add_total("count", len(labels))
-            result = metrics.compute()  # one all-reduce
+            result = evaluate()
             session.log({"epoch": train_loader.current_epoch, **result}, step=train_loader.step, kind="eval")
             session.save(state)  # distrib: atomic, verified checkpoint
 
+        result = result or evaluate()  # a rerun of a finished run trains nothing: evaluate what it has
         summary = {"eval": result, "optimizer_steps": train_loader.step, "world_size": session.world_size,
                    "params_sha256": distrib.params_sha256(model)}
         session.save_model(model)  # model.pt: the plain module's keys

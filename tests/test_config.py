@@ -61,6 +61,9 @@ def test_bool_flags_and_none():
         (["--data.persistent_workers"], "needs data.num_workers > 0"),
         (["--train.epochs"], "--train.epochs needs a value"),
         (["train.epochs=3"], "Unexpected argument"),
+        (["--optim.lr", "inf"], "optim.lr='inf' is not a finite number"),
+        (["--train.clip_grad_norm", "nan"], "train.clip_grad_norm='nan' is not a finite number"),
+        (["--dist.timeout_s", "nan"], "dist.timeout_s='nan' is not a finite number"),
     ],
 )
 def test_bad_input_names_field_and_fix(argv, needle):
@@ -171,6 +174,7 @@ SCRIPT = textwrap.dedent("""
         (["positional"], 2, "distrib: error: Unexpected argument 'positional'"),
         (["--model.width", "x"], 2, "distrib: error: model.width='x' is not a valid int"),
         (["--optim.lr", "0.1"], 2, "distrib: error: Unknown config key 'optim.lr'"),
+        (["--model.width", "nan"], 2, "distrib: error: model.width='nan' is not a valid int"),
     ],
 )
 def test_a_script_s_command_line_exits_like_the_cli(tmp_path, argv, status, needle):
@@ -181,3 +185,11 @@ def test_a_script_s_command_line_exits_like_the_cli(tmp_path, argv, status, need
     assert needle in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["script.py"]  # nothing written
+
+
+def test_help_validates_the_script_s_sections_and_defaults(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.replace('defaults={"train.epochs": 5}', 'defaults={"train.epoch": 5}'))
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "distrib: error: Unknown config key 'train.epoch'" in proc.stderr
+    assert "Traceback" not in proc.stderr

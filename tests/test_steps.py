@@ -164,6 +164,13 @@ def test_a_call_that_cannot_work_fails_in_the_probe_before_anything_is_written(t
     assert not (tmp_path / "never").exists()
 
 
+def test_an_unknown_fit_argument_names_the_nearest_one(tmp_path):
+    model = nn.Linear(4, 1)
+    with pytest.raises(distrib.ConfigError, match="unknown argument 'colate_fn'. Did you mean 'collate_fn'"):
+        fit(_cfg(str(tmp_path / "never")), model=model, train_data=Regression(8), colate_fn=None)
+    assert not (tmp_path / "never").exists()
+
+
 def test_an_optimizer_and_an_optim_section_together_are_refused(tmp_path):
     from distrib.task import TaskRunConfig
 

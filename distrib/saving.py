@@ -1,0 +1,66 @@
+"""Asynchronous checkpoints: the step waits only for a host copy of the state.
+
+`Saver.submit` runs one save in a background thread; a second submit first waits for the one in
+flight, so at most one save (and one host copy of the state) exists at a time. The thread's
+barriers run on a process group of their own (gloo), so they never interleave with the training
+thread's collectives on the default group. Errors surface in the training thread at the next
+`submit` or `wait`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import torch
+
+from distrib.logs import log
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of `obj` that later steps cannot change: every tensor copied to host memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [snapshot(v) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(snapshot(v) for v in obj)
+    return obj
+
+
+class Saver:
+    """At most one background save in flight."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, save: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                save()
+            except BaseException as exc:  # noqa: BLE001 - handed to the training thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="distrib-checkpoint", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the save in flight is committed (or failed: then raise its error here)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning(f"a checkpoint save is still running after {timeout:g} s; leaving it (its .tmp directory is ignored on resume)")
+                return
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error

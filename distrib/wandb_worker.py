@@ -1,0 +1,60 @@
+"""The wandb run of a job, in a process of its own (run as a script: it imports wandb, not distrib or torch).
+
+Reads JSON lines on stdin: the first holds `wandb.init`'s arguments, each later one a metrics
+record; end of input finishes the run. The training process never waits for wandb, never shares
+its interpreter lock with wandb's threads, and can end this process if wandb hangs.
+Any wandb failure is one warning on stderr; the records that follow are read and dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _warn(message: str) -> None:
+    print(f"wandb: {message}", file=sys.stderr, flush=True)
+
+
+def _start(args: dict[str, Any]) -> Any:
+    import wandb
+
+    Path(args["dir"]).mkdir(parents=True, exist_ok=True)
+    settings = wandb.Settings(console="off", silent=True, init_timeout=args.pop("init_timeout"), x_disable_stats=True)
+    run = wandb.init(resume="allow", settings=settings, **args)
+    where = Path(run.dir).parent  # run.dir is the run's files/ folder
+    offline = args["mode"] == "offline"
+    print(f"wandb: {args['mode']} run {run.id}" + (f" in {where} (upload later: wandb sync {where})" if offline else ""), flush=True)
+    return run
+
+
+def main() -> int:
+    lines = iter(sys.stdin)
+    run = None
+    try:
+        run = _start(json.loads(next(lines)))
+    except Exception as exc:  # noqa: BLE001 - no network, a bad key, a broken install: training goes on
+        _warn(f"could not start a run ({type(exc).__name__}: {str(exc)[:300]}); training continues without wandb")
+    for line in lines:
+        if run is None:
+            continue
+        record = json.loads(line)
+        kind = record.get("kind", "train")
+        values = {f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step") and isinstance(v, (int, float))}
+        try:
+            run.log(values, step=int(record["step"]))
+        except Exception as exc:  # noqa: BLE001
+            _warn(f"log failed ({exc!r}); continuing without wandb")
+            run = None
+    if run is not None:
+        try:
+            run.finish()
+        except Exception as exc:  # noqa: BLE001
+            _warn(f"finish failed ({exc!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
