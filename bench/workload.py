@@ -81,10 +81,14 @@ class StepClock:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.times: list[float] = []
+        self.first_wall = float("nan")
+        """Wall-clock time (time.time) of the first optimizer step: comparable across processes."""
         inner = optimizer.step
 
         def step(*a: Any, **k: Any) -> Any:
             out = inner(*a, **k)
+            if not self.times:
+                self.first_wall = time.time()
             self.times.append(time.perf_counter())
             return out
 

@@ -17,6 +17,7 @@ import netrc
 import os
 import queue
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -85,8 +86,12 @@ class ProcessTracker(Tracker):
         self._finish_timeout_s = finish_timeout_s
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Run as a script, not `-m distrib...`: importing the package would import torch for nothing.
-        self._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("wandb_worker.py"))],
-                                      stdin=subprocess.PIPE, text=True, start_new_session=True)
+        self._started, started_w = os.pipe()  # the worker writes a byte here once wandb.init is over
+        try:
+            self._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("wandb_worker.py")), str(started_w)],
+                                          stdin=subprocess.PIPE, text=True, start_new_session=True, pass_fds=(started_w,))
+        finally:
+            os.close(started_w)
         self._queue.put(init_args)
         self._feeder = threading.Thread(target=self._feed, name="distrib-wandb", daemon=True)
         self._feeder.start()
@@ -105,17 +110,21 @@ class ProcessTracker(Tracker):
         self._queue.put(record)
 
     def finish(self) -> None:
+        """Flush and close the run: up to 30 s once wandb is up, 5 s for a wandb.init still under way at the end."""
         self._queue.put(_FINISH)
+        started = bool(select.select([self._started], [], [], _START_GRACE_S)[0])
+        os.close(self._started)
         try:
-            self._proc.wait(self._finish_timeout_s)
+            self._proc.wait(self._finish_timeout_s if started else 0.1)
         except subprocess.TimeoutExpired:
-            log.warning(f"wandb: the run did not finish within {self._finish_timeout_s:g} s of the end of training (wandb.init or "
-                        "the upload hangs?); ending it. Training is done and metrics.jsonl is whole; the wandb run may be incomplete")
+            why = "did not flush in time" if started else f"had not started {_START_GRACE_S:g} s after training ended (wandb.init hangs?)"
+            log.warning(f"wandb: the run {why}; ending it. Training is done and metrics.jsonl is whole; the wandb run may be incomplete")
             os.killpg(self._proc.pid, signal.SIGKILL)
             self._proc.wait()
 
 
 _FINISH = object()
+_START_GRACE_S = 5.0
 
 
 def start(cfg: WandbConfig, *, run_dir: str, config: dict[str, Any], run_id: str | None, env: Mapping[str, str] = os.environ) -> Tracker:

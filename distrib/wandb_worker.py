@@ -9,6 +9,7 @@ Any wandb failure is one warning on stderr; the records that follow are read and
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ def main() -> int:
         run = _start(json.loads(next(lines)))
     except Exception as exc:  # noqa: BLE001 - no network, a bad key, a broken install: training goes on
         _warn(f"could not start a run ({type(exc).__name__}: {str(exc)[:300]}); training continues without wandb")
+    if len(sys.argv) > 1:  # tell the training process that init is over, so it knows what it may wait for
+        os.write(int(sys.argv[1]), b"1")
+        os.close(int(sys.argv[1]))
     for line in lines:
         if run is None:
             continue

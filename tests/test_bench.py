@@ -81,3 +81,13 @@ def test_ab_smoke_runs_a_framework_and_a_distrib_config_variant(tmp_path):
     # the variant's override reached distrib's runner, and only it
     assert (results["hand"]["distrib_set"], results["distrib_view"]["distrib_set"]) == ([], ["dist.gradient_as_bucket_view=true"])
     assert "distrib_view" in done.stdout and "ratio to hand" in done.stdout
+
+
+def test_defaults_cost_smoke_runs_every_variant(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench/defaults.py"), "--smoke", "--results", str(tmp_path)],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "defaults-smoke.json").read_text())["results"]["2"]
+    assert set(results) == {"hand", "distrib", "ckpt10_async", "ckpt10_sync"}
+    assert all(len(r["wall_s"]) == 1 and r["first_step_s"][0] > 0 and r["loop_s"][0] > 0 for r in results.values())
+    assert (tmp_path / "defaults-smoke.md").read_text().count("|") > 20 and (tmp_path / "defaults-smoke.png").stat().st_size > 5_000

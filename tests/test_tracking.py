@@ -1,0 +1,72 @@
+"""wandb follows its users' environment conventions, and can neither slow nor stop the job (the real
+package, in its own process, against a wandb server on loopback that accepts and never answers)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from distrib.tracking import resolve_mode
+from tests.helpers import child_env, read_metrics, read_summary, run_train
+
+SMALL = ["--data.train_size", "1024", "--data.eval_size", "128", "--train.epochs", "1", "--train.log_every", "4"]
+
+
+@pytest.mark.parametrize(
+    "mode, env, expected",
+    [
+        (None, {"WANDB_MODE": "disabled"}, "disabled"),
+        (None, {"WANDB_DISABLED": "true"}, "disabled"),
+        (None, {"WANDB_MODE": "dryrun"}, "offline"),
+        (None, {}, "offline"),  # auto without credentials: offline, never a login prompt
+        (None, {"WANDB_MODE": "offline", "WANDB_DISABLED": "true"}, "offline"),  # WANDB_MODE is the more specific
+        ("offline", {"WANDB_MODE": "disabled"}, "offline"),  # distrib's key, set explicitly, wins
+        ("disabled", {"WANDB_MODE": "online", "WANDB_API_KEY": "k" * 40}, "disabled"),
+    ],
+)
+def test_the_mode_comes_from_distribs_key_then_wandbs_environment(tmp_path, mode, env, expected):
+    assert resolve_mode(mode, {"HOME": str(tmp_path), **env}) == expected
+
+
+def test_wandb_disabled_by_its_environment_variable_writes_no_run_and_wandb_dir_is_honoured(tmp_path):
+    out = run_train([*SMALL, "--run.dir", str(tmp_path / "off")], env=child_env(WANDB_MODE="disabled"))
+    assert not (tmp_path / "off" / "wandb").exists() and "wandb" not in out.stdout + out.stderr
+    elsewhere = tmp_path / "wandb-dir"
+    out = run_train([*SMALL, "--run.dir", str(tmp_path / "on")], env=child_env(WANDB_DIR=str(elsewhere)))
+    assert "wandb: offline run" in out.stdout
+    assert list((elsewhere / "wandb").glob("offline-run-*")) and not (tmp_path / "on" / "wandb").exists()
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server on loopback that accepts connections and never answers: wandb.init waits on it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    for c in held:
+        c.close()
+
+
+def test_a_wandb_init_that_hangs_delays_no_step_and_does_not_fail_the_job(tmp_path, silent_server):
+    env = child_env(WANDB_BASE_URL=silent_server, WANDB_API_KEY="k" * 40)
+    # init may take 600 s: the job (subprocess limit 120 s) could not finish if anything waited for it.
+    args = [*SMALL, "--wandb.mode", "online", "--wandb.init_timeout_s", "600", "--run.dir", str(tmp_path / "run")]
+    out = run_train(args, nproc=2, env=env, timeout=120)
+    assert "wandb: the run had not started" in out.stdout + out.stderr  # one warning
+    assert "wandb: online run" not in out.stdout  # it never started, yet:
+    lines = read_metrics(tmp_path / "run")
+    assert [l["step"] for l in lines if l["kind"] == "train"] == [4, 8] and read_summary(tmp_path / "run")["optimizer_steps"] == 8
