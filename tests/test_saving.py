@@ -78,3 +78,39 @@ def test_a_sigkill_during_an_async_save_leaves_the_previous_checkpoint_and_the_e
     newest, manifest = ck.newest_good(tmp_path / "whole" / "checkpoints")
     assert manifest["step"] == 2 and ck.load_file(newest / "state.pt")["objects"]["big"]["w"].eq(1).all()
     assert json.loads((tmp_path / "whole" / "config.json").read_text())["ckpt"]["async"] is True
+
+
+STOP_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import distrib
+    from distrib.task import TaskConfig, TaskDataConfig, make_datasets, make_model
+
+    class StopAfterFirstSave(distrib.Callback):
+        def on_checkpoint(self, trainer, step):
+            trainer.stop.set()  # as a signal handler would: the save of this step is still in flight
+
+    def train(cfg):
+        train_data, _ = make_datasets(cfg.task, train_size=cfg.data.train_size, eval_size=8, seed=0)
+        model = make_model(cfg.task, seed=0)  # 2 x 1024 wide: a save takes a while
+        return distrib.fit(cfg, model=model, optimizer=torch.optim.AdamW(model.parameters()), train_data=train_data,
+                           callbacks=[StopAfterFirstSave()])
+
+    sys.exit(distrib.main(train, sections={"task": TaskConfig, "data": TaskDataConfig}))
+""")
+
+
+def test_a_stop_while_a_save_is_in_flight_commits_both_before_exit_75(tmp_path):
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_SCRIPT)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(script), "--run.dir", str(run), "--wandb.mode", "disabled", "--task.hidden", "1024",
+           "--data.train_size", "2048", "--ckpt.every", "2", "--train.log_every", "3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    stopped = json.loads((run / "stopped.json").read_text())
+    assert stopped["step"] == 3  # the vote rode on the log at step 3
+    root = run / "checkpoints"
+    assert [p.name for p in ck.candidates(root)] == ["step-000000003", "step-000000002"]
+    assert all(ck.verify(p)["step"] in (2, 3) for p in ck.candidates(root))  # both committed, none left in flight
+    assert not list(root.glob("*.tmp"))

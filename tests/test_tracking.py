@@ -70,3 +70,14 @@ def test_a_wandb_init_that_hangs_delays_no_step_and_does_not_fail_the_job(tmp_pa
     assert "wandb: online run" not in out.stdout  # it never started, yet:
     lines = read_metrics(tmp_path / "run")
     assert [l["step"] for l in lines if l["kind"] == "train"] == [4, 8] and read_summary(tmp_path / "run")["optimizer_steps"] == 8
+
+
+def test_a_run_without_wandb_or_a_report_imports_neither(tmp_path):
+    code = ("import sys, distrib.train as t; t.main(['--data.train_size', '256', '--train.epochs', '1', '--wandb.mode', 'disabled', "
+            f"'--run.dir', {str(tmp_path / 'run')!r}]); print(sorted(m for m in ('wandb', 'matplotlib') if m in sys.modules))")
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
