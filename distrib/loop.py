@@ -104,8 +104,10 @@ class Trainer:
             # The interval's sums are per rank: they carry over only at the same world size.
             self._interval_steps = saved["interval_steps"] if s.world_size == saved["world_size"] else 0
         self.watchdog = Watchdog(cfg.train.hang_timeout_s, s.rank)
+        s.defer(self.watchdog.close)  # also when only prepare() and evaluate() ran
         want_bar = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
         self.progress = Progress(s.is_rank_zero and want_bar, total=self.total_steps, initial=self.train.step)
+        s.defer(self.progress.close)
         s.writer  # all checks passed: only now does rank 0 touch the file system (and wandb)
 
     def _build_optimizer(self) -> None:
@@ -182,11 +184,7 @@ class Trainer:
         Returns the summary, or `{"stopped": True, ...}` when a stop was agreed (see `self.stop`).
         """
         self.prepare()
-        try:
-            return self._fit()
-        finally:
-            self.progress.close()
-            self.watchdog.close()
+        return self._fit()
 
     def _fit(self) -> dict[str, Any]:
         started = time.perf_counter()

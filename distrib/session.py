@@ -106,6 +106,11 @@ class Session:
                 stack.enter_context(_debug_checks(self.rt.device))
                 log.info(f"debug mode: 1 process on {self.rt.device}, no process group, num_workers=0, max_steps={cfg.train.max_steps}")
             self.precision = Precision(cfg.train.precision, self.rt.device)
+            if cfg.ckpt.async_ and self.world_size > 1:
+                # The background save's barriers get a group of their own, made now: making it needs the
+                # rendezvous store, which may be gone by the time a stop signal asks for the first save
+                # (torchrun's agent closes its store as it handles the signal).
+                self._ckpt_group = torch.distributed.new_group(backend="gloo")
             stack.enter_context(stop_on_signals(self.stop))
         except BaseException:
             stack.close()
@@ -118,6 +123,12 @@ class Session:
             raise RuntimeError("Session.__exit__ without __enter__")
         stack.callback(self.close, failed=exc[0] is not None)  # runs first (last in, first out), in the process group
         return stack.__exit__(*exc)
+
+    def defer(self, fn: Callable[[], Any]) -> None:
+        """Call `fn` when the session ends (success or error), before the process group goes."""
+        if self._stack is None:
+            raise RuntimeError("Session.defer() outside the `with` block")
+        self._stack.callback(fn)
 
     def close(self, failed: bool = False) -> None:
         """Close rank 0's files and tracker, and release the DDP wrappers before the process group goes.
@@ -307,9 +318,6 @@ class Session:
             self._saver.wait()
             save(shared=shared, per_rank=per_rank)
             return checkpoint.step_dir(self.ckpt_root, step)
-        if self._ckpt_group is None and self.world_size > 1:
-            # Every rank reaches its first save together: the one collective that makes the group.
-            self._ckpt_group = torch.distributed.new_group(backend="gloo")
         # state_dicts alias the live tensors: copy them now, before the next step changes them.
         shared, per_rank = snapshot(shared), snapshot(per_rank)
         self._saver.submit(functools.partial(save, shared=shared, per_rank=per_rank, group=self._ckpt_group))

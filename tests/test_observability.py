@@ -94,7 +94,9 @@ def test_a_broken_wandb_only_warns(tmp_path):
     env = _no_credentials(tmp_path, WANDB_API_KEY="x" * 40, WANDB_BASE_URL="http://127.0.0.1:9")
     args = [*SMALL, "--train.epochs", "1", "--wandb.mode", "online", "--wandb.init_timeout_s", "15", "--run.dir", str(tmp_path / "run")]
     out = run_train(args, nproc=1, env=env, timeout=180)
-    assert "wandb: could not start a run" in out.stdout + out.stderr
+    # wandb retries until its init timeout; training ends first and does not wait for it past a grace period.
+    said = out.stdout + out.stderr
+    assert "wandb: could not start a run" in said or "wandb: the run had not started" in said
     assert read_summary(tmp_path / "run")["optimizer_steps"] == 32
 
 
