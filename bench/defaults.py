@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import ALLOCATOR, rotated, spread
+from run import ALLOCATOR, check, rotated, spread
 
 HERE = Path(__file__).resolve().parent
 QUIET = ["wandb.mode=disabled", "ckpt.every=none"]
@@ -50,8 +50,7 @@ def launch(nproc: int, variant: str, job_args: list[str], out: Path) -> tuple[di
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - started
-    if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"{variant} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    check(done, out, variant, peer=framework == "hand")
     return json.loads(out.read_text().splitlines()[-1]), wall
 
 

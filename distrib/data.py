@@ -293,7 +293,8 @@ class TrainLoader:
                 # all-reduce that NCCL runs on its own stream).
                 pending = [self._next(it, n) for n in group]
                 counts = [self.items(b) for b in pending]
-                step_items = all_reduce_sum(torch.stack([torch.as_tensor(c, device=self.device) for c in counts]).sum().to(torch.float64))
+                # An integer count, as Hugging Face's Trainer passes it (a loss divided by it stays float32).
+                step_items = all_reduce_sum(torch.stack([torch.as_tensor(c, device=self.device) for c in counts]).sum())
             for j, n in enumerate(group):
                 batch = pending[j] if pending is not None else self._next(it, n)
                 last = j == len(group) - 1
