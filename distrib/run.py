@@ -11,7 +11,8 @@ import inspect
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
-from distrib.config import Config, config_class, config_help, parse_config
+from distrib.argv import config_help, parse_config
+from distrib.config import Config, config_class
 from distrib.errors import ConfigError, DistribError
 from distrib.loop import Trainer
 from distrib.session import Session

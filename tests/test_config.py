@@ -10,8 +10,9 @@ import subprocess
 import sys
 import textwrap
 
-from distrib.config import Config, config_class, config_help
-from distrib.config import parse_config as parse_core
+from distrib.argv import config_help
+from distrib.argv import parse_config as parse_core
+from distrib.config import Config, config_class
 from distrib.errors import ConfigError
 from distrib.task import SECTIONS, TaskRunConfig
 
