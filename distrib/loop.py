@@ -27,7 +27,7 @@ from distrib.monitor import IntervalTimes, Progress, Watchdog, interval_fields
 from distrib.optim import build_optimizer, build_scheduler
 from distrib.session import Session
 from distrib.stop import EXIT_STOPPED
-from distrib.steps import LossFn, Step, StepFn, StepOutput, default_items
+from distrib.steps import LossFn, Step, StepFn, default_items
 from distrib.transfer import describe, leading_dim, map_tensors, to_device
 
 
@@ -137,7 +137,7 @@ class Trainer:
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad(), self.session.autocast():
                 module.eval()
-                out = self._forward(module, batch, self.items(batch) if self.items is not None else None)
+                out = self.step_logic(module, batch, self.items(batch) if self.items is not None else None)
         except DistribError:
             raise
         except Exception as exc:  # the user's model or step: say where it failed, and what distrib called
@@ -211,9 +211,6 @@ class Trainer:
             self.early_stop_reason = reason
             log.info(f"early stop at step {self.train.step}: {reason}")
 
-    def _forward(self, model: nn.Module, batch: Any, num_items: Any) -> StepOutput:
-        return self.step_logic(model, batch, num_items)
-
     def _train_epoch(self) -> None:
         if self._interval_steps == 0:
             self.times = IntervalTimes()  # the first interval of an epoch does not count the eval before it
@@ -237,7 +234,7 @@ class Trainer:
         s = self.session
         with s.no_backward_sync(self.model, enabled=not mb.last):
             with s.autocast():
-                out = self._forward(self.model, mb.batch, mb.step_items if self.items is not None else None)
+                out = self.step_logic(self.model, mb.batch, mb.step_items if self.items is not None else None)
             # The loss weighted so that the accumulated, DDP-averaged gradient is that of the whole
             # step's mean over its samples (or tokens), the short last step included.
             loss = out.loss * mb.world_size if out.normalized else out.loss * mb.weight
@@ -317,7 +314,7 @@ class Trainer:
             n = leading_dim(batch)
             items = self.items(batch) if self.items is not None else None
             with self.session.autocast():
-                out = self._forward(module, batch, items)
+                out = self.step_logic(module, batch, items)
             # With num_items the batch's own count, a normalised loss is this batch's mean too.
             em.add(out.metrics, weight=n if items is None else items)
             em.add_total("samples", n)
