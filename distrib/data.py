@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from distrib.dist import all_reduce_sum
 from distrib.errors import BatchError, ConfigError
+from distrib.stop import ignore_stop_signals
 from distrib.transfer import device_batches, leading_dim
 
 
@@ -70,13 +71,14 @@ class EvalSampler(Sampler[int]):
         return len(range(self.rank, self.size, self.num_replicas))
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed python/numpy in a DataLoader worker from torch's per-worker seed.
+def init_worker(worker_id: int) -> None:
+    """A DataLoader worker's start: ignore the rank's stop signals, seed python/numpy from torch's seed.
 
-    torch gives each worker `base_seed + worker_id`, and the base seed comes from the loader's own
+    A worker must not die of the SIGTERM/SIGUSR1/SIGINT meant for its rank (`distrib.stop`). torch gives each worker `base_seed + worker_id`, and the base seed comes from the loader's own
     generator, which `TrainLoader.set_epoch` derives from (seed, rank, epoch): distinct per rank,
     worker and epoch, and reproducible on resume.
     """
+    ignore_stop_signals()
     s = torch.initial_seed() % 2**32
     random.seed(s)
     np.random.seed(s)
@@ -106,7 +108,7 @@ def _dataloader(dataset: Dataset, sampler: Sampler[int], opts: LoaderOptions, *,
         pin_memory=opts.pin_memory,
         drop_last=drop_last,
         collate_fn=opts.collate_fn,
-        worker_init_fn=seed_worker,
+        worker_init_fn=init_worker,
         generator=generator,
         **kwargs,
     )
@@ -230,8 +232,22 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue where `state` was saved; from another world size, at the same global sample count."""
-        self._epoch, self.step, self.samples_seen = state["epoch"], state["step"], state["samples_seen"]
-        self.epoch_samples = state["epoch_samples"] * state["world_size"] // self.world_size
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        samples = state["epoch_samples"] * state["world_size"] // self.world_size
+        if samples == 0 and state["epoch"] > 0:
+            # Saved at an epoch's end: the same position as before the save, "epoch e done" (its eval may be due).
+            self._epoch, self.epoch_samples = state["epoch"] - 1, self._epoch_total
+        else:
+            self._epoch, self.epoch_samples = state["epoch"], samples
+
+    def steps_left(self, epochs: int) -> int:
+        """Optimizer steps from here to the end of epoch `epochs` (at this world size and batch size)."""
+        if self.epoch_done:
+            return max(epochs - self._epoch - 1, 0) * self.steps_per_epoch
+        if self._epoch >= epochs:
+            return 0
+        current = steps_per_epoch(self.num_batches(self.epoch_samples), self.grad_accum)
+        return current + (epochs - self._epoch - 1) * self.steps_per_epoch
 
     def set_epoch(self, epoch: int, skip_samples: int = 0) -> None:
         """Select the epoch's permutation and skip this rank's first `skip_samples` (the loader calls it)."""
@@ -316,6 +332,8 @@ class EvalLoader:
     def __init__(self, dataset: Dataset, *, world_size: int, rank: int, opts: LoaderOptions, device: torch.device = torch.device("cpu"), prefetch: bool = True) -> None:
         self.loader = eval_loader(dataset, world_size=world_size, rank=rank, opts=opts)
         self.device, self.prefetch = device, prefetch
+        self.common_batches = math.ceil(len(dataset) // world_size / opts.batch_size)  # type: ignore[arg-type]
+        """Batches every rank has (ranks differ by at most one sample, so by at most one batch): where all can meet."""
 
     def __iter__(self) -> Iterator[Any]:
         return iter(device_batches(self.loader, self.device, prefetch=self.prefetch))

@@ -38,25 +38,35 @@ class RunWriter:
         self.tracker = tracker  # distrib.tracking.Tracker: wandb on rank 0, or None
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / STOPPED_FILE).unlink(missing_ok=True)  # this run is under way again
-        # A fresh run starts a new metrics file; a resumed one appends to its own history.
-        self._metrics = open(self.dir / "metrics.jsonl", "w" if fresh else "a", buffering=1)
+        # A fresh run starts a new metrics file; a resumed one appends to its own history (after `rewind`).
+        self._metrics = open(self.dir / "metrics.jsonl", "wb" if fresh else "ab", buffering=0)
+        self.lines = 0
+        """Lines in metrics.jsonl: a checkpoint records it, and a resume keeps that many (`rewind`)."""
 
     def metrics(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(record) + "\n")
+        # One unbuffered write() of the whole line on an O_APPEND file: a kill leaves whole lines, or
+        # at worst one torn last line, which `rewind` and `distrib report` drop.
+        self._metrics.write((json.dumps(record) + "\n").encode())
+        self.lines += 1
         if self.tracker is not None:
             self.tracker.log(record)
 
-    def rewind(self, *, step: int, epoch: int) -> None:
-        """On resume, drop lines the interrupted run logged after its checkpoint (they will be logged again)."""
+    def rewind(self, *, lines: int | None, step: int) -> None:
+        """On resume, keep the lines written before the checkpoint (`lines` of them; or, for a checkpoint
+        that did not record it, the lines up to `step`): the resumed run logs the rest again."""
         self._metrics.close()
         path = self.dir / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        keep = [
-            line for line in lines
-            if (r := json.loads(line))["kind"] != "eval" and r["step"] <= step or r["kind"] == "eval" and r["epoch"] < epoch
-        ]
-        write_atomic(path, "".join(line + "\n" for line in keep).encode())
-        self._metrics = open(path, "a", buffering=1)
+        kept, dropped = [], 0
+        for i, line in enumerate(read_lines(path)):
+            if line is None:
+                dropped += 1
+            elif (i < lines) if lines is not None else line.get("step", 0) <= step:
+                kept.append(line)
+        if dropped:
+            log.warning(f"{path}: dropped {dropped} torn or unreadable line(s) (a crash mid-write)")
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self._metrics = open(path, "ab", buffering=0)
+        self.lines = len(kept)
 
     def json(self, name: str, obj: Any) -> None:
         write_atomic(self.dir / name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
@@ -76,6 +86,7 @@ class NullWriter(RunWriter):
 
     def __init__(self) -> None:  # noqa: D107 - deliberately skips the parent's file creation
         self.tracker = None
+        self.lines = 0
 
     def metrics(self, record: dict[str, Any]) -> None:
         pass
@@ -83,7 +94,7 @@ class NullWriter(RunWriter):
     def json(self, name: str, obj: Any) -> None:
         pass
 
-    def rewind(self, *, step: int, epoch: int) -> None:
+    def rewind(self, *, lines: int | None, step: int) -> None:
         pass
 
     def save_model(self, state_dict: dict[str, Any]) -> None:
@@ -91,6 +102,22 @@ class NullWriter(RunWriter):
 
     def close(self) -> None:
         pass
+
+
+def read_lines(path: Path) -> list[dict[str, Any] | None]:
+    """metrics.jsonl's records, None for a line that is not a JSON object (torn by a crash, or garbage)."""
+    if not path.is_file():
+        return []
+    out: list[dict[str, Any] | None] = []
+    for raw in path.read_bytes().split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError:  # includes UnicodeDecodeError
+            record = None
+        out.append(record if isinstance(record, dict) else None)
+    return out
 
 
 def writer_for(rank: int, run_dir: str | Path, *, fresh: bool, tracker: Any = None) -> RunWriter:

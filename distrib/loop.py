@@ -69,7 +69,8 @@ class Trainer:
         self.early_stop_reason: str | None = None
         self._stopping = False
         self._interval_steps = 0
-        self._saved_step = -1
+        self._saved_step: tuple[int, int] = (-1, -1)
+        self._eval_step = -1  # the training step of the last finished eval
         self._prepared = False
         self._lr = 0.0
 
@@ -103,6 +104,10 @@ class Trainer:
             self.last_eval, self.early_stop_reason = saved["last_eval"], saved["early_stop_reason"]
             # The interval's sums are per rank: they carry over only at the same world size.
             self._interval_steps = saved["interval_steps"] if s.world_size == saved["world_size"] else 0
+            self._eval_step = saved["eval_step"]
+            # Counted from where the checkpoint is: after a change of world size (or batch size) the
+            # steps already taken were of another size, and the run still ends at the same epoch.
+            self.total_steps = min(cfg.train.max_steps or 2**62, loader.step + loader.steps_left(cfg.train.epochs))
         self.watchdog = Watchdog(cfg.train.hang_timeout_s, s.rank)
         s.defer(self.watchdog.close)  # also when only prepare() and evaluate() ran
         want_bar = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
@@ -157,7 +162,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def _state(self) -> dict[str, Any]:
-        trainer = {"last_eval": self.last_eval, "interval_steps": self._interval_steps,
+        trainer = {"last_eval": self.last_eval, "interval_steps": self._interval_steps, "eval_step": self._eval_step,
                    "world_size": self.session.world_size, "early_stop_reason": self.early_stop_reason}
         state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "loader": self.train,
                                  "metrics": self.metrics, "trainer": trainer}
@@ -169,9 +174,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Checkpoint at the current optimizer-step boundary (a few barriers; not on the per-step path)."""
         step = self.train.step
-        if self._saved_step == step:
+        if self._saved_step == (step, self._eval_step):
             return  # e.g. a stop agreed on a step that ckpt.every already saved
-        self._saved_step = step
+        self._saved_step = (step, self._eval_step)
         self.session.save(self._state())
         for cb in self.callbacks:
             cb.on_checkpoint(self, step)
@@ -188,19 +193,26 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         started = time.perf_counter()
-        while not self._done():
-            self._train_epoch()
-            epoch_done = self.train.epoch_done
-            if self._stopping and not epoch_done and not self._done():
-                return self._stopped()  # mid-epoch: no eval; the resumed run evaluates at the epoch end
-            self.evaluate()
-            if epoch_done:
+        while True:
+            if not self._eval_due():
+                if self._done():
+                    break
+                self._train_epoch()
+                if not self._eval_due():  # a stop cut the epoch short; the resumed run evaluates at its end
+                    return self._stopped()
+            if self._evaluate(yield_to_stop=True) is None:
+                return self._stopped()  # the eval gave way to a stop; the resumed run evaluates again
+            if self.train.epoch_done:
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, self.train.epoch - 1)
                 self.save_checkpoint()
             if self._stopping and not self._done():
                 return self._stopped()
         return self._finish(time.perf_counter() - started)
+
+    def _eval_due(self) -> bool:
+        """At an epoch's end (or training's) whose eval has not finished: also right after a resume there."""
+        return self.train.step > 0 and (self.train.epoch_done or self._done()) and self._eval_step != self.train.step
 
     def _done(self) -> bool:
         return self.early_stop_reason is not None or self.train.epoch >= self.cfg.train.epochs or self.train.step >= self.total_steps
@@ -300,16 +312,33 @@ class Trainer:
             cb.on_log(self, {"kind": "train", "step": loader.step, **record})
         self.times, self._interval_steps = IntervalTimes(), 0
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Exact global metrics over every eval sample once (no sampler padding); logs an eval line."""
+        return self._evaluate(yield_to_stop=False) or {}
+
+    @torch.no_grad()
+    def _evaluate(self, *, yield_to_stop: bool) -> dict[str, Any] | None:
+        """The eval; with `yield_to_stop`, None as soon as the ranks agree on a stop (checked before each batch).
+
+        An eval can outlast a launcher's grace period (torchrun SIGKILLs 30 s after its signal), so it
+        gives way: the stop checkpoint is taken at the step the eval was for, and the resumed run
+        evaluates again. The check is one scalar all-reduce per eval batch that every rank has, none in one process.
+        """
         if self.eval_loader is None:
+            self._eval_step = self.train.step
             return {}
         module = unwrap_model(self.model)
         module.eval()
         self._before_workers_start()
         em = Metrics(self.session.device)
-        for batch in self.eval_loader:
+        for i, batch in enumerate(self.eval_loader):
+            if yield_to_stop and i < self.eval_loader.common_batches and self.session.should_stop():
+                module.train()
+                if not self._stopping:
+                    self._stopping = True
+                    log.info(f"{self.stop.reason} received during the eval at step {self.train.step}: stopping with a checkpoint, "
+                             "the resumed run evaluates again")
+                return None
             self.watchdog.beat()
             n = leading_dim(batch)
             items = self.items(batch) if self.items is not None else None
@@ -321,7 +350,7 @@ class Trainer:
         module.train()
         r = em.compute()
         result = {**self._named(r), "count": r.get("samples", 0)}
-        self.last_eval = result
+        self.last_eval, self._eval_step = result, self.train.step
         self.session.log({"epoch": self.train.current_epoch, **result}, step=self.train.step, kind="eval")
         log.info(f"eval  step {self.train.step} | epoch {self.train.current_epoch} | {_fmt(result)} | count {result['count']}")
         for cb in self.callbacks:

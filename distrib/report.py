@@ -14,27 +14,44 @@ from typing import Any, Sequence
 
 
 def load(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's records; a torn or garbled line (a crash mid-write) is skipped with a warning."""
+    from distrib.logs import read_lines
+
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist. HINT: pass the run.dir of a distrib run.")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = read_lines(path)
+    bad = sum(r is None for r in lines)
+    if bad:
+        print(f"distrib: warning: {path}: skipped {bad} torn or unreadable line(s)", file=sys.stderr)
+    return [r for r in lines if r is not None and isinstance(r.get("step"), (int, float))]
+
+
+def _num(r: dict[str, Any], key: str) -> float | None:
+    v = r.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def summarize(records: list[dict[str, Any]]) -> list[str]:
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
     lines = [f"{len(train)} train intervals, {len(evals)} evals, last step {train[-1]['step'] if train else 0}"]
+    losses = [v for r in train if (v := _num(r, "loss")) is not None]
+    if losses:
+        lines.append(f"train loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    rates = [v for r in train if (v := _num(r, "samples_per_s")) is not None]
+    if rates:
+        lines.append(f"throughput median {statistics.median(rates):.0f} samples/s")
+    waits = [v for r in train if (v := _num(r, "data_wait_frac")) is not None]
+    if waits:
+        lines.append(f"data wait median {statistics.median(waits):.1%}, max {max(waits):.1%}")
     if train:
-        lines.append(f"train loss {train[0]['loss']:.4f} -> {train[-1]['loss']:.4f}")
-        lines.append(f"throughput median {statistics.median(r['samples_per_s'] for r in train):.0f} samples/s")
-        waits = [r["data_wait_frac"] for r in train if "data_wait_frac" in r]
-        if waits:
-            lines.append(f"data wait median {statistics.median(waits):.1%}, max {max(waits):.1%}")
-        stragglers = sorted({r["straggler"] for r in train if "straggler" in r})
+        stragglers = sorted({r["straggler"] for r in train if isinstance(r.get("straggler"), int)})
         lines.append(f"stragglers: {', '.join(f'rank {s}' for s in stragglers) if stragglers else 'none'}")
     if evals:
         e = evals[-1]
-        lines.append(f"eval at step {e['step']}: loss {e['loss']:.4f}, accuracy {e['accuracy']:.4f} over {e['count']} samples")
+        shown = ", ".join(f"{k} {v:.4f}" for k in ("loss", "accuracy", "perplexity") if (v := _num(e, k)) is not None)
+        lines.append(f"eval at step {e['step']}: {shown or 'no metrics'} over {e.get('count', '?')} samples")
     return lines
 
 
@@ -49,15 +66,17 @@ def plot(records: list[dict[str, Any]], out: Path, title: str) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     fig.suptitle(title)
     ax = axes[0][0]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
+    points = [(r["step"], v) for r in train if (v := _num(r, "loss")) is not None]
+    ax.plot([p[0] for p in points], [p[1] for p in points], label="train")
+    points = [(r["step"], v) for r in evals if (v := _num(r, "loss")) is not None]
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="eval")
     ax.set(title="loss", xlabel="step")
     ax.legend()
     panels = ((axes[0][1], "lr", "learning rate"), (axes[1][0], "samples_per_s", "throughput (samples/s)"),
               (axes[1][1], "data_wait_frac", "data wait (share of interval)"))
     for ax, key, name in panels:
-        points = [(r["step"], r[key]) for r in train if key in r]
+        points = [(r["step"], v) for r in train if (v := _num(r, key)) is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points])
         ax.set(title=name, xlabel="step")
     axes[1][1].set_ylim(0, 1)
@@ -77,7 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distrib: error: {exc}", file=sys.stderr)
         return 2
     out = ns.out or ns.run_dir / "report.png"
-    plot(records, out, title=str(ns.run_dir))
+    if out.is_dir():
+        out = out / "report.png"
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        print(f"distrib: error: --out {str(out)!r}: the plot is written as PNG, PDF or SVG. HINT: end the path with .png.", file=sys.stderr)
+        return 2
+    try:
+        plot(records, out, title=str(ns.run_dir))
+    except OSError as exc:
+        print(f"distrib: error: cannot write the plot to {str(out)!r}: {exc.strerror or exc}. HINT: pass --out a writable .png path.", file=sys.stderr)
+        return 2
     print("\n".join(summarize(records)))
     print(f"wrote {out}")
     return 0

@@ -88,7 +88,7 @@ class Session:
         self._models: list[nn.Module] = []
         self._params: dict[int, list[torch.Tensor]] = {}
         self._run_id: str | None = None
-        self._rewind: tuple[int, int | None] | None = None
+        self._rewind: tuple[int | None, int] | None = None
         self._saver = Saver()
         self._ckpt_group: Any = None
 
@@ -261,6 +261,8 @@ class Session:
 
     def should_stop(self) -> bool:
         """Whether any rank got a stop signal (a collective: call it on every rank at the same point)."""
+        if self.world_size == 1:
+            return self.stop.requested
         return all_reduce_sum(torch.tensor([float(self.stop.requested)], device=self.device)).item() > 0
 
     # ------------------------------------------------------------------ files (rank 0) and tracker
@@ -273,7 +275,7 @@ class Session:
             tracker = tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=self._run_id) if self.is_rank_zero else None
             self._writer = writer_for(self.rank, cfg.run.dir, fresh=self.resumed_from is None, tracker=tracker)
             if self._rewind is not None:
-                self._writer.rewind(step=self._rewind[0], epoch=self._rewind[1])
+                self._writer.rewind(lines=self._rewind[0], step=self._rewind[1])
             self._writer.json("config.json", cfg.to_dict())
         return self._writer
 
@@ -307,7 +309,7 @@ class Session:
         writer = self.writer  # opens rank 0's files (and the tracker) if this is the first effect
         shared: dict[str, Any] = {"objects": {}, "world_size": self.world_size, "config": self.cfg.to_dict(),
                                   "logger_run_id": writer.tracker.run_id if writer.tracker is not None else self._run_id,
-                                  "scaler": self.precision.scaler.state_dict()}
+                                  "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines}
         per_rank: dict[str, Any] = {"objects": {}, "rng": checkpoint.capture_rng()}
         for key, value in state.items():
             target = per_rank if getattr(value, "distrib_per_rank", False) else shared
@@ -366,8 +368,7 @@ class Session:
                 "continues at the same number of samples seen, but the result will not be bit-identical to an uninterrupted run"
             )
         self.resumed_from = path
-        loaders = [v for v in state.values() if isinstance(v, TrainLoader)]
-        self._rewind = (loaders[0].step, loaders[0].epoch) if loaders else (_manifest_step(path), None)
+        self._rewind = (shared.get("metrics_lines"), _manifest_step(path))
         return path
 
     def _resume_path(self) -> Path | None:

@@ -1,4 +1,4 @@
-"""Graceful stop: SIGTERM or SIGUSR1 makes every rank stop at the same optimizer step and checkpoint.
+"""Graceful stop: SIGTERM, SIGUSR1 or Ctrl-C makes every rank stop at the same optimizer step and checkpoint.
 
 The handler only sets a flag. Ranks agree on it at the next log interval, where the flag rides on
 the metric all-reduce that happens there anyway, so no step pays for an extra collective. A rank
@@ -7,19 +7,33 @@ may `kill` one process) stops too, because the agreement is a sum over ranks.
 
 The process then exits with `EXIT_STOPPED` (75, `EX_TEMPFAIL` from sysexits.h: "try again later"):
 relaunching the same command resumes from the checkpoint written at the stop.
+
+Ctrl-C (SIGINT) is a graceful stop too; a second Ctrl-C, a second or more later, aborts at once
+(`KeyboardInterrupt`). The window matters under torchrun: a terminal's Ctrl-C reaches the rank
+directly *and* through the agent, which forwards it, so the two copies of one press must count once.
+
+DataLoader workers ignore all three (`ignore_stop_signals`, installed by distrib's loaders):
+torchrun and Slurm signal a rank's whole process group, and a worker that died of the signal
+would make the rank's DataLoader raise in the middle of the stop checkpoint. The workers still
+end with their rank: the DataLoader shuts them down, and they exit by themselves when it dies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 from typing import Iterator
 
 EXIT_STOPPED = 75
 """Exit status of a run stopped by a signal after writing its checkpoint."""
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+SECOND_CTRL_C_S = 1.0
+"""A SIGINT this long after the first one aborts; closer ones are copies of the same press."""
 
 
 class StopRequest:
@@ -28,6 +42,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.requested = False
+        self._first_sigint: float | None = None
 
     def set(self, signum: int | None = None) -> None:
         # Signal-handler safe: two attribute stores, no I/O, no locks.
@@ -37,6 +52,24 @@ class StopRequest:
     @property
     def reason(self) -> str:
         return signal.Signals(self.signum).name if self.signum is not None else "a stop request"
+
+    def handle(self, signum: int, frame: object = None) -> None:
+        """The signal handler: a stop request, except that a second Ctrl-C aborts."""
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_sigint is None:
+                self._first_sigint = now
+                # Said at once: the stop itself waits for the next log interval.
+                os.write(2, b"distrib: Ctrl-C: stopping at the next log interval with a checkpoint (Ctrl-C again to abort)\n")
+            elif now - self._first_sigint > SECOND_CTRL_C_S:
+                raise KeyboardInterrupt
+        self.set(signum)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore SIGTERM, SIGUSR1 and SIGINT in this process: what a DataLoader worker needs (see the module doc)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -49,7 +82,7 @@ def stop_on_signals(request: StopRequest, signals: tuple[signal.Signals, ...] = 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, lambda signum, frame: request.set(signum)) for s in signals}
+    previous = {s: signal.signal(s, request.handle) for s in signals}
     try:
         yield
     finally:

@@ -2,6 +2,10 @@
 # $1: processes per node when there is no GPU.
 PYTHON=${PYTHON:-python}
 read -r GPUS < <("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
+# torchrun's agent passes these on to its workers; by default SIGUSR1 (Slurm's warning signal, or
+# yours) would kill the agent itself and orphan the workers. distrib stops gracefully on SIGTERM,
+# SIGUSR1 and SIGINT; torchrun gives the workers 30 s after a signal before it SIGKILLs them.
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([[ $GPUS -gt 0 ]] && echo "$GPUS" || echo "$1")}
 if [[ $GPUS == 0 ]]; then
     # One thread per rank: N CPU ranks each using every core would oversubscribe the machine.
