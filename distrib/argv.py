@@ -22,9 +22,17 @@ from distrib.errors import ConfigError
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON config file into dotted keys."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {str(path)!r} is a directory. HINT: pass the config file itself (a .toml, .yaml or .json).")
     if not path.is_file():
         raise ConfigError(f"--config {str(path)!r}: no such file. HINT: check the path (it is relative to {Path.cwd()}).")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}). "
+                          "HINT: save it as UTF-8.") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {str(path)!r} cannot be read: {exc.strerror}. HINT: check its permissions.") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":

@@ -188,6 +188,15 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         return None
     if resume == "auto":
         found = newest_good(root)
+        if found is None and candidates(root):
+            from distrib.errors import ConfigError
+
+            names = ", ".join(p.name for p in candidates(root))
+            raise ConfigError(
+                f"{root} holds checkpoints ({names}) and none is usable (see the warnings above); starting afresh would "
+                f"lose them, so nothing was changed. HINT: --ckpt.resume never starts afresh and keeps them in "
+                f"{root.parent}/previous/, or pass another --run.dir."
+            )
         return found[0] if found else None
     path = Path(resume)
     try:

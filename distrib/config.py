@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import keyword
 import math
+import os
 import types
 import typing
 from typing import Any, Mapping, Sequence
@@ -23,12 +24,15 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
+INT_LIMIT = 10**15
+MAX_WORKERS = 256
 
 
 def _positive(section: str, **values: int | float | None) -> None:
     for name, value in values.items():
         if value is not None and value <= 0:
-            raise ConfigError(f"{section}.{name}={value} must be > 0. HINT: pass --{section}.{name} 1 or larger.")
+            fix = "1 or larger" if isinstance(value, int) else "a value above 0 (e.g. 0.1)"
+            raise ConfigError(f"{section}.{name}={value} must be > 0. HINT: pass --{section}.{name} {fix}.")
 
 
 def _non_negative(section: str, **values: int | float | None) -> None:
@@ -73,6 +77,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         _positive("data", prefetch_factor=self.prefetch_factor)
         _non_negative("data", num_workers=self.num_workers)
+        if self.num_workers > MAX_WORKERS:  # each is a process with a copy of the dataset object
+            raise ConfigError(f"data.num_workers={self.num_workers} is more processes than any machine uses well (at most {MAX_WORKERS}). "
+                              f"HINT: a few per CPU core and rank: pass --data.num_workers {min(os.cpu_count() or 2, 8)}.")
         if self.num_workers == 0 and self.persistent_workers:
             raise ConfigError("data.persistent_workers=true needs data.num_workers > 0. HINT: pass --data.num_workers 2 or drop the flag.")
         if self.num_workers == 0 and self.prefetch_factor is not None:
@@ -325,6 +332,10 @@ def _schema(cls: type = Config) -> dict[str, Any]:
 def _check_key(key: str, cls: type = Config) -> None:
     schema = _schema(cls)
     if key not in schema:
+        section = [k for k in schema if k.startswith(key + ".")]
+        if section:
+            raise ConfigError(f"{key!r} is a section, not a value: give its keys ({', '.join(section[:3])}, ...), e.g. "
+                              f"`[{key}]` with `{section[0].split('.', 1)[1]} = ...` in TOML, or --{section[0]} on the command line.")
         close = difflib.get_close_matches(key, schema.keys(), n=1, cutoff=0.4)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"Unknown config key {key!r}.{hint} HINT: `--help` lists every key; valid keys are {', '.join(sorted(schema))}.")
@@ -375,7 +386,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            return int(value)
+            number = int(value)
+            if abs(number) > INT_LIMIT:  # beyond what torch, itertools and the OS take: a typo, never a setting
+                raise ConfigError(f"{key}={value!r} is out of range. HINT: pass --{key} with an integer below {INT_LIMIT:.0e}.")
+            return number
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError

@@ -82,7 +82,12 @@ class Trainer:
             return
         self._prepared = True
         s, cfg = self.session, self.cfg
-        sample = _collate_probe(self.train_data, self.collate_fn)
+        world, tc = s.world_size, cfg.train
+        # Probe batches as large as the real ones (a rank's share at most): a batch size that cannot fit
+        # (memory, a model's fixed length) fails here, before anything is written, not after an epoch.
+        sample = _collate_probe(self.train_data, self.collate_fn, n=min(tc.batch_size, _share(self.train_data, world)))
+        eval_sample = (_collate_probe(self.eval_data, self.collate_fn, n=min(tc.eval_batch_size or tc.batch_size, _share(self.eval_data, world)))
+                       if self.eval_data is not None else None)
         if self.items is None and self.step_logic.step_fn is None and self.step_logic.loss_fn is None:
             # The Hugging Face convention (dict batch, labels, the model takes num_items_in_batch): token
             # means. A step function says what its loss averages over with items=.
@@ -90,7 +95,9 @@ class Trainer:
         self.train = s.train_loader(self.train_data, collate_fn=self.collate_fn, items=self.items)
         self.eval_loader = s.eval_loader(self.eval_data, collate_fn=self.collate_fn) if self.eval_data is not None else None
         self.total_steps = min(cfg.train.max_steps or 2**62, cfg.train.epochs * self.train.steps_per_epoch)
-        self._probe(sample)
+        self._probe(sample, f"train.batch_size={tc.batch_size}")
+        if eval_sample is not None:
+            self._probe(eval_sample, f"train.eval_batch_size={tc.eval_batch_size or tc.batch_size}")
         self._build_optimizer()
         self.model = s.setup(self.model)
         s.seed_everything()
@@ -129,8 +136,8 @@ class Trainer:
             if self.scheduler is None:
                 self.scheduler = build_scheduler(optim_cfg, self.optimizer, self.total_steps)
 
-    def _probe(self, sample: Any) -> None:
-        """Run the model on one small batch before anything is written, so a call that cannot work fails now.
+    def _probe(self, sample: Any, size_key: str) -> None:
+        """Run the model on one batch before anything is written, so a call that cannot work fails now.
 
         No gradient, eval mode (no BatchNorm statistics change) and a forked RNG: training is
         bit-for-bit what it would have been without the probe.
@@ -145,11 +152,17 @@ class Trainer:
                 out = self.step_logic(module, batch, self.items(batch) if self.items is not None else None)
         except DistribError:
             raise
+        except torch.OutOfMemoryError as exc:
+            raise BatchError(
+                f"The pre-flight probe ran out of memory on one batch of {leading_dim(batch)} samples ({size_key}), before anything "
+                f"was written: {str(exc).strip().splitlines()[0][:300]}\nHINT: lower --{size_key.split('=')[0]} (train.grad_accum keeps the "
+                "optimizer's batch: batch_size x grad_accum x processes), or use train.precision bf16."
+            ) from None
         except Exception as exc:  # the user's model or step: say where it failed, and what distrib called
             how = ("step_fn(model, batch)" if self.step_logic.step_fn is not None
                    else "model(**batch)" if isinstance(batch, dict) and self.step_logic.loss_fn is None else "loss_fn(model(inputs), labels)")
             raise BatchError(
-                f"The pre-flight probe ({how} on one batch of {leading_dim(batch)} samples, before anything is written) failed: "
+                f"The pre-flight probe ({how} on one batch of {leading_dim(batch)} samples, {size_key}, before anything is written) failed: "
                 f"{type(exc).__name__}: {str(exc).strip()[:500]}\nThe batch:\n{describe(batch)}\nHINT: a dict batch is passed as keywords "
                 "and the output's .loss is the loss; (inputs, labels) batches use loss_fn (cross-entropy by default); for "
                 "anything else pass step_fn=lambda model, batch: loss."
@@ -411,9 +424,16 @@ def _fmt(metrics: dict[str, Any]) -> str:
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("count", "epoch") and isinstance(v, float))
 
 
-def _collate_probe(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None) -> Any:
-    """A batch of the first two samples, collated as the loader will, so a malformed batch fails before anything is written."""
-    samples = [dataset[i] for i in range(min(2, len(dataset)))]  # type: ignore[arg-type]
+def _share(dataset: Dataset, world_size: int) -> int:
+    try:
+        return max(1, math.ceil(len(dataset) / world_size))  # type: ignore[arg-type]
+    except TypeError:  # no len(): the loader says so, with the fix
+        return 1
+
+
+def _collate_probe(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None, n: int) -> Any:
+    """A batch of the first `n` samples, collated as the loader will, so a malformed batch fails before anything is written."""
+    samples = [dataset[i] for i in range(min(n, len(dataset)))]  # type: ignore[arg-type]
     try:
         batch = (collate_fn or default_collate)(samples)
     except (TypeError, RuntimeError) as exc:

@@ -39,6 +39,8 @@ from distrib.errors import ConfigError
 from distrib.logs import RunWriter, log, setup_console, writer_for
 from distrib.model import set_grad_sync, unwrap_model, wrap_model
 from distrib.precision import Precision
+from distrib.resume import apply_hparams, config_diff, describe_diff, hparams, incompatibilities
+from distrib.rundir import RunLock, check_run_dir, set_aside
 from distrib.saving import Saver, snapshot
 from distrib.stop import StopRequest, stop_on_signals
 
@@ -91,11 +93,14 @@ class Session:
         self._rewind: tuple[int | None, int] | None = None
         self._saver = Saver()
         self._ckpt_group: Any = None
+        self._hparams: dict[str, Any] | None = None  # the optimizers' hyperparameters as this run's config set them
+        self._lock = RunLock(self.cfg.run.dir)  # rank 0's, from the first touch of run.dir to the end
 
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> "Session":
         cfg, stack = self.cfg, contextlib.ExitStack()
+        check_run_dir(cfg.run.dir)  # a file or a read-only path fails now, before anything is started or written
         self.rt: Runtime = stack.enter_context(
             distributed(device=cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s, single=cfg.debug)
         )
@@ -142,8 +147,11 @@ class Session:
             # (its peers may be gone): an unfinished save is only a .tmp directory, ignored on resume.
             self._saver.wait(timeout=30.0 if failed else None)
         finally:
-            if self._writer is not None:
-                self._writer.close()
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+            finally:
+                self._lock.release()
         for model in self._models:
             ddp = model if hasattr(model, "reducer") else getattr(model, "_orig_mod", None)
             if ddp is not None and hasattr(ddp, "reducer"):
@@ -272,6 +280,8 @@ class Session:
         """Rank 0's run directory writer (a null writer elsewhere), opened at first use."""
         if self._writer is None:
             cfg = self.cfg
+            if self.is_rank_zero:
+                self._lock.acquire()  # already held when load() came first
             tracker = tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=self._run_id) if self.is_rank_zero else None
             self._writer = writer_for(self.rank, cfg.run.dir, fresh=self.resumed_from is None, tracker=tracker)
             if self._rewind is not None:
@@ -309,7 +319,8 @@ class Session:
         writer = self.writer  # opens rank 0's files (and the tracker) if this is the first effect
         shared: dict[str, Any] = {"objects": {}, "world_size": self.world_size, "config": self.cfg.to_dict(),
                                   "logger_run_id": writer.tracker.run_id if writer.tracker is not None else self._run_id,
-                                  "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines}
+                                  "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines,
+                                  "hparams": self._hparams if self._hparams is not None else _hparams_of(state)}
         per_rank: dict[str, Any] = {"objects": {}, "rng": checkpoint.capture_rng()}
         for key, value in state.items():
             target = per_rank if getattr(value, "distrib_per_rank", False) else shared
@@ -338,6 +349,7 @@ class Session:
         if self._writer is not None:
             raise ConfigError("Session.load() after the run's files were opened (a log or save came first). HINT: call load() before training.")
         path = self._resume_path()
+        self._hparams = _hparams_of(state)
         if path is None:
             return None
         shared = checkpoint.load_file(path / "state.pt")
@@ -348,6 +360,15 @@ class Session:
         missing = sorted(wanted - set(saved))
         if missing:
             raise ConfigError(f"checkpoint {path} holds no {', '.join(missing)} (it has {', '.join(sorted(saved))}). HINT: resume with the same state keys, or start fresh with --ckpt.resume never.")
+        # Everything is compared before anything is loaded: a refused resume changes nothing.
+        problems = [p for key in sorted(wanted) for p in incompatibilities(key, _unwrapped(state[key]), saved[key])]
+        diff = config_diff(shared.get("config", {}), self.cfg.to_dict())
+        if problems:
+            raise ConfigError(
+                f"cannot resume from {path}: this run's state does not match the checkpoint's: {'; '.join(problems)}. "
+                f"{'The config changed since: ' + describe_diff(diff) + '. ' if diff else ''}HINT: to train this config, "
+                "pass another --run.dir, or --ckpt.resume never (the previous run's files are moved to run.dir/previous/)."
+            )
         for key, value in state.items():
             if key not in wanted:
                 continue  # this rank's share of a different world: start it fresh
@@ -358,6 +379,14 @@ class Session:
                 value.load_state_dict(loaded)
             else:
                 state[key] = loaded
+        changed = []
+        for key, value in state.items():
+            started = shared.get("hparams", {}).get(key)
+            if isinstance(value, torch.optim.Optimizer) and key in wanted and started:
+                schedulers = [v for v in state.values() if hasattr(v, "base_lrs")]
+                changed += [f"{key} {c}" for c in apply_hparams(value, started, self._hparams[key], schedulers)]
+        if diff:
+            log.info(f"resuming with a changed config: {describe_diff(diff)} (applied{'; ' + ', '.join(changed) if changed else ''})")
         self.precision.scaler.load_state_dict(shared["scaler"])
         self._run_id = shared.get("logger_run_id")
         if same_world:
@@ -372,10 +401,13 @@ class Session:
         return path
 
     def _resume_path(self) -> Path | None:
-        """Rank 0 picks the checkpoint (so all ranks agree even if one is written meanwhile)."""
+        """Rank 0 takes the run directory's lock and picks the checkpoint (so all ranks agree); errors reach every rank."""
         choice: Any = None
         if self.is_rank_zero:
             try:
+                self._lock.acquire()
+                if self.cfg.ckpt.resume == "never":
+                    set_aside(self.cfg.run.dir)
                 path = checkpoint.resolve_resume(self.cfg.ckpt.resume, self.ckpt_root)
                 choice = str(path) if path is not None else None
             except ConfigError as exc:
@@ -392,6 +424,14 @@ def _state_of(value: Any) -> Any:
     if hasattr(value, "state_dict"):
         return value.state_dict()
     return value
+
+
+def _unwrapped(value: Any) -> Any:
+    return unwrap_model(value) if isinstance(value, nn.Module) else value
+
+
+def _hparams_of(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: hparams(v) for k, v in state.items() if isinstance(v, torch.optim.Optimizer)}
 
 
 def _step_of(state: Mapping[str, Any]) -> int:

@@ -151,7 +151,7 @@ class Dicts(torch.utils.data.Dataset):
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"model": nn.Linear(4, 2), "train_data": Dicts()}, "model(**batch) on one batch of 2 samples"),
+        ({"model": nn.Linear(4, 2), "train_data": Dicts()}, "model(**batch) on one batch of 8 samples, train.batch_size="),
         ({"model": nn.Linear(4, 2), "train_data": Regression(8)}, "loss_fn(model(inputs), labels)"),
         ({"model": nn.Linear(4, 1), "train_data": Regression(8), "step_fn": lambda m, b: (m(b[0]) - b[1]).abs()}, "step_fn must return a scalar loss"),
     ],

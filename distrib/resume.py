@@ -1,0 +1,110 @@
+"""Resume only what matches: what a checkpoint can restore into this run, and what the config changed.
+
+A resume must not half-load a model of another shape, nor silently keep a learning rate the user
+changed. So before anything is loaded, `incompatibilities` compares the checkpoint's model and
+optimizer state with this run's (parameter names and shapes; optimizer kinds and groups), and
+refusals name the config keys that changed. After loading, `apply_hparams` re-applies the
+optimizer hyperparameters the config changed (the checkpoint stores those the run started with),
+keeping the schedule's position, and leaves alone what training itself changed (e.g. a
+`ReduceLROnPlateau` cut).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+IGNORED_KEYS = ("ckpt.resume", "run.dir")
+"""Config keys that say where a run is, not what it trains."""
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """`{key: (checkpoint's, now)}` for every config key that differs (absent: None)."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in IGNORED_KEYS}
+
+
+def describe_diff(diff: Mapping[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in diff.items())
+
+
+def hparams(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """An optimizer's hyperparameters per group (what its config set), as plain data."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def incompatibilities(name: str, current: Any, saved: Any) -> list[str]:
+    """Why `saved` (a state_dict) cannot be loaded into `current`; empty when it can."""
+    if isinstance(current, nn.Module):
+        return _module_mismatch(name, current.state_dict(), saved)
+    if isinstance(current, torch.optim.Optimizer):
+        return _optimizer_mismatch(name, current.state_dict(), saved)
+    return []
+
+
+def _module_mismatch(name: str, now: Mapping[str, Any], saved: Any) -> list[str]:
+    if not isinstance(saved, Mapping):
+        return [f"{name}: the checkpoint holds a {type(saved).__name__}, not a state_dict"]
+    out = []
+    missing, extra = [k for k in now if k not in saved], [k for k in saved if k not in now]
+    if missing:
+        out.append(f"{name}: {len(missing)} parameter(s) not in the checkpoint ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+    if extra:
+        out.append(f"{name}: {len(extra)} checkpoint parameter(s) this model lacks ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''})")
+    shapes = [f"{k} {list(saved[k].shape)} -> {list(v.shape)}" for k, v in now.items()
+              if k in saved and hasattr(v, "shape") and hasattr(saved[k], "shape") and saved[k].shape != v.shape]
+    if shapes:
+        out.append(f"{name}: shapes differ: {', '.join(shapes[:4])}{', ...' if len(shapes) > 4 else ''}")
+    return out
+
+
+def _optimizer_mismatch(name: str, now: Mapping[str, Any], saved: Any) -> list[str]:
+    if not isinstance(saved, Mapping) or "param_groups" not in saved:
+        return [f"{name}: the checkpoint holds no optimizer state_dict"]
+    a, b = saved["param_groups"], now["param_groups"]
+    if len(a) != len(b):
+        return [f"{name}: {len(a)} parameter group(s) in the checkpoint, {len(b)} now"]
+    out = []
+    for i, (ga, gb) in enumerate(zip(a, b)):
+        if len(ga["params"]) != len(gb["params"]):
+            out.append(f"{name}: group {i} has {len(ga['params'])} parameters in the checkpoint, {len(gb['params'])} now")
+        ka, kb = set(ga) - {"params", "initial_lr"}, set(gb) - {"params", "initial_lr"}
+        if ka != kb:
+            out.append(f"{name}: another kind of optimizer (the checkpoint's has {', '.join(sorted(ka - kb))}; this one "
+                       f"{', '.join(sorted(kb - ka))})")
+    return out
+
+
+def apply_hparams(optimizer: torch.optim.Optimizer, started: list[dict[str, Any]], fresh: list[dict[str, Any]],
+                  schedulers: list[Any]) -> list[str]:
+    """After loading: re-apply what the config changed since the checkpoint's run started. Returns what changed.
+
+    `started`: the checkpoint run's hyperparameters at its start; `fresh`: this run's, from its
+    config, before loading. A changed base learning rate scales the current one (the schedule's
+    position is kept) and every scheduler's `base_lrs`.
+    """
+    changes = []
+    for i, (group, old, new) in enumerate(zip(optimizer.param_groups, started, fresh)):
+        for k, v in new.items():
+            if k not in old or old[k] == v or k == "lr" and "initial_lr" in new:
+                continue
+            if k == "initial_lr":  # a scheduler's base rate: scale the rate it has reached
+                group["lr"] = group["lr"] * v / old[k] if old[k] else v
+            group[k] = v
+            changes.append(f"group {i} {'lr' if k == 'initial_lr' else k} {old[k]!r} -> {v!r}")
+    for sched in schedulers:
+        if getattr(sched, "optimizer", None) is optimizer and hasattr(sched, "base_lrs"):
+            sched.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    return changes
