@@ -15,7 +15,7 @@ import torch
 import torch.distributed as tdist
 
 from distrib.env import DistEnv, check_visible_gpus, detect
-from distrib.errors import ConfigError, EnvironmentConfigError, PeerError
+from distrib.errors import ConfigError, EnvironmentConfigError, PeerError, RendezvousError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -87,18 +87,21 @@ def distributed(
         return
     if not tdist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = _round_store(denv, timeout)
-        tdist.init_process_group(
-            backend=name,
-            init_method=None if store is not None else f"tcp://{_url_host(denv.master_addr)}:{denv.master_port}"
-            if denv.launcher == "slurm"
-            else "env://",
-            store=store,
-            rank=denv.rank,
-            world_size=denv.world_size,
-            timeout=timeout,
-            device_id=dev if dev.type == "cuda" else None,
-        )
+        try:
+            store = _round_store(denv, timeout)
+            tdist.init_process_group(
+                backend=name,
+                init_method=None if store is not None else f"tcp://{_url_host(denv.master_addr)}:{denv.master_port}"
+                if denv.launcher == "slurm"
+                else "env://",
+                store=store,
+                rank=denv.rank,
+                world_size=denv.world_size,
+                timeout=timeout,
+                device_id=dev if dev.type == "cuda" else None,
+            )
+        except (RuntimeError, ValueError, OSError) as exc:  # torch's DistError family is RuntimeError
+            raise _rendezvous_error(exc, denv, timeout_s) from exc
     failed = False
     try:
         yield Runtime(env=denv, device=dev, backend=name)
@@ -120,6 +123,34 @@ def distributed(
             if not failed:
                 tdist.barrier()
             tdist.destroy_process_group()
+
+
+def _rendezvous_error(exc: BaseException, denv: DistEnv, timeout_s: float) -> RendezvousError:
+    """Name what failed when the ranks could not meet, and the likely fix."""
+    where = f"{denv.master_addr}:{denv.master_port}"
+    text = " ".join(str(exc).split()).rstrip(".")
+    lowered = text.lower()
+    if "address already in use" in lowered or "eaddrinuse" in lowered:
+        hint = f"MASTER_PORT={denv.master_port} is taken on this host: pick a free port (or let torchrun --standalone pick one)."
+    elif not _resolves(denv.master_addr):  # torch reports it only as a connect timeout
+        hint = f"MASTER_ADDR={denv.master_addr} does not resolve here: use a hostname or IP every node can reach (`distrib doctor` checks it)."
+    elif "timed out" in lowered or "timeout" in lowered:
+        hint = (f"not every one of the {denv.world_size} processes arrived within dist.timeout_s={timeout_s:g}: check that all were "
+                f"started, with the same MASTER_ADDR/MASTER_PORT, and that {where} is reachable from every node.")
+    else:
+        hint = f"check that {where} is reachable from every node and that all {denv.world_size} processes were started (`distrib doctor`)."
+    return RendezvousError(f"rank {denv.rank} of {denv.world_size} could not join the process group at {where} "
+                           f"({denv.launcher}): {text[:300]}. HINT: {hint}")
+
+
+def _resolves(host: str) -> bool:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except OSError:
+        return False
 
 
 def _round_store(denv: DistEnv, timeout: datetime.timedelta) -> tdist.Store | None:

@@ -151,10 +151,33 @@ def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, st
             f"start at most {probes.gpus} processes per node",
         ))
 
+    # Slurm's batch shell has the job's variables but is one process: training there would not use the tasks.
+    if in_slurm and not in_step and not torchrun and denv.launcher == "single" and (ntasks or 1) > 1:
+        found.append(Finding(
+            "error",
+            f"this is the batch shell of Slurm job {env['SLURM_JOB_ID']} ({ntasks} tasks), not an srun step: a training "
+            "started here runs as 1 process and leaves the other tasks idle.",
+            "start it with srun (`srun python -m distrib.train ...`, as slurm/srun.sbatch does) or under torchrun (slurm/train.sbatch)",
+        ))
+    # A hand-made multi-process environment must say where rank 0 is.
+    if denv.launcher == "torchrun" and not torchrun and denv.world_size > 1:
+        unset = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        if unset:
+            found.append(Finding(
+                "error",
+                f"WORLD_SIZE={denv.world_size} but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set: the ranks "
+                "cannot find rank 0 (distrib would try 127.0.0.1:29500, which works only when every rank runs on this host).",
+                "export MASTER_ADDR=<rank 0's host> MASTER_PORT=<a free port> on every rank, or launch with torchrun",
+            ))
     # Master address and port.
     addr, port = denv.master_addr, denv.master_port
     if denv.launcher == "single" and in_slurm and env.get("SLURM_JOB_NODELIST"):
-        addr = expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
+        try:
+            addr = expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
+        except (EnvironmentConfigError, IndexError) as exc:
+            if not any("SLURM_JOB_NODELIST" in f.message for f in found):
+                found.append(Finding("error", f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r} is malformed: {exc}",
+                                     "unset it, or run inside a real Slurm allocation (Slurm sets it)"))
     addr = env.get("MASTER_ADDR", addr)
     port = _int(env, "MASTER_PORT") or port
     facts.append(("master", f"{addr}:{port}"))
@@ -179,7 +202,12 @@ def _free_port() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
-    facts, found = diagnose(os.environ, real_probes())
+    try:
+        facts, found = diagnose(os.environ, real_probes())
+    except Exception as exc:  # the doctor must report, never crash: say what it could not check
+        print(f"distrib doctor could not finish its checks: {type(exc).__name__}: {exc}\n"
+              "  fix: check the variables named above (env | grep -E 'SLURM|RANK|WORLD|MASTER'); unset what you exported by hand", flush=True)
+        return 1
     rank = dict(facts)["rank"].split(" ")[0]
     prefix = f"[rank{rank}] " if " of 1 " not in dict(facts)["rank"] else ""  # one block per rank under srun
     width = max(len(k) for k, _ in facts)

@@ -26,3 +26,9 @@ class PeerError(DistribError, RuntimeError):
     """A collective failed or timed out: another rank died or hangs. Not a bad input, so exit status 1."""
 
     exit_code = 1
+
+
+class RendezvousError(DistribError, RuntimeError):
+    """The process group could not be formed (a peer never came, an address that does not resolve, a port in use). Exit 1."""
+
+    exit_code = 1

@@ -117,6 +117,11 @@ def epilogue(run_dir: str, status: int, env: Mapping[str, str], *, requeue: Sequ
 # --------------------------------------------------------------------------- submit
 
 
+_TIME = re.compile(r"[0-9]+(-[0-9]+)?(:[0-9]+){0,2}|UNLIMITED|INFINITE", re.IGNORECASE)
+_PARTITION = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")
+_ALLOWED = {"time": "'-' and ':'", "partition": "'_', '.', '-' and ','"}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SubmitOptions:
     nodes: int | None = None
@@ -132,6 +137,13 @@ class SubmitOptions:
                 raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= 1. HINT: omit it to take the template's default.")
         if self.template not in ("train", "srun"):
             raise ConfigError(f"--template={self.template!r} is not one of train, srun.")
+        # Each value becomes an #SBATCH line of a shell script: a newline or a shell character in it would
+        # be a command of its own. Slurm's own formats need none of them.
+        for name, value, pattern, example in (("time", self.time, _TIME, "04:00:00, 90 or 1-12:00:00"),
+                                              ("partition", self.partition, _PARTITION, "gpu or gpu,debug")):
+            if value is not None and not pattern.fullmatch(value):
+                raise ConfigError(f"--{name}={value!r} is not a Slurm {name} (only letters, digits and {_ALLOWED[name]} are allowed). "
+                                  f"HINT: pass e.g. --{name} {example}.")
 
 
 def template_text(name: str) -> str:
@@ -188,10 +200,22 @@ def submit_main(argv: Sequence[str]) -> int:
     ns = p.parse_args(argv)
     try:
         opts = SubmitOptions(nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, time=ns.time, partition=ns.partition, template=ns.template)
+        check_train_args(train_args)
     except ConfigError as exc:
         print(f"distrib: error: {exc}", file=sys.stderr)
         return 2
     return submit(opts, train_args, dry_run=ns.dry_run)
+
+
+def check_train_args(train_args: Sequence[str]) -> None:
+    """The job's training arguments, checked now as the job will read them: a typo fails here, not in the queue."""
+    from distrib.argv import parse_config
+    from distrib.rundir import check_run_dir
+    from distrib.task import SECTIONS
+
+    cfg = parse_config(list(train_args), sections=SECTIONS)
+    if "--run.dir" in train_args:
+        check_run_dir(cfg.run.dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

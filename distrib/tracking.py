@@ -29,11 +29,26 @@ from distrib.config import WandbConfig
 from distrib.logs import log
 
 
+def base_url(env: Mapping[str, str] = os.environ) -> str:
+    """The server wandb will talk to: WANDB_BASE_URL, else `base_url` in wandb's settings file (`wandb login --host`)."""
+    if env.get("WANDB_BASE_URL"):
+        return env["WANDB_BASE_URL"]
+    import configparser
+
+    config_dir = env.get("WANDB_CONFIG_DIR") or str(Path(env.get("HOME", "~")).expanduser() / ".config" / "wandb")
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(Path(config_dir) / "settings")
+        return settings.get("default", "base_url", fallback="https://api.wandb.ai")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return "https://api.wandb.ai"
+
+
 def has_credentials(env: Mapping[str, str] = os.environ) -> bool:
-    """WANDB_API_KEY, or an api.wandb.ai (or WANDB_BASE_URL host) entry in the netrc file."""
+    """WANDB_API_KEY, or a netrc entry for the host wandb is configured to use (`base_url`)."""
     if env.get("WANDB_API_KEY"):
         return True
-    host = env.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0].split(":")[0]
+    host = base_url(env).split("://")[-1].split("/")[0].split(":")[0]
     path = env.get("NETRC") or str(Path(env.get("HOME", "~")).expanduser() / ".netrc")
     try:
         return netrc.netrc(path).authenticators(host) is not None
