@@ -334,7 +334,7 @@ def _check_key(key: str, cls: type = Config) -> None:
     if key not in schema:
         section = [k for k in schema if k.startswith(key + ".")]
         if section:
-            raise ConfigError(f"{key!r} is a section, not a value: give its keys ({', '.join(section[:3])}, ...), e.g. "
+            raise ConfigError(f"{key!r} is a section, not a value: it holds {', '.join(section[:3])}, ... HINT: give its keys, e.g. "
                               f"`[{key}]` with `{section[0].split('.', 1)[1]} = ...` in TOML, or --{section[0]} on the command line.")
         close = difflib.get_close_matches(key, schema.keys(), n=1, cutoff=0.4)
         hint = f" Did you mean {close[0]!r}?" if close else ""

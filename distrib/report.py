@@ -6,7 +6,6 @@ Works for offline runs and finished or killed jobs: nothing but the file rank 0 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -88,7 +87,7 @@ def plot(records: list[dict[str, Any]], out: Path, title: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="distrib report", description="Plot a run's metrics.jsonl to a PNG and print a summary.")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", type=Path, help="PNG path (default: RUN_DIR/report.png)")
+    p.add_argument("--out", type=Path, help="PNG, PDF or SVG path, or a directory for report.png (default: RUN_DIR/report.png)")
     ns = p.parse_args(argv)
     try:
         records = load(ns.run_dir)
@@ -96,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distrib: error: {exc}", file=sys.stderr)
         return 2
     out = ns.out or ns.run_dir / "report.png"
-    if out.is_dir():
+    if out.is_dir() or not out.suffix:  # a directory, or a path that names one: report.png inside
         out = out / "report.png"
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         print(f"distrib: error: --out {str(out)!r}: the plot is written as PNG, PDF or SVG. HINT: end the path with .png.", file=sys.stderr)

@@ -6,12 +6,10 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from distrib.model import params_sha256
 from distrib.task import TaskConfig, make_model
-from distrib.train import main
 from tests.helpers import REPO, child_env, read_metrics, read_summary, run_train
 
 # SGD, no dropout, 200 samples: 100 per rank at 2 processes, so each epoch ends on a short step
@@ -99,31 +97,6 @@ def test_debug_under_torchrun_is_refused(tmp_path):
     proc = run_train(["--debug", "--run.dir", str(tmp_path / "x")], nproc=2, check=False)
     assert proc.returncode != 0
     assert "--debug runs one process" in proc.stderr and not (tmp_path / "x").exists()
-
-
-@pytest.mark.parametrize(
-    "argv, needle",
-    [
-        (["--data.train_size", "0"], "data.train_size=0 must be > 0"),
-        (["--train.batch_size", "-1"], "train.batch_size=-1 must be > 0"),
-        (["--train.precision", "fp8"], "train.precision='fp8' is not one of"),
-        (["--train.epoch", "2"], "Did you mean 'train.epochs'"),
-        (["--dist.backend", "nccl", "--run.device", "cpu"], "dist.backend='nccl' needs CUDA"),
-    ],
-)
-def test_bad_input_exits_2_with_the_fix_and_writes_nothing(tmp_path, capsys, argv, needle):
-    run = tmp_path / "never"
-    assert main([*argv, "--run.dir", str(run)]) == 2
-    err = capsys.readouterr().err
-    assert needle in err and "HINT" in err
-    assert not run.exists()
-
-
-def test_bad_environment_exits_2(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("RANK", "0")
-    assert main(["--run.dir", str(tmp_path / "never")]) == 2
-    assert "WORLD_SIZE is not set" in capsys.readouterr().err
-    assert not (tmp_path / "never").exists()
 
 
 def test_dataset_smaller_than_world_size_under_torchrun(tmp_path):
