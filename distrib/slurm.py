@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 from distrib.env import expand_hostlist, slurm_port
 from distrib.errors import ConfigError
 from distrib.logs import STOPPED_FILE
-from distrib.stop import EXIT_STOPPED
+from distrib.stop import EXIT_STOPPED, torchrun_signal_flag
 
 DEFAULT_MAX_REQUEUES = 20
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -57,6 +57,7 @@ class JobPlan:
             "DISTRIB_NPROC_PER_NODE": self.nproc_per_node,
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": self.master_port,
+            "DISTRIB_TORCHRUN_SIGNALS": torchrun_signal_flag(),
         }
         return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in values.items())
 

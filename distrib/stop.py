@@ -66,6 +66,22 @@ class StopRequest:
         self.set(signum)
 
 
+LAUNCHER_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""What torchrun's agent must pass on to its workers; its default lacks SIGUSR1, which kills the agent and orphans them."""
+
+
+def torchrun_signal_flag() -> str:
+    """`--signals-to-handle=...` where this torch's torchrun has the flag (it then overrides the
+    TORCHELASTIC_SIGNALS_TO_HANDLE variable that older versions read); else ''. The launchers pass it."""
+    import dataclasses
+
+    from torch.distributed.launcher.api import LaunchConfig
+
+    if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)}:
+        return f"--signals-to-handle={LAUNCHER_SIGNALS}"
+    return ""
+
+
 def ignore_stop_signals() -> None:
     """Ignore SIGTERM, SIGUSR1 and SIGINT in this process: what a DataLoader worker needs (see the module doc)."""
     for s in STOP_SIGNALS:

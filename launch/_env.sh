@@ -1,11 +1,13 @@
 # Sourced by the launchers: the interpreter, processes per node, and one thread per CPU rank.
 # $1: processes per node when there is no GPU.
 PYTHON=${PYTHON:-python}
-read -r GPUS < <("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')
-# torchrun's agent passes these on to its workers; by default SIGUSR1 (Slurm's warning signal, or
-# yours) would kill the agent itself and orphan the workers. distrib stops gracefully on SIGTERM,
-# SIGUSR1 and SIGINT; torchrun gives the workers 30 s after a signal before it SIGKILLs them.
-export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+# torchrun's agent passes the stop signals on to its workers only if told to: by default SIGUSR1
+# (Slurm's warning signal, or yours) kills the agent itself and orphans the workers. Newer torch
+# reads the --signals-to-handle flag ($TORCHRUN_SIGNALS), older the variable. distrib stops
+# gracefully on SIGTERM, SIGUSR1 and SIGINT; torchrun SIGKILLs the workers 30 s after a signal.
+read -r GPUS TORCHRUN_SIGNALS < <("$PYTHON" -c 'import torch; from distrib.stop import torchrun_signal_flag as f; print(torch.cuda.device_count() if torch.cuda.is_available() else 0, f() or "-")')
+[[ $TORCHRUN_SIGNALS == - ]] && TORCHRUN_SIGNALS=
+export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([[ $GPUS -gt 0 ]] && echo "$GPUS" || echo "$1")}
 if [[ $GPUS == 0 ]]; then
     # One thread per rank: N CPU ranks each using every core would oversubscribe the machine.

@@ -4,6 +4,6 @@
 # `python -m distrib.train` (e.g. --train.epochs 2 --run.dir runs/exp1).
 set -euo pipefail
 source "$(dirname "$0")/_env.sh" 2
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m torch.distributed.run ${TORCHRUN_SIGNALS:+"$TORCHRUN_SIGNALS"} \
     --standalone --nproc_per_node="$NPROC_PER_NODE" \
     -m distrib.train "$@"

@@ -9,7 +9,7 @@
 # when it is unset. Arguments pass through to `python -m distrib.train`.
 set -euo pipefail
 source "$(dirname "$0")/_env.sh" 1
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m torch.distributed.run ${TORCHRUN_SIGNALS:+"$TORCHRUN_SIGNALS"} \
     --nnodes="${NNODES:-1}" --nproc_per_node="$NPROC_PER_NODE" ${NODE_RANK:+--node_rank="$NODE_RANK"} \
     --rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" --rdzv_id="${RDZV_ID:-distrib}" \
     -m distrib.train "$@"

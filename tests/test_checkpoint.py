@@ -191,25 +191,90 @@ def test_killed_job_with_a_truncated_newest_checkpoint_resumes_from_the_previous
     assert steps == sorted(set(steps))  # lines logged after the checkpoint by the killed run were dropped
 
 
-def test_sigterm_to_the_torchrun_agent_stops_at_a_step_checkpoints_and_a_relaunch_is_bit_exact(tmp_path, uninterrupted):
-    run = tmp_path / "stopped"
-    # No periodic checkpoints in this run: the only mid-epoch one is the stop's.
-    proc = _launch(run, extra=["--ckpt.every", "100000"])
+def _wait_for_training(run, proc) -> None:
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").exists() or '"train"' not in (run / "metrics.jsonl").read_text():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGTERM)  # the agent; it forwards SIGTERM to both workers
+
+
+def _all_gone(pids: list[int], within_s: float = 15) -> list[int]:
+    """The pids still running after `within_s` (DataLoader workers notice a dead parent within ~5 s)."""
+    deadline = time.monotonic() + within_s
+    while (alive := [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in _proc_state(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive
+
+
+# The signal goes to the launcher, which passes it on to each rank's whole process group (torch 2.13
+# starts each worker in a session of its own and signals it with killpg), DataLoader workers included.
+@pytest.mark.parametrize("workers, sig, launcher", [(0, signal.SIGTERM, "torchrun"), (2, signal.SIGUSR1, "launch/local.sh")])
+def test_a_stop_signal_to_the_launcher_checkpoints_at_a_step_and_a_relaunch_is_bit_exact(tmp_path, uninterrupted, workers, sig, launcher):
+    run = tmp_path / "stopped"
+    # No periodic checkpoints in this run: the only mid-epoch one is the stop's.
+    extra = ["--ckpt.every", "100000", "--data.num_workers", str(workers)]
+    if launcher == "torchrun":
+        proc = _launch(run, extra=extra)
+    else:
+        cmd = ["bash", str(REPO / launcher), *RESUME, *extra, "--run.dir", str(run)]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(PYTHON=sys.executable), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    _wait_for_training(run, proc)
+    tree = [proc.pid, *_descendants(proc.pid)]  # the agent, its ranks, and their DataLoader workers
+    assert len(tree) >= 3 + 2 * workers, tree
+    os.kill(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
     assert not (run / "summary.json").exists(), "the run finished before the signal: the test proved nothing"
+    assert "is killed by signal" not in out and "exited unexpectedly" not in out, out[-3000:]  # no DataLoader worker died of it
     stop_step = int(re.search(r"\[rank0\] stopped at step (\d+)/", out).group(1))
     assert stop_step % 50 == 0, "ranks agree at a log interval (train.log_every=50)"
-    assert "received by 2 of 2 ranks" in out
+    assert f"{sig.name} received by 2 of 2 ranks" in out
+    assert json.loads((run / "stopped.json").read_text()) == {"step": stop_step, "signal": sig.name, "exit_status": EXIT_STOPPED}
     assert [p.name for p in ck.candidates(run / "checkpoints")] == [f"step-{stop_step:09d}"]
     assert f"Exit status {EXIT_STOPPED}" in out
+    assert _all_gone(tree) == [], "the launcher left processes behind"
     out = run_train([*RESUME, "--run.dir", str(run)], nproc=2)
     assert f"resumed from {ck.step_dir(run / 'checkpoints', stop_step)}" in out.stdout
     assert read_summary(run)["params_sha256"] == uninterrupted["params_sha256"]
+
+
+INTERACTIVE = [*RESUME, "--data.train_size", "8192", "--train.log_every", "10", "--data.num_workers", "2"]
+
+
+def test_ctrl_c_with_dataloader_workers_stops_with_a_checkpoint_and_a_second_one_aborts(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: the rank and its workers."""
+    run_train([*INTERACTIVE, "--run.dir", str(tmp_path / "whole")], nproc=1)
+    run = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "distrib.train", *INTERACTIVE, "--run.dir", str(run)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _wait_for_training(run, proc)
+    tree = [proc.pid, *_descendants(proc.pid)]
+    assert len(tree) >= 3, tree  # the rank and 2 workers (and the wandb process)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, out[-3000:]
+    assert "Ctrl-C: stopping at the next log interval" in out and "SIGINT received by 1 of 1 ranks" in out
+    assert "KeyboardInterrupt" not in out and "is killed by signal" not in out
+    assert json.loads((run / "stopped.json").read_text())["signal"] == "SIGINT"
+    assert _all_gone(tree) == []
+    out = run_train([*INTERACTIVE, "--run.dir", str(run)], nproc=1)
+    assert "resumed from" in out.stdout
+    assert read_summary(run)["params_sha256"] == read_summary(tmp_path / "whole")["params_sha256"]
+    # Ctrl-C twice, a human's second apart: the run aborts at once, without its stop checkpoint.
+    aborted = tmp_path / "aborted"
+    cmd = [sys.executable, "-m", "distrib.train", *INTERACTIVE, "--train.log_every", "100000", "--data.train_size", "65536", "--run.dir", str(aborted)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    while not (aborted / "config.json").exists():
+        assert proc.poll() is None
+        time.sleep(0.02)
+    tree = [proc.pid, *_descendants(proc.pid)]
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(1.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in out, out[-3000:]
+    assert not (aborted / "stopped.json").exists() and not (aborted / "summary.json").exists()
+    assert _all_gone(tree) == []
 
 
 def test_sigterm_and_sigusr1_exit_with_the_documented_status(tmp_path):
