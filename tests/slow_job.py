@@ -2,6 +2,7 @@
 
 SLOW_RANK: the rank whose samples are slow (-1 none, -2 every rank); SLOW_MS: delay per sample;
 SLEEP_AT / SLEEP_S: that rank also sleeps SLEEP_S seconds on its SLEEP_AT-th sample (a "hang").
+SLOW_EVAL_MS: delay per eval sample on every rank; EVAL_MARKER: a file created when the eval starts.
 """
 
 from __future__ import annotations
@@ -38,12 +39,28 @@ class SlowDataset(torch.utils.data.Dataset):
         return self.base[i]
 
 
+class SlowEval(torch.utils.data.Dataset):
+    def __init__(self, base: torch.utils.data.Dataset) -> None:
+        self.base = base
+        self.delay = float(os.environ.get("SLOW_EVAL_MS", "0")) / 1000
+        self.marker = os.environ.get("EVAL_MARKER")
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        if self.marker:
+            open(self.marker, "a").close()
+        time.sleep(self.delay)
+        return self.base[i]
+
+
 def main() -> int:
     torch.set_num_threads(1)
     cfg = distrib.parse_config(sys.argv[1:], sections={"task": TaskConfig, "data": TaskDataConfig})
     train, evaluation = make_datasets(cfg.task, train_size=cfg.data.train_size, eval_size=cfg.data.eval_size, seed=cfg.seed)
     model = make_model(cfg.task, seed=cfg.seed)
-    distrib.fit(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_data=SlowDataset(train), eval_data=evaluation)
+    distrib.fit(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_data=SlowDataset(train), eval_data=SlowEval(evaluation))
     return 0
 
 

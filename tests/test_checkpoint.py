@@ -109,7 +109,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from distrib.stop import EXIT_STOPPED  # noqa: E402
-from tests.helpers import REPO, child_env, read_summary, rewind, run_train  # noqa: E402
+from tests.helpers import REPO, child_env, read_metrics, read_summary, rewind, run_train  # noqa: E402
 
 RESUME = ["--task.dropout", "0.1", "--train.grad_accum", "2", "--train.batch_size", "16", "--train.epochs", "2",
           "--data.train_size", "16384", "--data.eval_size", "256", "--ckpt.every", "37", "--train.log_every", "50"]
@@ -236,6 +236,32 @@ def test_a_stop_signal_to_the_launcher_checkpoints_at_a_step_and_a_relaunch_is_b
     out = run_train([*RESUME, "--run.dir", str(run)], nproc=2)
     assert f"resumed from {ck.step_dir(run / 'checkpoints', stop_step)}" in out.stdout
     assert read_summary(run)["params_sha256"] == uninterrupted["params_sha256"]
+
+
+def test_an_eval_under_way_gives_way_to_a_stop_and_the_resumed_run_evaluates_again(tmp_path):
+    """An eval can outlast torchrun's 30 s grace after a signal: it must yield, not be SIGKILLed without a checkpoint."""
+    run, marker = tmp_path / "run", tmp_path / "eval-started"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "tests/slow_job.py"),
+           "--data.train_size", "2048", "--data.eval_size", "64", "--train.batch_size", "32", "--train.eval_batch_size", "4",
+           "--train.epochs", "2", "--train.log_every", "8", "--run.dir", str(run)]
+    # Each rank's eval is 8 batches of 4 samples at 0.25 s each: 8 s, in which the stop must be taken.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(SLOW_EVAL_MS="250", EVAL_MARKER=str(marker)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _wait_for_training(run, proc)
+    marker.unlink(missing_ok=True)  # the pre-flight probe read an eval batch before training
+    while not marker.exists():
+        assert proc.poll() is None
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "SIGTERM received during the eval at step 32" in out, out[-3000:]
+    assert json.loads((run / "stopped.json").read_text())["step"] == 32  # the end of epoch 0: 2048 / (2 x 32)
+    assert not [r for r in read_metrics(run) if r["kind"] == "eval"]  # the interrupted eval logged nothing
+    done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and "resumed from" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    evals = [(r["step"], r["epoch"], r["count"]) for r in read_metrics(run) if r["kind"] == "eval"]
+    assert evals == [(32, 0, 64), (64, 1, 64)]  # epoch 0's eval ran once, after the resume, with every sample
+    assert read_summary(run)["epochs_completed"] == 2
 
 
 INTERACTIVE = [*RESUME, "--data.train_size", "8192", "--train.log_every", "10", "--data.num_workers", "2"]
