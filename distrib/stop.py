@@ -83,9 +83,23 @@ def torchrun_signal_flag() -> str:
 
 
 def ignore_stop_signals() -> None:
-    """Ignore SIGTERM, SIGUSR1 and SIGINT in this process: what a DataLoader worker needs (see the module doc)."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    """For a DataLoader worker: ignore SIGUSR1 and SIGINT, and a SIGTERM from anyone but its parent.
+
+    The parent's SIGTERM must still end it: at exit, Python's multiprocessing terminates its daemonic
+    children (the workers) with SIGTERM and then joins them without a timeout. So SIGTERM is blocked
+    and a thread takes it with `sigwaitinfo`, which names the sender (as torch's own C handler does).
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="distrib-worker-sigterm", daemon=True).start()
 
 
 @contextlib.contextmanager

@@ -117,6 +117,9 @@ class ProcessTracker(Tracker):
             while (item := self._queue.get()) is not _FINISH:
                 self._proc.stdin.write(json.dumps(item, default=str) + "\n")
                 self._proc.stdin.flush()
+            # An explicit end, not just EOF: DataLoader workers forked after this process started
+            # hold a copy of the pipe's write end, so EOF can come long after the run ended.
+            self._proc.stdin.write(json.dumps("end") + "\n")
             self._proc.stdin.close()
         except (OSError, ValueError):  # the process is gone: nothing more to send
             pass

@@ -31,6 +31,10 @@ def _start(args: dict[str, Any]) -> Any:
     return run
 
 
+END = '"end"'
+"""The line that ends the stream (distrib.tracking sends it)."""
+
+
 def main() -> int:
     lines = iter(sys.stdin)
     run = None
@@ -42,6 +46,8 @@ def main() -> int:
         os.write(int(sys.argv[1]), b"1")
         os.close(int(sys.argv[1]))
     for line in lines:
+        if line.strip() == END:
+            break  # not EOF: forked DataLoader workers may hold the pipe's write end open for a while
         if run is None:
             continue
         record = json.loads(line)
