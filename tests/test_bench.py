@@ -91,3 +91,10 @@ def test_defaults_cost_smoke_runs_every_variant(tmp_path):
     assert set(results) == {"hand", "distrib", "ckpt10_async", "ckpt10_sync"}
     assert all(len(r["wall_s"]) == 1 and r["first_step_s"][0] > 0 and r["loop_s"][0] > 0 for r in results.values())
     assert (tmp_path / "defaults-smoke.md").read_text().count("|") > 20 and (tmp_path / "defaults-smoke.png").stat().st_size > 5_000
+
+
+def test_lm_benchmark_smoke_runs_the_hand_loop_and_distrib(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench/lm.py"), "--smoke"], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "round 1/1 hand" in done.stdout and "round 1/1 distrib" in done.stdout and "distrib / hand step time: median" in done.stdout
