@@ -82,7 +82,7 @@ def commit(root: Path, step: int, *, world_size: int, keep: int, meta: dict[str,
         shutil.rmtree(final)
     os.replace(staging, final)
     fsync_dir(root)
-    prune(root, keep)
+    prune(root, keep, upto=step)
     return final
 
 
@@ -122,8 +122,14 @@ def newest_good(root: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def prune(root: Path, keep: int) -> None:
-    for old in candidates(root)[keep:]:
+def prune(root: Path, keep: int, upto: int | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints at or below step `upto` (the one just committed).
+
+    A directory with a higher step is not this run's (junk, or a copy): it neither takes a slot
+    nor is deleted, so it can never push this run's good checkpoints out.
+    """
+    mine = [p for p in candidates(root) if upto is None or int(_STEP_DIR.fullmatch(p.name).group(1)) <= upto]  # type: ignore[union-attr]
+    for old in mine[keep:]:
         shutil.rmtree(old, ignore_errors=True)
 
 

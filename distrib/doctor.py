@@ -181,7 +181,9 @@ def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, st
     addr = env.get("MASTER_ADDR", addr)
     port = _int(env, "MASTER_PORT") or port
     facts.append(("master", f"{addr}:{port}"))
-    if not probes.resolves(addr):
+    if not 0 < port < 65536:
+        found.append(Finding("error", f"MASTER_PORT={port} is not a TCP port.", "export MASTER_PORT=<a free port between 1024 and 65535>"))
+    elif not probes.resolves(addr):
         found.append(Finding("error", f"MASTER_ADDR={addr} does not resolve on this host.", "use a hostname or IP every node can reach"))
     elif probes.is_local(addr) and not torchrun and denv.rank == 0 and probes.port_in_use(addr, port):
         # Under torchrun the agent's store listens there already; elsewhere rank 0 is about to bind it.

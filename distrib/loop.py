@@ -72,6 +72,7 @@ class Trainer:
         self._saved_step: tuple[int, int] = (-1, -1)
         self._eval_step = -1  # the training step of the last finished eval
         self._prepared = False
+        self._own_scheduler = False  # built from optim.* by fit (not the user's)
         self._lr = 0.0
 
     # ------------------------------------------------------------------ set-up
@@ -114,7 +115,15 @@ class Trainer:
             self._eval_step = saved["eval_step"]
             # Counted from where the checkpoint is: after a change of world size (or batch size) the
             # steps already taken were of another size, and the run still ends at the same epoch.
-            self.total_steps = min(cfg.train.max_steps or 2**62, loader.step + loader.steps_left(cfg.train.epochs))
+            total = min(cfg.train.max_steps or 2**62, loader.step + loader.steps_left(cfg.train.epochs))
+            if total != self.total_steps and self._own_scheduler:
+                # fit's own schedule must end at the run's real last step: same position, new length.
+                position, rates = self.scheduler.state_dict(), [g["lr"] for g in self.optimizer.param_groups]
+                self.scheduler = build_scheduler(cfg.optim, self.optimizer, total)  # (construction resets the rates)
+                self.scheduler.load_state_dict(position)
+                for group, rate in zip(self.optimizer.param_groups, rates):
+                    group["lr"] = rate
+            self.total_steps = total
         self.watchdog = Watchdog(cfg.train.hang_timeout_s, s.rank)
         s.defer(self.watchdog.close)  # also when only prepare() and evaluate() ran
         want_bar = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
@@ -135,6 +144,7 @@ class Trainer:
             self.optimizer = build_optimizer(optim_cfg, self.model.parameters())
             if self.scheduler is None:
                 self.scheduler = build_scheduler(optim_cfg, self.optimizer, self.total_steps)
+                self._own_scheduler = True
 
     def _probe(self, sample: Any, size_key: str) -> None:
         """Run the model on one batch before anything is written, so a call that cannot work fails now.

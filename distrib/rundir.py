@@ -2,15 +2,16 @@
 
 - `check_run_dir`: before anything is written, run.dir must be a directory this user can create
   and write (not a file, not under a file, not read-only).
-- `RunLock`: rank 0 holds an exclusive `flock` on `run.dir/.distrib.lock` for the run's life. A
+- `RunLock`: rank 0 holds an exclusive POSIX record lock (`lockf`) on `run.dir/.distrib.lock` for the run's life. A
   second run on the same directory is refused at once, naming the holder (host, pid, start).
   The kernel drops the lock when its holder dies, however it dies, so a lock file left by a
   killed run is taken over with a note. The lock file is removed when the run ends.
 - `set_aside`: `--ckpt.resume never` in a directory that holds a previous run moves that run's
   files into `run.dir/previous/<time>/` instead of mixing (or deleting) them.
 
-`flock` is reliable on local disks and on NFSv4 and Lustre mounts with locking enabled (Linux maps it
-onto POSIX locks there); a file system mounted without locks makes every run look like the only one.
+A POSIX lock, not `flock`: it belongs to the process, so DataLoader workers forked from rank 0 do not
+inherit it (a worker that outlives a killed rank by a second would otherwise hold the lock), and
+NFS and Lustre implement it. A file system mounted without locks makes every run look like the only one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def check_run_dir(run_dir: str | Path) -> None:
     """Raise ConfigError unless `run_dir` is, or can be made, a directory this process can write."""
     path = Path(run_dir)
     hint = "HINT: pass --run.dir a new or writable directory (e.g. runs/exp1)."
+    too_long = [part for part in path.parts if len(os.fsencode(part)) > 255]
+    if too_long:
+        raise ConfigError(f"run.dir: the name {too_long[0][:40]!r}... has {len(os.fsencode(too_long[0]))} bytes; file systems allow 255. {hint}")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run.dir={str(run_dir)!r} is a file, not a directory. {hint}")
     existing = path
@@ -76,9 +80,12 @@ class RunLock:
             raise ConfigError(f"run.dir={str(self.dir)!r} cannot be created: {exc.strerror}. HINT: pass --run.dir a writable directory.") from None
         path = self.dir / LOCK_FILE
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise ConfigError(f"run.dir={str(self.dir)!r}: cannot create its lock file: {exc.strerror}. HINT: pass --run.dir a writable directory.") from None
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 holder = _read(fd)
                 os.close(fd)

@@ -387,6 +387,10 @@ class Session:
                 changed += [f"{key} {c}" for c in apply_hparams(value, started, self._hparams[key], schedulers)]
         if diff:
             log.info(f"resuming with a changed config: {describe_diff(diff)} (applied{'; ' + ', '.join(changed) if changed else ''})")
+        regrouped = [k for k in ("train.batch_size", "train.grad_accum") if k in diff]
+        if regrouped:
+            log.warning(f"resuming with another {' and '.join(regrouped)}: training continues at the same number of samples seen, "
+                        "but the result will not be bit-identical to an uninterrupted run")
         self.precision.scaler.load_state_dict(shared["scaler"])
         self._run_id = shared.get("logger_run_id")
         if same_world:
@@ -406,9 +410,12 @@ class Session:
         if self.is_rank_zero:
             try:
                 self._lock.acquire()
-                if self.cfg.ckpt.resume == "never":
-                    set_aside(self.cfg.run.dir)
-                path = checkpoint.resolve_resume(self.cfg.ckpt.resume, self.ckpt_root)
+                resume = self.cfg.ckpt.resume
+                if resume != "auto":
+                    # `never` and an explicit checkpoint both start a new line of checkpoints here: the
+                    # previous run's files go aside, so the two never mix (and its checkpoints never win).
+                    resume = _moved(resume, self.cfg.run.dir, set_aside(self.cfg.run.dir))
+                path = checkpoint.resolve_resume(resume, self.ckpt_root)
                 choice = str(path) if path is not None else None
             except ConfigError as exc:
                 choice = exc
@@ -424,6 +431,17 @@ def _state_of(value: Any) -> Any:
     if hasattr(value, "state_dict"):
         return value.state_dict()
     return value
+
+
+def _moved(resume: str, run_dir: str, aside: Path | None) -> str:
+    """`ckpt.resume` after the run directory's files went `aside`: a checkpoint that was among them moved too."""
+    if aside is None or resume == "never":
+        return resume
+    try:
+        inside = Path(resume).resolve().relative_to(Path(run_dir).resolve())
+    except ValueError:
+        return resume
+    return str(aside / inside)
 
 
 def _unwrapped(value: Any) -> Any:

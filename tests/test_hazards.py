@@ -23,7 +23,7 @@ from torch import nn
 
 from distrib import doctor, report
 from distrib import checkpoint as ck
-from distrib.errors import BatchError
+from distrib.errors import BatchError, ConfigError
 from distrib.rundir import LOCK_FILE, RunLock
 from distrib.slurm import submit_main
 from distrib.train import main
@@ -71,6 +71,7 @@ BAD_INPUT = [
     (["stray"], "Unexpected argument 'stray'"),
     (["--run.dir", "{a_file}"], "is a file, not a directory"),
     (["--run.dir", "{a_file}/run"], "cannot be created"),
+    (["--run.dir", "runs/" + "x" * 300], "has 300 bytes; file systems allow 255"),
     (["--config", "{latin1.yaml}"], "is not UTF-8 text"),
     (["--config", "{a_dir}"], "is a directory. HINT: pass the config file itself"),
     (["--config", "{scalar.toml}"], "'train' is a section, not a value"),
@@ -217,6 +218,31 @@ def test_resume_never_sets_the_previous_run_aside_and_never_mixes_checkpoints(tm
     assert read_summary(run)["optimizer_steps"] == 7
 
 
+def test_an_explicit_checkpoint_sets_the_previous_run_aside_too(tmp_path, capsys, finished):
+    other = _copy(finished, tmp_path)  # a run whose checkpoint we start from
+    run = tmp_path / "used"
+    shutil.copytree(finished, run)  # a finished run already in the directory we train in
+    start = ck.step_dir(other / "checkpoints", 8)
+    assert main([*SMALL, *SAME, "--seed", "7", "--ckpt.resume", str(start), "--train.max_steps", "12", "--run.dir", str(run)]) == 0
+    said = _said(capsys)
+    assert f"resumed from {start}" in said and "moved to" in said
+    assert [p.name for p in ck.candidates(run / "checkpoints")] == ["step-000000012"]  # not the old run's 16
+    (aside,) = (run / "previous").iterdir()
+    assert [p.name for p in ck.candidates(aside / "checkpoints")][0] == "step-000000016"
+    # A checkpoint inside the directory itself is followed to where it was moved.
+    assert main([*SMALL, *SAME, "--ckpt.resume", str(run / "checkpoints" / "step-000000012"), "--run.dir", str(run)]) == 0
+    assert "resumed from" in _said(capsys) and read_summary(run)["optimizer_steps"] == 16
+
+
+def test_a_foreign_higher_step_directory_never_pushes_good_checkpoints_out(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-999999999").mkdir(parents=True)  # junk: no manifest
+    for step in (10, 20, 30):
+        ck.save(root, step, rank=0, world_size=1, keep=2, shared={"w": torch.zeros(1)}, per_rank={})
+    assert [p.name for p in ck.candidates(root)] == ["step-999999999", "step-000000030", "step-000000020"]
+    assert ck.newest_good(root)[1]["step"] == 30
+
+
 # --------------------------------------------------------------------------- one writer per run.dir
 
 
@@ -240,6 +266,25 @@ def test_a_second_run_on_a_live_run_dir_exits_2_naming_the_holder(tmp_path, caps
     assert main([*SMALL, *SAME, "--run.dir", str(run)]) == 0
     assert f"taking over the lock left by host {socket.gethostname()}, pid {holder.pid}" in _said(capsys)
     assert not (run / LOCK_FILE).exists()
+
+
+def test_a_forked_child_that_outlives_the_holder_does_not_hold_the_lock(tmp_path):
+    """DataLoader workers are forked from rank 0 and may outlive a killed rank for a moment."""
+    code = ("import os, sys, time; from distrib.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "child = os.fork()\nif child == 0: time.sleep(30); os._exit(0)\nprint(child, flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(ConfigError, match=f"pid {holder.pid}"):
+            RunLock(tmp_path / "run").acquire()
+        holder.kill()
+        holder.wait()
+        assert os.path.exists(f"/proc/{child}")  # the child still runs, with the lock file open
+        lock = RunLock(tmp_path / "run")
+        lock.acquire()  # at once: the lock went with its holder
+        lock.release()
+    finally:
+        os.kill(child, 9)
 
 
 def test_the_lock_is_released_and_a_run_dir_made_only_for_it_removed(tmp_path):
@@ -310,6 +355,7 @@ def test_rendezvous_failures_exit_1_with_the_address_and_a_hint(tmp_path):
 
 DOCTOR = [
     ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT are not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"}, "MASTER_PORT=99999 is not a TCP port"),
     ({"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n[1-"}, "SLURM_JOB_NODELIST='n[1-' is malformed"),
     ({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "n[1-"}, "unbalanced brackets"),
     ({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "localhost"}, "the batch shell of Slurm job 5"),
@@ -360,7 +406,7 @@ def test_wandb_auto_looks_for_credentials_of_the_host_wandb_is_configured_for(tm
 
 
 def test_a_one_process_checkpoint_resumed_on_two_completes_the_same_epochs(tmp_path):
-    args = [*SMALL, "--data.train_size", "1024", "--train.epochs", "2", "--ckpt.every", "5", "--ckpt.keep", "100"]
+    args = [*SMALL, "--data.train_size", "1024", "--train.epochs", "2", "--ckpt.every", "5", "--ckpt.keep", "100", "--train.log_every", "1"]
     run = tmp_path / "run"
     run_train([*args, "--run.dir", str(run)], nproc=1)
     rewind(run, 20)  # 1 process: 32 steps per epoch; died at step 20 of epoch 0
@@ -372,3 +418,5 @@ def test_a_one_process_checkpoint_resumed_on_two_completes_the_same_epochs(tmp_p
     assert [(r["epoch"], r["count"]) for r in evals] == [(0, 64), (1, 64)]
     # 20 steps of 32 samples, then (1024 - 640) / 64 = 6 steps of epoch 0 and 16 of epoch 1 at 2 x 32.
     assert s["optimizer_steps"] == 20 + 6 + 16
+    lrs = [r["lr"] for r in read_metrics(run) if r["kind"] == "train"]
+    assert 0 < lrs[-1] < 0.01 * max(lrs), lrs  # fit's cosine schedule ends at the run's real last step, not before or after
