@@ -34,7 +34,8 @@ ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "26
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runner", choices=("hand", "distrib"), help="(a torchrun worker) which loop to run")
+    p.add_argument("--runner", choices=("hand", "distrib", "distrib_mean"), help="(a torchrun worker) which loop to run")
+    p.add_argument("--loops", default="hand,distrib", help="the loops to compare: hand, distrib, distrib_mean (per-batch mean loss, no token count)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=16, help="windows per process per step")
     p.add_argument("--warmup", type=int, default=10)
@@ -112,8 +113,11 @@ def run_distrib(args: argparse.Namespace) -> None:
             "run.dir": run_dir, "run.device": "cpu", "train.batch_size": args.batch, "train.epochs": 1, "train.max_steps": total,
             "train.log_every": args.log_every, "data.drop_last": True, "ckpt.every": None, "ckpt.resume": "never", "wandb.mode": "disabled",
         })
-        summary = distrib.fit(cfg, model=model, optimizer=opt, scheduler=sched, train_data=train_set, items=distrib.label_tokens(shift=False))
-    report("distrib", args, clock, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), summary["eval"].get("loss"))
+        # distrib_mean: each micro-batch's own mean loss, as the hand loop has it (no token count, no extra all-reduce).
+        items = None if args.runner == "distrib_mean" else distrib.label_tokens(shift=False)
+        summary = distrib.fit(cfg, model=model, optimizer=opt, scheduler=sched, train_data=train_set, items=items,
+                              step_fn=(lambda m, b: m(**b)["loss"]) if items is None else None)
+    report(args.runner, args, clock, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), summary["eval"].get("loss"))
 
 
 def launch(runner: str, args: argparse.Namespace, out: Path) -> dict:
@@ -133,30 +137,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.runner == "hand":
         run_hand(args)
         return 0
-    if args.runner == "distrib":
+    if args.runner in ("distrib", "distrib_mean"):
         run_distrib(args)
         return 0
     if args.smoke:
         args.rounds, args.warmup, args.steps, args.log_every = 1, 2, 6, 3
     from run import rotated
 
-    step_s: dict[str, list[float]] = {"hand": [], "distrib": []}
+    loops = args.loops.split(",")
+    step_s: dict[str, list[float]] = {name: [] for name in loops}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for runner in rotated(["hand", "distrib"], r):  # alternating, rotated: drift of the machine hits both alike
+            for runner in rotated(loops, r):  # alternating, rotated: drift of the machine hits both alike
                 rec = launch(runner, args, Path(tmp) / f"{runner}.jsonl")
                 step_s[runner].append(1.0 / rec["steps_per_s"])
                 print(f"round {r + 1}/{args.rounds} {runner:8s} {1000 / rec['steps_per_s']:.2f} ms/step", flush=True)
     ratios = [d / h for d, h in zip(step_s["distrib"], step_s["hand"])]
+    others = {name: [x / h for x, h in zip(v, step_s["hand"])] for name, v in step_s.items() if name not in ("hand", "distrib")}
     result = {
         "date": datetime.date.today().isoformat(), "host": platform.node(), "cpus": os.cpu_count(), "processes": 2, "backend": "gloo",
         "batch_per_process": args.batch, "warmup": args.warmup, "steps": args.steps, "step_s": step_s, "ratio_per_round": ratios,
         "median_ms": {k: 1000 * statistics.median(v) for k, v in step_s.items()},
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "other_ratios_median": {k: statistics.median(v) for k, v in others.items()},
     }
     table = (f"| loop | median ms/step | min | max |\n|---|---|---|---|\n" + "".join(
         f"| {k} | {1000 * statistics.median(v):.2f} | {1000 * min(v):.2f} | {1000 * max(v):.2f} |\n" for k, v in step_s.items())
-        + f"\ndistrib / hand step time: median {result['ratio_median']:.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)})\n")
+        + f"\ndistrib / hand step time: median {result['ratio_median']:.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)})\n"
+        + "".join(f"{k} / hand step time: median {statistics.median(v):.3f} (rounds: {', '.join(f'{x:.3f}' for x in v)})\n" for k, v in others.items()))
     print(table)
     if args.smoke:
         return 0
