@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         "other_ratios_median": {k: statistics.median(v) for k, v in others.items()},
     }
-    table = (f"| loop | median ms/step | min | max |\n|---|---|---|---|\n" + "".join(
+    table = ("| loop | median ms/step | min | max |\n|---|---|---|---|\n" + "".join(
         f"| {k} | {1000 * statistics.median(v):.2f} | {1000 * min(v):.2f} | {1000 * max(v):.2f} |\n" for k, v in step_s.items())
         + f"\ndistrib / hand step time: median {result['ratio_median']:.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)})\n"
         + "".join(f"{k} / hand step time: median {statistics.median(v):.3f} (rounds: {', '.join(f'{x:.3f}' for x in v)})\n" for k, v in others.items()))
