@@ -441,7 +441,7 @@ def _moved(resume: str, run_dir: str, aside: Path | None) -> str:
         inside = Path(resume).resolve().relative_to(Path(run_dir).resolve())
     except ValueError:
         return resume
-    return str(aside / inside)
+    return str(aside / inside) if (aside / inside).exists() else resume
 
 
 def _unwrapped(value: Any) -> Any:
