@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
+import multiprocessing.context
 import random
+import signal
 import time
 from typing import Any, Callable, Iterator, Sized
 
@@ -84,6 +87,32 @@ def init_worker(worker_id: int) -> None:
     np.random.seed(s)
 
 
+class _DeafForkProcess(multiprocessing.context.ForkProcess):
+    """A DataLoader worker forked with SIGTERM blocked, so it is deaf to it from its first instruction.
+
+    `init_worker` then takes SIGTERM in a thread that obeys only the parent; without this, a signal
+    in the moments between the fork and `init_worker` met torch's own handler, which exits on anyone's.
+    """
+
+    def start(self) -> None:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _DeafForkContext(multiprocessing.context.ForkContext):
+    Process = _DeafForkProcess  # type: ignore[assignment]
+
+
+def _worker_context() -> Any:
+    """The context DataLoader workers start from: the deaf fork where fork is the default, else the default."""
+    # allow_none=True: asking must not fix the start method for the user's own code.
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return _DeafForkContext() if method == "fork" else None
+
+
 @dataclasses.dataclass(kw_only=True)
 class LoaderOptions:
     batch_size: int
@@ -98,6 +127,7 @@ def _dataloader(dataset: Dataset, sampler: Sampler[int], opts: LoaderOptions, *,
     kwargs: dict[str, Any] = {}
     if opts.num_workers > 0:
         kwargs["persistent_workers"] = opts.persistent_workers
+        kwargs["multiprocessing_context"] = _worker_context()
         if opts.prefetch_factor is not None:
             kwargs["prefetch_factor"] = opts.prefetch_factor
     return DataLoader(

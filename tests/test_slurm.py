@@ -182,12 +182,11 @@ def _trained_past(run: Path, step: int) -> bool:
 #   answers a SIGTERM by killing the step, so a TERM to the batch shell too, scancel --full --signal=TERM,
 #   cannot be graceful.)
 # One job for both keeps CI a minute shorter and covers a second requeue of the same job.
-# The first instance loads data with 2 DataLoader workers per rank (scancel --full signals them too: they
-# must not die of it), the second with none: the config file the job reads is rewritten in between.
-# (TERM to the steps with workers failed once in CI: a worker died of SIGTERM; open in #13.)
+# The first instance loads data with no DataLoader workers, the second with 2 per rank, which the TERM to
+# the job's steps reaches too (they must not die of it): the config file the job reads is rewritten in between.
 def test_signals_checkpoint_requeue_resume_twice_and_match_the_uninterrupted_run(cluster, tmp_path, local_long):
     config = tmp_path / "workers.toml"
-    config.write_text("[data]\nnum_workers = 2\n")
+    config.write_text("[data]\nnum_workers = 0\n")
     job, done = _sbatch(tmp_path, "--nodes=2", str(REPO / "slurm/train.sbatch"), *LONG, "--config", str(config), wait=False)
     assert done.returncode == 0, done.stderr
     run = tmp_path / "runs" / f"slurm-{job}"
@@ -207,7 +206,7 @@ def test_signals_checkpoint_requeue_resume_twice_and_match_the_uninterrupted_run
         stopped = json.loads((run / STOPPED_FILE).read_text())
         assert stopped["signal"] == f"SIG{sig}" and stopped["step"] % 8 == 0 and stopped["step"] > past, stopped
         assert (run / "checkpoints" / f"step-{stopped['step']:09d}").is_dir()
-        config.write_text("[data]\nnum_workers = 0\n")
+        config.write_text("[data]\nnum_workers = 2\n")
         assert _wait_state(job, ("PENDING", "RUNNING", "COMPLETED")) in ("PENDING", "RUNNING", "COMPLETED")
         _start_requeued_now(job)
         past = stopped["step"]
@@ -217,7 +216,7 @@ def test_signals_checkpoint_requeue_resume_twice_and_match_the_uninterrupted_run
     assert f"resumed from {run.relative_to(tmp_path)}/checkpoints/step-{past:09d}" in log, log
     assert not (run / STOPPED_FILE).exists()
     assert "is killed by signal" not in log and "exited unexpectedly" not in log
-    assert "resuming with a changed config: data.num_workers 2 -> 0 (applied)" in log
+    assert "resuming with a changed config: data.num_workers 0 -> 2 (applied)" in log
     assert read_summary(run)["params_sha256"] == local_long["params_sha256"]
     assert read_summary(run)["optimizer_steps"] == 60 * 32
 
