@@ -95,10 +95,15 @@ class ByteWindows(Dataset):
         return {"input_ids": chunk[:-1], "labels": chunk[1:]}
 
 
+def split(data: torch.Tensor, eval_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train on the start of the corpus, evaluate on its end (other files than the training ones)."""
+    cut = int(len(data) * (1 - eval_fraction))
+    return data[:cut], data[cut:]
+
+
 def datasets(cfg: GPTConfig) -> tuple[ByteWindows, ByteWindows]:
-    data = stdlib_bytes(cfg.corpus_mb)
-    cut = int(len(data) * (1 - cfg.eval_fraction))
-    return ByteWindows(data[:cut], cfg.context), ByteWindows(data[cut:], cfg.context)
+    train, held_out = split(stdlib_bytes(cfg.corpus_mb), cfg.eval_fraction)
+    return ByteWindows(train, cfg.context), ByteWindows(held_out, cfg.context)
 
 
 def unigram_nats(data: torch.Tensor) -> float:

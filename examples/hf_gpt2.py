@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import distrib
-from gpt import ByteWindows, stdlib_bytes  # the sibling example's data
+from gpt import ByteWindows, split, stdlib_bytes  # the sibling example's data
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -64,12 +64,10 @@ class CausalWindows(ByteWindows):
 def train(cfg: distrib.Config) -> dict[str, Any]:
     from transformers import GPT2LMHeadModel
 
-    data = stdlib_bytes(cfg.gpt2.corpus_mb)
-    cut = int(len(data) * (1 - cfg.gpt2.eval_fraction))
+    train, held_out = split(stdlib_bytes(cfg.gpt2.corpus_mb), cfg.gpt2.eval_fraction)
     torch.manual_seed(cfg.seed)
     model = GPT2LMHeadModel(gpt2_config(cfg.gpt2))
-    return distrib.fit(cfg, model=model, train_data=CausalWindows(data[:cut], cfg.gpt2.context),
-                       eval_data=CausalWindows(data[cut:], cfg.gpt2.context))
+    return distrib.fit(cfg, model=model, train_data=CausalWindows(train, cfg.gpt2.context), eval_data=CausalWindows(held_out, cfg.gpt2.context))
 
 
 if __name__ == "__main__":
