@@ -3,6 +3,8 @@
 Layout (one directory per checkpoint, `<run.dir>/checkpoints/step-000000123/`):
   state.pt          replicated state, written once by rank 0 (model, optimizer, scheduler, ...)
   rank-00000.pt     per-rank state (RNG), one per rank
+  sharded/          dist.strategy=fsdp only: models and optimizers as DCP shards, one file per rank
+                    (`__<rank>_0.distcp`) and `.metadata`; state.pt then holds the rest
   MANIFEST.json     written last: each file's size and sha256, the step and world size
 
 A checkpoint exists only once its directory has its final name *and* its manifest verifies. Files
@@ -31,6 +33,7 @@ from distrib.logs import log
 
 MANIFEST = "MANIFEST.json"
 _STEP_DIR = re.compile(r"step-(\d{9})")
+_PART = re.compile(r"\..+\.part\d+")  # distrib.fileio.write_atomic's temporary names
 
 
 class CheckpointError(RuntimeError):
@@ -69,7 +72,9 @@ def commit(root: Path, step: int, *, world_size: int, keep: int, meta: dict[str,
     Rank 0 only, after every rank has written its files (a barrier).
     """
     staging = staging_dir(root, step)
-    files = sorted(p.name for p in staging.iterdir() if p.is_file() and not p.name.startswith("."))
+    # Every file, in subdirectories too (an FSDP checkpoint's DCP shards, with their `.metadata`),
+    # but not a write_atomic temporary left by a failed write.
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file() and not _PART.fullmatch(p.name))
     manifest = {
         "step": step,
         "world_size": world_size,
@@ -215,8 +220,9 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
 
 def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared: dict[str, Any] | None, per_rank: dict[str, Any],
-         group: Any = None) -> None:
-    """Write one checkpoint from every rank: rank 0 the replicated `shared` state, each rank its own.
+         sharded: dict[str, Any] | None = None, group: Any = None) -> None:
+    """Write one checkpoint from every rank: rank 0 the replicated `shared` state, each rank its own
+    and its shard of `sharded` (DCP, into `sharded/`).
 
     Barriers (on `group`, the default process group if None) order the phases so no rank writes
     into a directory that is not ready and the manifest is written only after every rank's file is
@@ -235,6 +241,10 @@ def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared
     barrier()
     staging = staging_dir(root, step)
     save_torch(staging / rank_file(rank), per_rank)
+    if sharded:
+        from distrib.fsdp import SHARDED_DIR, save_sharded
+
+        save_sharded(staging / SHARDED_DIR, sharded, group)
     if leader:
         save_torch(staging / "state.pt", shared)
     barrier()

@@ -24,6 +24,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
+STRATEGIES = ("ddp", "fsdp")
 INT_LIMIT = 10**15
 MAX_WORKERS = 256
 
@@ -158,6 +159,16 @@ class OptimConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class DistConfig:
+    strategy: str = "ddp"
+    """`ddp`: every rank holds the whole model, gradients and optimizer state. `fsdp`: FSDP2 shards
+    them across ranks (each holds about 1/world_size), at the cost of gathering parameters in each
+    forward and backward: pick it when the model and its optimizer state do not fit one device."""
+    fsdp_blocks: list[str] = dataclasses.field(default_factory=list)
+    """FSDP: class names of the blocks to shard one by one (e.g. `GPT2Block`); empty: found automatically
+    (the repeated children of an `nn.ModuleList`/`nn.Sequential`, e.g. a transformer's layers)."""
+    reshard_after_forward: bool = True
+    """FSDP: free each block's gathered parameters after its forward (less memory) and gather them again
+    for backward (one more all-gather per block)."""
     backend: str = "auto"
     """`auto` (NCCL on CUDA, gloo on CPU), `gloo` or `nccl`."""
     timeout_s: float = 600.0
@@ -176,6 +187,7 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         _one_of("dist", "backend", self.backend, BACKENDS)
+        _one_of("dist", "strategy", self.strategy, STRATEGIES)
         _positive("dist", timeout_s=self.timeout_s, bucket_cap_mb=self.bucket_cap_mb)
 
 

@@ -364,6 +364,9 @@ class EvalLoader:
         self.device, self.prefetch = device, prefetch
         self.common_batches = math.ceil(len(dataset) // world_size / opts.batch_size)  # type: ignore[arg-type]
         """Batches every rank has (ranks differ by at most one sample, so by at most one batch): where all can meet."""
+        self.filler_batches = math.ceil(math.ceil(len(dataset) / world_size) / opts.batch_size) - len(self.loader)  # type: ignore[arg-type]
+        """Forward passes this rank runs after its own batches (0 or 1), uncounted, so that every rank runs as many:
+        an FSDP model's forward gathers parameters with a collective that every rank must join."""
 
     def __iter__(self) -> Iterator[Any]:
         return iter(device_batches(self.loader, self.device, prefetch=self.prefetch))

@@ -100,7 +100,7 @@ class Trainer:
         if eval_sample is not None:
             self._probe(eval_sample, f"train.eval_batch_size={tc.eval_batch_size or tc.batch_size}")
         self._build_optimizer()
-        self.model = s.setup(self.model)
+        self.model, self.optimizer = s.setup(self.model, self.optimizer)
         s.seed_everything()
         self.metrics = Metrics(s.device)
         self.times = IntervalTimes()
@@ -370,6 +370,10 @@ class Trainer:
             # With num_items the batch's own count, a normalised loss is this batch's mean too.
             em.add(out.metrics, weight=n if items is None else items)
             em.add_total("samples", n)
+        if self.session.sharded:
+            for _ in range(self.eval_loader.filler_batches):  # results unused: only the collectives count
+                with self.session.autocast():
+                    self.step_logic(module, batch, items)
         module.train()
         r = em.compute()
         result = {**self._named(r), "count": r.get("samples", 0)}

@@ -1,4 +1,4 @@
-"""Model wrapping (DDP, SyncBatchNorm, torch.compile), unwrapping, and gradient-sync control."""
+"""Model wrapping (DDP or FSDP2, SyncBatchNorm, torch.compile), unwrapping, and gradient-sync control."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from distrib import fsdp
 from distrib.config import DistConfig
 from distrib.dist import Runtime
 from distrib.errors import ConfigError
 
 
-def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False) -> nn.Module:
-    """Move `model` to the rank's device and wrap it in DDP when there is more than one process.
+def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False,
+               param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Move `model` to the rank's device and, with more than one process, wrap it in DDP or shard it (FSDP2).
 
     In a single process there is no wrapper: the debug run executes the plain module.
+    `param_dtype`: FSDP's mixed-precision compute dtype (bf16), None for fp32.
     """
     if cfg.sync_batchnorm and rt.device.type != "cuda":
         raise ConfigError(
@@ -28,7 +31,10 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
     # module.to() moves parameters in place, so an optimizer built on model.parameters() before
     # wrapping still points at the right tensors.
     model = model.to(rt.device)
-    if rt.env.distributed:
+    if rt.env.distributed and cfg.strategy == "fsdp":
+        model = fsdp.shard(model, device=rt.device, world_size=rt.world_size, blocks=cfg.fsdp_blocks,
+                           reshard_after_forward=cfg.reshard_after_forward, param_dtype=param_dtype)
+    elif rt.env.distributed:
         model = DDP(
             model,
             device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
@@ -45,7 +51,10 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module under torch.compile and DDP wrappers (state_dict keys without `module.`)."""
+    """The module under torch.compile and DDP wrappers (state_dict keys without `module.`).
+
+    An FSDP2 module is its own: FSDP shards in place, so its parameters stay DTensor shards.
+    """
     while True:
         if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
             model = model._orig_mod  # type: ignore[assignment]
@@ -72,13 +81,29 @@ def set_grad_sync(model: nn.Module, enabled: bool) -> None:
     ddp = ddp_of(model)
     if ddp is not None:
         ddp.require_backward_grad_sync = enabled
+    elif fsdp.is_sharded(model):
+        fsdp.set_grad_sync(model, enabled)
 
 
 def params_sha256(model: nn.Module) -> str:
-    """SHA-256 over every parameter's name, dtype, shape and bytes: equal iff bitwise equal."""
+    """SHA-256 over every parameter's name, dtype, shape and bytes: equal iff bitwise equal.
+
+    Sharded (FSDP) parameters are gathered whole, so every rank must call it.
+    """
     h = hashlib.sha256()
     for name, p in sorted(unwrap_model(model).named_parameters()):
-        t = p.detach().cpu().contiguous()
+        t = fsdp.full_tensor(p.detach()).cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state this rank holds (FSDP: its shards only).
+
+    Call it after a backward and before `zero_grad` to count the gradients.
+    """
+    params = list(unwrap_model(model).parameters())
+    state = [v for s in (optimizer.state.values() if optimizer is not None else ()) for v in s.values() if isinstance(v, torch.Tensor)]
+    out = {"params": fsdp.local_bytes(params), "grads": fsdp.local_bytes(p.grad for p in params), "optimizer": fsdp.local_bytes(state)}
+    return {**out, "total": sum(out.values())}

@@ -1,4 +1,8 @@
-"""Mixed precision: autocast for the forward pass, GradScaler for fp16, clipping after unscaling."""
+"""Mixed precision: autocast for the forward pass, GradScaler for fp16, clipping after unscaling.
+
+Under FSDP (`sharded=True`) bf16 is FSDP2's own policy instead (parameters gathered in bf16,
+gradients reduced in fp32; `param_dtype` hands it to `fully_shard`), so there is no autocast.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Precision:
     """Owns the autocast context and the GradScaler (enabled only for fp16)."""
 
-    def __init__(self, precision: str, device: torch.device) -> None:
-        self.precision, self.device = precision, device
+    def __init__(self, precision: str, device: torch.device, *, sharded: bool = False) -> None:
+        self.precision, self.device, self.sharded = precision, device, sharded
         if precision not in ("fp32", *_DTYPES):
             raise ConfigError(f"train.precision={precision!r} is unknown. HINT: use fp32, bf16 or fp16.")
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -28,8 +32,13 @@ class Precision:
             raise ConfigError(f"train.precision={precision} needs autocast on {device.type}, which this torch build lacks. HINT: pass --train.precision fp32.")
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
+    @property
+    def param_dtype(self) -> torch.dtype | None:
+        """FSDP's compute dtype for gathered parameters (None: fp32, or not sharded)."""
+        return _DTYPES[self.precision] if self.sharded and self.precision != "fp32" else None
+
     def autocast(self) -> ContextManager[None]:
-        if self.precision == "fp32":
+        if self.precision == "fp32" or self.sharded:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from distrib import checkpoint, tracking
+from distrib import checkpoint, fsdp, tracking
 from distrib.config import Config
 from distrib.data import EvalLoader, ItemCounter, LoaderOptions, TrainLoader, mix_seed
 from distrib.dist import Runtime, all_reduce_sum, broadcast_object, distributed
@@ -100,6 +100,9 @@ class Session:
 
     def __enter__(self) -> "Session":
         cfg, stack = self.cfg, contextlib.ExitStack()
+        if cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16":
+            raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16 needs loss scaling of sharded gradients, "
+                              "which distrib does not do. HINT: pass --train.precision bf16 (no scaling needed) or fp32.")
         check_run_dir(cfg.run.dir)  # a file or a read-only path fails now, before anything is started or written
         self.rt: Runtime = stack.enter_context(
             distributed(device=cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s, single=cfg.debug)
@@ -110,7 +113,9 @@ class Session:
             if cfg.debug:
                 stack.enter_context(_debug_checks(self.rt.device))
                 log.info(f"debug mode: 1 process on {self.rt.device}, no process group, num_workers=0, max_steps={cfg.train.max_steps}")
-            self.precision = Precision(cfg.train.precision, self.rt.device)
+            self.sharded = cfg.dist.strategy == "fsdp" and self.rt.env.distributed
+            """Whether models from `setup` are FSDP2-sharded (dist.strategy=fsdp with more than one process)."""
+            self.precision = Precision(cfg.train.precision, self.rt.device, sharded=self.sharded)
             if cfg.ckpt.async_ and self.world_size > 1:
                 # The background save's barriers get a group of their own, made now: making it needs the
                 # rendezvous store, which may be gone by the time a stop signal asks for the first save
@@ -186,12 +191,16 @@ class Session:
     # ------------------------------------------------------------------ model and data
 
     def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
-        """Move `model` to the device and wrap it (DDP with several processes, torch.compile if asked).
+        """Move `model` to the device and wrap it (DDP or FSDP with several processes, torch.compile if asked).
 
         Returns the wrapped model, or `(model, *optimizers)`: optimizers built on `model.parameters()`
-        before the call stay valid (parameters move in place).
+        before the call stay valid (DDP moves parameters in place; FSDP replaces them with sharded
+        ones, and the optimizers given here are pointed at those).
         """
-        wrapped = wrap_model(model, self.rt, self.cfg.dist, compile=self.cfg.train.compile)
+        names = {id(p): n for n, p in model.named_parameters()}
+        wrapped = wrap_model(model, self.rt, self.cfg.dist, compile=self.cfg.train.compile, param_dtype=self.precision.param_dtype)
+        if self.sharded:
+            fsdp.rebind(optimizers, names, dict(unwrap_model(wrapped).named_parameters()))
         self._models.append(wrapped)
         return (wrapped, *optimizers) if optimizers else wrapped
 
@@ -298,8 +307,12 @@ class Session:
         self.writer.json(name, obj)
 
     def save_model(self, model: nn.Module) -> None:
-        """`run.dir/model.pt`: the plain module's state_dict, its own keys (rank 0)."""
-        self.writer.save_model(unwrap_model(model).state_dict())
+        """`run.dir/model.pt`: the plain module's whole state_dict, its own keys, written by rank 0.
+
+        Every rank must call it: an FSDP model's shards are gathered to rank 0 first.
+        """
+        module = unwrap_model(model)
+        self.writer.save_model(fsdp.full_state_dict(module) if fsdp.is_sharded(module) else module.state_dict())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -322,18 +335,23 @@ class Session:
                                   "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines,
                                   "hparams": self._hparams if self._hparams is not None else _hparams_of(state)}
         per_rank: dict[str, Any] = {"objects": {}, "rng": checkpoint.capture_rng()}
+        # dist.strategy=fsdp: models and optimizers go through DCP, each rank writing its shard.
+        to_shard = {k: _unwrapped(v) for k, v in state.items() if self.cfg.dist.strategy == "fsdp" and fsdp.is_sharded_state(v)}
+        sharded = fsdp.sharded_state(to_shard, self._unwrapped_models())
+        shared["sharded"] = {k: fsdp.layout(v) for k, v in to_shard.items()}
         for key, value in state.items():
-            target = per_rank if getattr(value, "distrib_per_rank", False) else shared
-            target["objects"][key] = _state_of(value)
+            if key not in to_shard:
+                target = per_rank if getattr(value, "distrib_per_rank", False) else shared
+                target["objects"][key] = _state_of(value)
         save = functools.partial(checkpoint.save, self.ckpt_root, step, rank=self.rank, world_size=self.world_size,
                                  keep=self.cfg.ckpt.keep)
         if not self.cfg.ckpt.async_:
             self._saver.wait()
-            save(shared=shared, per_rank=per_rank)
+            save(shared=shared, per_rank=per_rank, sharded=sharded)
             return checkpoint.step_dir(self.ckpt_root, step)
         # state_dicts alias the live tensors: copy them now, before the next step changes them.
-        shared, per_rank = snapshot(shared), snapshot(per_rank)
-        self._saver.submit(functools.partial(save, shared=shared, per_rank=per_rank, group=self._ckpt_group))
+        shared, per_rank, sharded = snapshot(shared), snapshot(per_rank), snapshot(sharded)
+        self._saver.submit(functools.partial(save, shared=shared, per_rank=per_rank, sharded=sharded, group=self._ckpt_group))
         return checkpoint.step_dir(self.ckpt_root, step)
 
     def wait_for_save(self) -> None:
@@ -355,7 +373,8 @@ class Session:
         shared = checkpoint.load_file(path / "state.pt")
         same_world = shared["world_size"] == self.world_size
         per_rank = checkpoint.load_file(path / checkpoint.rank_file(self.rank)) if same_world else {"objects": {}}
-        saved = {**shared["objects"], **per_rank["objects"]}
+        layouts = shared.get("sharded", {})  # keys stored as DCP shards (dist.strategy=fsdp)
+        saved = {**shared["objects"], **{k: fsdp.saved_stub(v) for k, v in layouts.items()}, **per_rank["objects"]}
         wanted = {k for k, v in state.items() if same_world or not getattr(v, "distrib_per_rank", False)}
         missing = sorted(wanted - set(saved))
         if missing:
@@ -363,15 +382,22 @@ class Session:
         # Everything is compared before anything is loaded: a refused resume changes nothing.
         problems = [p for key in sorted(wanted) for p in incompatibilities(key, _unwrapped(state[key]), saved[key])]
         diff = config_diff(shared.get("config", {}), self.cfg.to_dict())
+        whole = [k for k in sorted(wanted) if k not in layouts and self.sharded and fsdp.is_sharded_state(state[k])]
+        if whole:
+            raise ConfigError(f"cannot resume from {path}: its {', '.join(whole)} were saved whole (dist.strategy=ddp) and this run "
+                              "shards them (dist.strategy=fsdp). HINT: finish it with --dist.strategy ddp, or start fresh with --ckpt.resume never.")
         if problems:
             raise ConfigError(
                 f"cannot resume from {path}: this run's state does not match the checkpoint's: {'; '.join(problems)}. "
                 f"{'The config changed since: ' + describe_diff(diff) + '. ' if diff else ''}HINT: to train this config, "
                 "pass another --run.dir, or --ckpt.resume never (the previous run's files are moved to run.dir/previous/)."
             )
+        if layouts:  # every rank reads what it needs from every shard: DCP reshards to this world size
+            fsdp.load_sharded(path / fsdp.SHARDED_DIR, {k: _unwrapped(state[k]) for k in layouts if k in wanted},
+                              self._unwrapped_models())
         for key, value in state.items():
-            if key not in wanted:
-                continue  # this rank's share of a different world: start it fresh
+            if key not in wanted or key in layouts:
+                continue  # this rank's share of a different world (start it fresh), or loaded from the shards
             loaded = saved[key]
             if isinstance(value, nn.Module):
                 unwrap_model(value).load_state_dict(loaded)
@@ -403,6 +429,9 @@ class Session:
         self.resumed_from = path
         self._rewind = (shared.get("metrics_lines"), _manifest_step(path))
         return path
+
+    def _unwrapped_models(self) -> list[nn.Module]:
+        return [unwrap_model(m) for m in self._models]
 
     def _resume_path(self) -> Path | None:
         """Rank 0 takes the run directory's lock and picks the checkpoint (so all ranks agree); errors reach every rank."""
