@@ -1,4 +1,4 @@
-"""The `distrib` command: `distrib train|doctor|report|slurm submit ...`."""
+"""The `distrib` command: `distrib train|doctor|export|report|slurm submit ...`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ USAGE = """usage: distrib <command> [args]
 commands:
   train           train the built-in task (same as python -m distrib.train)
   doctor          print what distrib sees (launcher, ranks, devices, Slurm, master) and flag launch mistakes
+  export CKPT --out model.pt   a checkpoint's model (FSDP-sharded or not) as one plain state_dict file
   report RUN_DIR  plot metrics.jsonl (loss, lr, throughput, data wait) to RUN_DIR/report.png, print a summary
   slurm submit    [--nodes N] [--gpus-per-node G] [--time T] [--partition P] [--dry-run] -- TRAIN ARGS
 """
@@ -29,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from distrib.doctor import main as doctor_main
 
         return doctor_main(rest)
+    if command == "export":
+        from distrib.export import main as export_main
+
+        return export_main(rest)
     if command == "report":
         from distrib.report import main as report_main
 

@@ -17,6 +17,7 @@ checkpoint format (DCP) is FSDP's, so a run can move between 1 process and many.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -218,7 +219,9 @@ def convert(checkpoint: Path, key: str = "model") -> dict[str, torch.Tensor]:
         keys = sorted({k.split(".", 1)[0] for k in meta})
         raise ConfigError(f"{checkpoint} holds no sharded {key!r} (it has {', '.join(keys)}). HINT: pass --key with one of those.")
     loaded = {key: tensors}
-    dcp.load(loaded, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(loaded, storage_reader=reader, no_dist=True)
     return loaded[key]
 
 

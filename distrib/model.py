@@ -31,6 +31,8 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
     # module.to() moves parameters in place, so an optimizer built on model.parameters() before
     # wrapping still points at the right tensors.
     model = model.to(rt.device)
+    if cfg.strategy == "fsdp" and cfg.fsdp_blocks:
+        fsdp.find_blocks(model, cfg.fsdp_blocks)  # a name that matches nothing fails in one process too
     if rt.env.distributed and cfg.strategy == "fsdp":
         model = fsdp.shard(model, device=rt.device, world_size=rt.world_size, blocks=cfg.fsdp_blocks,
                            reshard_after_forward=cfg.reshard_after_forward, param_dtype=param_dtype)

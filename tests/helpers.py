@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,3 +84,50 @@ def rewind(run_dir: Path, step: int) -> None:
         if int(later.name.split("-")[1]) > step:
             shutil.rmtree(later)
     (run_dir / "summary.json").unlink()
+
+
+# ----------------------------------------------------------------------------- process trees (signals, kills)
+
+
+def descendants(pid: int) -> list[int]:
+    kids = [int(k) for k in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    return kids + [d for k in kids for d in descendants(k)]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every worker (workers do not share the agent's process group in torch 2.13)."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(os.path.exists(f"/proc/{pid}") and "zombie" not in proc_state(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/status").read().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def wait_for_checkpoints(run_dir, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while len(list((run_dir / "checkpoints").glob("step-*[0-9]"))) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def wait_for_training(run, proc) -> None:
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() or '"train"' not in (run / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+
+
+def all_gone(pids: list[int], within_s: float = 15) -> list[int]:
+    """The pids still running after `within_s` (DataLoader workers notice a dead parent within ~5 s)."""
+    deadline = time.monotonic() + within_s
+    while (alive := [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in proc_state(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return alive

@@ -109,7 +109,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 from distrib.stop import EXIT_STOPPED  # noqa: E402
-from tests.helpers import REPO, child_env, read_metrics, read_summary, rewind, run_train  # noqa: E402
+from tests.helpers import (REPO, all_gone, child_env, descendants, kill_tree, read_metrics, read_summary, rewind,  # noqa: E402
+                           run_train, wait_for_checkpoints, wait_for_training)
 
 RESUME = ["--task.dropout", "0.1", "--train.grad_accum", "2", "--train.batch_size", "16", "--train.epochs", "2",
           "--data.train_size", "16384", "--data.eval_size", "256", "--ckpt.every", "37", "--train.log_every", "50"]
@@ -128,40 +129,11 @@ def _launch(run_dir, *torchrun_flags: str, extra: list[str] = ()) -> subprocess.
     return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def _descendants(pid: int) -> list[int]:
-    kids = [int(k) for k in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
-    return kids + [d for k in kids for d in _descendants(k)]
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and every worker (workers do not share the agent's process group in torch 2.13)."""
-    pids = [proc.pid, *_descendants(proc.pid)]
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + 30
-    while any(os.path.exists(f"/proc/{pid}") and "zombie" not in _proc_state(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/status").read().split("State:")[1].split("\n")[0].lower()
-    except (OSError, IndexError):
-        return "zombie"
-
-
-def _wait_for_checkpoints(run_dir, count: int) -> None:
-    deadline = time.monotonic() + 120
-    while len(list((run_dir / "checkpoints").glob("step-*[0-9]"))) < count and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 @pytest.mark.parametrize("after_checkpoints", [1, 3])
 def test_elastic_restart_after_a_worker_is_killed_is_bit_exact(tmp_path, uninterrupted, after_checkpoints):
     run = tmp_path / "elastic"
     proc = _launch(run, "--max-restarts=1")
-    _wait_for_checkpoints(run, after_checkpoints)
+    wait_for_checkpoints(run, after_checkpoints)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
     os.kill(int(workers[-1]), signal.SIGKILL)  # one worker dies; torchrun restarts the group
@@ -174,8 +146,8 @@ def test_elastic_restart_after_a_worker_is_killed_is_bit_exact(tmp_path, uninter
 def test_killed_job_with_a_truncated_newest_checkpoint_resumes_from_the_previous_bit_exact(tmp_path, uninterrupted):
     killed = tmp_path / "killed"
     proc = _launch(killed)
-    _wait_for_checkpoints(killed, 2)
-    _kill_tree(proc)  # the agent and both workers, mid-run, wherever they are
+    wait_for_checkpoints(killed, 2)
+    kill_tree(proc)  # the agent and both workers, mid-run, wherever they are
     assert not (killed / "summary.json").exists(), "the run finished before it was killed: the test proved nothing"
     newest, previous = ck.candidates(killed / "checkpoints")[:2]
     state = newest / "state.pt"
@@ -189,21 +161,6 @@ def test_killed_job_with_a_truncated_newest_checkpoint_resumes_from_the_previous
     assert resumed["samples_seen"] == whole["samples_seen"] == 2 * 16384
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert steps == sorted(set(steps))  # lines logged after the checkpoint by the killed run were dropped
-
-
-def _wait_for_training(run, proc) -> None:
-    deadline = time.monotonic() + 120
-    while not (run / "metrics.jsonl").exists() or '"train"' not in (run / "metrics.jsonl").read_text():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.02)
-
-
-def _all_gone(pids: list[int], within_s: float = 15) -> list[int]:
-    """The pids still running after `within_s` (DataLoader workers notice a dead parent within ~5 s)."""
-    deadline = time.monotonic() + within_s
-    while (alive := [p for p in pids if os.path.exists(f"/proc/{p}") and "zombie" not in _proc_state(p)]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return alive
 
 
 # The signal goes to the launcher, which passes it on to each rank's whole process group (torch 2.13
@@ -220,8 +177,8 @@ def test_a_stop_signal_to_the_launcher_checkpoints_at_a_step_and_a_relaunch_is_b
         cmd = ["bash", str(REPO / launcher), *RESUME, *extra, "--run.dir", str(run)]
         proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(PYTHON=sys.executable), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
-    _wait_for_training(run, proc)
-    tree = [proc.pid, *_descendants(proc.pid)]  # the agent, its ranks, and their DataLoader workers
+    wait_for_training(run, proc)
+    tree = [proc.pid, *descendants(proc.pid)]  # the agent, its ranks, and their DataLoader workers
     assert len(tree) >= 3 + 2 * workers, tree
     os.kill(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
@@ -233,7 +190,7 @@ def test_a_stop_signal_to_the_launcher_checkpoints_at_a_step_and_a_relaunch_is_b
     assert json.loads((run / "stopped.json").read_text()) == {"step": stop_step, "signal": sig.name, "exit_status": EXIT_STOPPED}
     assert [p.name for p in ck.candidates(run / "checkpoints")] == [f"step-{stop_step:09d}"]
     assert f"Exit status {EXIT_STOPPED}" in out
-    assert _all_gone(tree) == [], "the launcher left processes behind"
+    assert all_gone(tree) == [], "the launcher left processes behind"
     out = run_train([*RESUME, "--run.dir", str(run)], nproc=2)
     assert f"resumed from {ck.step_dir(run / 'checkpoints', stop_step)}" in out.stdout
     assert read_summary(run)["params_sha256"] == uninterrupted["params_sha256"]
@@ -248,7 +205,7 @@ def test_an_eval_under_way_gives_way_to_a_stop_and_the_resumed_run_evaluates_aga
     # Each rank's eval is 8 batches of 4 samples at 0.25 s each: 8 s, in which the stop must be taken.
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(SLOW_EVAL_MS="250", EVAL_MARKER=str(marker)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    _wait_for_training(run, proc)
+    wait_for_training(run, proc)
     marker.unlink(missing_ok=True)  # the pre-flight probe read an eval batch before training
     while not marker.exists():
         assert proc.poll() is None
@@ -274,8 +231,8 @@ def test_ctrl_c_with_dataloader_workers_stops_with_a_checkpoint_and_a_second_one
     run = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "distrib.train", *INTERACTIVE, "--run.dir", str(run)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    _wait_for_training(run, proc)
-    tree = [proc.pid, *_descendants(proc.pid)]
+    wait_for_training(run, proc)
+    tree = [proc.pid, *descendants(proc.pid)]
     assert len(tree) >= 3, tree  # the rank and 2 workers (and the wandb process)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
@@ -283,7 +240,7 @@ def test_ctrl_c_with_dataloader_workers_stops_with_a_checkpoint_and_a_second_one
     assert "Ctrl-C: stopping at the next log interval" in out and "SIGINT received by 1 of 1 ranks" in out
     assert "KeyboardInterrupt" not in out and "is killed by signal" not in out
     assert json.loads((run / "stopped.json").read_text())["signal"] == "SIGINT"
-    assert _all_gone(tree) == []
+    assert all_gone(tree) == []
     out = run_train([*INTERACTIVE, "--run.dir", str(run)], nproc=1)
     assert "resumed from" in out.stdout
     assert read_summary(run)["params_sha256"] == read_summary(tmp_path / "whole")["params_sha256"]
@@ -294,14 +251,14 @@ def test_ctrl_c_with_dataloader_workers_stops_with_a_checkpoint_and_a_second_one
     while not (aborted / "config.json").exists():
         assert proc.poll() is None
         time.sleep(0.02)
-    tree = [proc.pid, *_descendants(proc.pid)]
+    tree = [proc.pid, *descendants(proc.pid)]
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(1.5)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt" in out, out[-3000:]
     assert not (aborted / "stopped.json").exists() and not (aborted / "summary.json").exists()
-    assert _all_gone(tree) == []
+    assert all_gone(tree) == []
 
 
 def test_sigterm_and_sigusr1_exit_with_the_documented_status(tmp_path):

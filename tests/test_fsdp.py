@@ -1,0 +1,228 @@
+"""FSDP2 (`dist.strategy=fsdp`) on real gloo ranks and real torchrun: the same numbers as DDP, one
+reduction per optimizer step, sharded checkpoints that resume bit-exact or at another world size,
+and the memory it saves, counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from distrib import Session, Trainer, checkpoint as ck
+from distrib.errors import ConfigError
+from distrib.fsdp import SHARDED_DIR, find_blocks
+from distrib.model import state_bytes
+from distrib.stop import EXIT_STOPPED
+from distrib.task import TaskConfig, make_datasets, make_model
+from tests.helpers import REPO, TaskData, child_env, read_metrics, read_summary, run_train, spawn, wait_for_checkpoints, wait_for_training
+
+# SGD (its update is linear in the gradient, so float sums agree closely), clipping that bites (the
+# global norm of sharded gradients), accumulation, a short tail step (4000 = 62.5 global batches of
+# 64) and an eval set that does not split evenly (filler forwards on the rank with fewer batches).
+ARGS = ["--optim.name", "sgd", "--optim.lr", "0.2", "--train.clip_grad_norm", "0.5", "--train.grad_accum", "2",
+        "--train.epochs", "2", "--data.train_size", "4000", "--data.eval_size", "301", "--ckpt.every", "20",
+        "--train.log_every", "8", "--wandb.mode", "disabled"]
+FSDP = ["--dist.strategy", "fsdp"]
+
+
+def _params(run) -> dict[str, torch.Tensor]:
+    return torch.load(run / "model.pt", weights_only=True)
+
+
+def _assert_close(a, b) -> None:
+    pa, pb, p0 = _params(a), _params(b), make_model(TaskConfig(), seed=0).state_dict()
+    assert pa.keys() == pb.keys() == p0.keys()
+    assert max((pa[k] - pb[k]).abs().max().item() for k in pa) <= 1e-5
+    assert max((pa[k] - p0[k]).abs().max().item() for k in pa) > 1e-2  # training moved them far beyond the tolerance
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One launch each, shared by the tests below: DDP 2x16, FSDP 2x16, FSDP 1 process x 32."""
+    root = tmp_path_factory.mktemp("fsdp")
+    out = {"ddp": root / "ddp", "fsdp": root / "fsdp", "one": root / "one"}
+    run_train([*ARGS, "--train.batch_size", "16", "--run.dir", str(out["ddp"])], nproc=2)
+    run_train([*ARGS, *FSDP, "--train.batch_size", "16", "--run.dir", str(out["fsdp"])], nproc=2)
+    run_train([*ARGS, *FSDP, "--train.batch_size", "32", "--run.dir", str(out["one"])], nproc=1)
+    return out
+
+
+def test_fsdp_ends_where_ddp_and_one_process_do(runs):
+    _assert_close(runs["fsdp"], runs["ddp"])
+    _assert_close(runs["fsdp"], runs["one"])
+    ddp, fsdp, one = (read_summary(runs[k]) for k in ("ddp", "fsdp", "one"))
+    assert fsdp["optimizer_steps"] == ddp["optimizer_steps"] == 2 * 63 and fsdp["samples_seen"] == 2 * 4000
+    for s in (ddp, one):  # exact metrics: every eval sample counted once, the same loss
+        assert fsdp["eval"]["count"] == s["eval"]["count"] == 301
+        assert abs(fsdp["eval"]["loss"] - s["eval"]["loss"]) < 1e-5
+    train = [r for r in read_metrics(runs["fsdp"]) if r["kind"] == "train"]
+    assert [r["loss"] for r in train] == pytest.approx([r["loss"] for r in read_metrics(runs["ddp"]) if r["kind"] == "train"], abs=1e-5)
+
+
+def test_fsdp_checkpoint_is_a_shard_per_rank_and_exports_to_model_pt(runs, tmp_path):
+    newest = ck.candidates(runs["fsdp"] / "checkpoints")[0]
+    files = {p.relative_to(newest).as_posix(): p.stat().st_size for p in newest.rglob("*") if p.is_file()}
+    shards = sorted(f for f in files if f.endswith(".distcp"))
+    assert shards == [f"{SHARDED_DIR}/__0_0.distcp", f"{SHARDED_DIR}/__1_0.distcp"]
+    assert max(files.values()) < 0.6 * sum(files.values()), files  # no single file holds most of the state
+    assert set(json.loads((newest / ck.MANIFEST).read_text())["files"]) == set(files) - {ck.MANIFEST}  # all verified
+    # `distrib export` assembles the shards in one process; the run's last checkpoint is its model.pt.
+    out = tmp_path / "exported.pt"
+    proc = subprocess.run([sys.executable, "-m", "distrib.cli", "export", str(runs["fsdp"]), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, env=child_env())
+    assert proc.returncode == 0, proc.stderr
+    exported, whole = torch.load(out, weights_only=True), _params(runs["fsdp"])
+    assert exported.keys() == whole.keys() and all(torch.equal(exported[k], whole[k]) for k in whole)
+
+
+def _launch(run, *torchrun_flags: str, extra: list[str] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_flags,
+           "-m", "distrib.train", *ARGS, *FSDP, "--train.batch_size", "16", *extra, "--run.dir", str(run)]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_fsdp_elastic_restart_after_a_worker_is_killed_is_bit_exact(tmp_path, runs):
+    run = tmp_path / "elastic"
+    proc = _launch(run, "--max-restarts=1")
+    wait_for_checkpoints(run, 2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out, "the restarted workers did not resume"
+    assert read_summary(run)["params_sha256"] == read_summary(runs["fsdp"])["params_sha256"]
+
+
+def test_fsdp_stop_then_resume_bit_exact_at_two_ranks_and_resharded_on_one(tmp_path, runs):
+    run = tmp_path / "stopped"
+    proc = _launch(run, extra=["--ckpt.every", "100000", "--data.num_workers", "1"])
+    wait_for_training(run, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert f"Exit status {EXIT_STOPPED}" in out and not (run / "summary.json").exists(), out[-3000:]
+    step = int(re.search(r"\[rank0\] stopped at step (\d+)/", out).group(1))
+    assert json.loads((run / "stopped.json").read_text()) == {"step": step, "signal": "SIGTERM", "exit_status": EXIT_STOPPED}
+    assert 0 < step < 126 and [p.name for p in ck.candidates(run / "checkpoints")] == [f"step-{step:09d}"]
+    one = tmp_path / "on-one"
+    shutil.copytree(run, one)
+    # Same world size: bit-exact.
+    run_train([*ARGS, *FSDP, "--train.batch_size", "16", "--run.dir", str(run)], nproc=2)
+    assert read_summary(run)["params_sha256"] == read_summary(runs["fsdp"])["params_sha256"]
+    # One process (no sharding: DCP reassembles the two shards): both epochs, every sample.
+    res = run_train([*ARGS, *FSDP, "--train.batch_size", "32", "--run.dir", str(one)], nproc=1)
+    assert f"resumed from {ck.step_dir(one / 'checkpoints', step)}" in res.stdout + res.stderr
+    summary = read_summary(one)
+    assert summary["epochs_completed"] == 2 and summary["samples_seen"] == 2 * 4000 and summary["eval"]["count"] == 301
+    assert summary["world_size"] == 1
+    assert summary["eval"]["accuracy"] > read_summary(runs["fsdp"])["eval"]["accuracy"] - 0.05  # it trained on
+
+
+def test_a_ddp_checkpoint_resumed_under_fsdp_is_refused_and_changes_nothing(tmp_path, runs):
+    run = tmp_path / "ddp"
+    shutil.copytree(runs["ddp"], run)
+    (run / "summary.json").unlink()  # as if it had not finished
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_train([*ARGS, *FSDP, "--train.batch_size", "16", "--train.epochs", "3", "--run.dir", str(run)], nproc=2, check=False)
+    assert proc.returncode != 0
+    assert "saved whole (dist.strategy=ddp) and this run shards them" in proc.stdout + proc.stderr
+    assert "--dist.strategy ddp" in proc.stdout + proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+# ----------------------------------------------------------------------------- in-process ranks
+
+
+class Counting:
+    """FSDP2's reduce-scatter, counted: the hook FSDP offers for a custom collective (cf. DDP's comm hook)."""
+
+    def __init__(self) -> None:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+        self.inner, self.calls = DefaultReduceScatter(), 0
+
+    def allocate(self, *args, **kwargs):
+        return self.inner.allocate(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def _fsdp_counts(rank: int, world: int, run_dir: str, accum: int) -> dict:
+    from torch.distributed.fsdp import FSDPModule
+
+    cfg = TaskData().replace(**{"run.dir": run_dir, "run.device": "cpu", "task.hidden": 16, "task.depth": 1, "dist.strategy": "fsdp",
+                                "data.train_size": 200, "train.batch_size": 8, "train.grad_accum": accum, "train.epochs": 2,
+                                "train.log_every": 3, "wandb.mode": "disabled", "ckpt.every": None})
+    train, _ = make_datasets(cfg.task, train_size=200, eval_size=8, seed=0)
+    model = make_model(cfg.task, seed=0)
+    with Session(cfg) as session:
+        trainer = Trainer(session, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01), train_data=train)
+        trainer.prepare()
+        units = [m for m in trainer.model.modules() if isinstance(m, FSDPModule) and any(True for _ in m.parameters(recurse=False))]
+        counter = Counting()
+        for m in units:
+            m.set_custom_reduce_scatter(counter)
+        summary = trainer.fit()
+        calls = counter.calls
+        # Memory: this rank's parameters, gradients and AdamW state after one more backward.
+        x, y = train.tensors[0][:8], train.tensors[1][:8]
+        torch.nn.functional.cross_entropy(trainer.model(x), y).backward()
+        held = state_bytes(trainer.model, trainer.optimizer)
+    return {"calls": calls, "units": len(units), "steps": summary["optimizer_steps"], "bytes": held}
+
+
+@pytest.mark.parametrize("accum", [1, 4])
+def test_fsdp_reduces_gradients_once_per_optimizer_step(tmp_path, accum):
+    results = spawn(_fsdp_counts, 2, tmp_path, str(tmp_path / "run"), accum)
+    steps = 2 * -(-13 // accum)  # 100 samples per rank, batch 8: 13 micro-batches an epoch
+    for r in results:
+        assert r["units"] == 2 and r["steps"] == steps  # the MLP's two Linear layers are the blocks
+        assert r["calls"] == steps * r["units"], f"{r['calls']} reduce-scatters for {steps} steps ({13 * 2} micro-batches)"
+
+
+def test_fsdp_state_bytes_per_rank_are_half_at_two_ranks(tmp_path):
+    one = spawn(_fsdp_counts, 1, tmp_path / "one", str(tmp_path / "one-run"), 1)[0]["bytes"]
+    two = spawn(_fsdp_counts, 2, tmp_path / "two", str(tmp_path / "two-run"), 1)
+    params = sum(p.numel() for p in make_model(TaskConfig(hidden=16, depth=1), seed=0).parameters()) * 4
+    assert one["params"] == one["grads"] == params and one["optimizer"] >= 2 * params  # AdamW: exp_avg, exp_avg_sq
+    for r in two:
+        b = r["bytes"]
+        assert b["params"] == b["grads"] == params // 2  # every dimension splits evenly across 2 ranks
+        assert 0.49 < b["total"] / one["total"] < 0.52, (b, one)  # plus AdamW's unsharded step counters
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_blocks_are_the_repeated_children_of_containers_or_the_named_classes():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    assert [type(b).__name__ for b in find_blocks(gpt2)] == ["GPT2Block"] * 3
+    assert find_blocks(gpt2, ["GPT2Block"]) == list(gpt2.transformer.h)
+    mlp = make_model(TaskConfig(depth=2), seed=0)
+    assert find_blocks(mlp) == [mlp[0], mlp[2], mlp[4]]
+    assert find_blocks(nn.Linear(2, 2)) == []  # nothing repeated: the root alone is sharded
+    with pytest.raises(ConfigError, match=r"dist.fsdp_blocks=Nope matches no module .* GPT2Block|Conv1D"):
+        find_blocks(gpt2, ["Nope"])
+
+
+def test_fsdp_refuses_fp16_and_unknown_blocks_before_writing_anything(tmp_path):
+    for extra, message in ((["--train.precision", "fp16"], "train.precision=fp16 with dist.strategy=fsdp"),
+                           (["--dist.fsdp_blocks", "Block"], "dist.fsdp_blocks=Block matches no module"),
+                           (["--dist.strategy", "zero3"], "dist.strategy='zero3' is not one of ddp, fsdp")):
+        run = tmp_path / extra[-1]
+        proc = run_train([*FSDP, *extra, "--train.epochs", "1", "--data.train_size", "64", "--run.dir", str(run)], check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr, proc.stderr[-2000:]
+        assert not run.exists()
