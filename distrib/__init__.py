@@ -13,7 +13,7 @@ from distrib.env import DistEnv, detect
 from distrib.errors import BatchError, ConfigError, DistribError, EnvironmentConfigError, PeerError
 from distrib.loop import Trainer
 from distrib.metrics import Metrics
-from distrib.model import params_sha256, unwrap_model, wrap_model
+from distrib.model import params_sha256, state_bytes, unwrap_model, wrap_model
 from distrib.run import fit, main
 from distrib.session import Session
 from distrib.steps import label_tokens
@@ -52,6 +52,7 @@ __all__ = [
     "main",
     "params_sha256",
     "parse_config",
+    "state_bytes",
     "to_device",
     "unwrap_model",
     "wrap_model",

@@ -359,14 +359,17 @@ class TrainLoader:
 class EvalLoader:
     """Evaluation batches on the device: rank r takes samples r, r+W, ... with no padding, so each counts once."""
 
-    def __init__(self, dataset: Dataset, *, world_size: int, rank: int, opts: LoaderOptions, device: torch.device = torch.device("cpu"), prefetch: bool = True) -> None:
+    def __init__(self, dataset: Dataset, *, world_size: int, rank: int, opts: LoaderOptions, device: torch.device = torch.device("cpu"),
+                 prefetch: bool = True, even: bool = False) -> None:
         self.loader = eval_loader(dataset, world_size=world_size, rank=rank, opts=opts)
         self.device, self.prefetch = device, prefetch
         self.common_batches = math.ceil(len(dataset) // world_size / opts.batch_size)  # type: ignore[arg-type]
         """Batches every rank has (ranks differ by at most one sample, so by at most one batch): where all can meet."""
-        self.filler_batches = math.ceil(math.ceil(len(dataset) / world_size) / opts.batch_size) - len(self.loader)  # type: ignore[arg-type]
-        """Forward passes this rank runs after its own batches (0 or 1), uncounted, so that every rank runs as many:
-        an FSDP model's forward gathers parameters with a collective that every rank must join."""
+        most = math.ceil(math.ceil(len(dataset) / world_size) / opts.batch_size)  # type: ignore[arg-type]
+        self.filler_batches = most - len(self.loader) if even else 0
+        """With `even` (an FSDP model, whose forward gathers parameters in a collective every rank must join):
+        the forward passes (0 or 1) this rank runs after its own batches, on any batch, uncounted, so that
+        every rank runs as many. 0 otherwise."""
 
     def __iter__(self) -> Iterator[Any]:
         return iter(device_batches(self.loader, self.device, prefetch=self.prefetch))

@@ -29,6 +29,8 @@ class Probes:
 
     gpus: int = 0
     gpu_names: tuple[str, ...] = ()
+    device_memory: int = 0
+    """Bytes of memory of one device: the first GPU's, else this host's RAM."""
     torch_version: str = ""
     nccl_version: str | None = None
     port_in_use: Callable[[str, int], bool] = lambda host, port: False
@@ -44,15 +46,44 @@ def real_probes() -> Probes:
     if gpus and torch.distributed.is_nccl_available():
         v = torch.cuda.nccl.version()
         nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    memory = torch.cuda.get_device_properties(0).total_memory if gpus else _host_memory()
     return Probes(
         gpus=gpus,
         gpu_names=tuple(torch.cuda.get_device_name(i) for i in range(gpus)),
+        device_memory=memory,
         torch_version=torch.__version__,
         nccl_version=nccl,
         port_in_use=_port_in_use,
         resolves=_resolves,
         is_local=_is_local,
     )
+
+
+def _host_memory() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def strategy_advice(device_memory: int, world_size: int, on_gpu: bool) -> str:
+    """When to pick dist.strategy=fsdp: the largest model whose fp32 AdamW training state fits one device each way."""
+    if not device_memory:
+        return "ddp (default) while the model, its gradients and optimizer state fit one device; else --dist.strategy fsdp"
+    # fp32 AdamW holds 16 bytes a parameter (weights, gradients, two moments); FSDP splits them over
+    # the ranks. Activations come on top, so these are upper bounds.
+    ddp = device_memory / 16
+    where = "this GPU" if on_gpu else "this host's RAM"
+    line = f"ddp (default) holds about 16 bytes a parameter (fp32 AdamW): up to ~{ddp / 1e9:.2g}B parameters in {where}, before activations"
+    if world_size > 1:
+        line += f"; --dist.strategy fsdp splits them over {world_size} ranks: up to ~{ddp * world_size / 1e9:.2g}B"
+    else:
+        line += "; beyond that, --dist.strategy fsdp with N ranks holds 1/N each"
+    if not on_gpu:
+        line += " (ranks on one host share its RAM: on CPU fsdp helps across nodes)"
+    return line + ". fsdp costs a parameter all-gather per block in forward and backward"
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -102,6 +133,7 @@ def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, st
         ("devices", f"{probes.gpus} CUDA GPU(s): {', '.join(probes.gpu_names)}" if probes.gpus else "no CUDA GPU: CPU"),
         ("backend", "nccl" if probes.gpus else "gloo"),
         ("nccl", probes.nccl_version or "-"),
+        ("strategy", strategy_advice(probes.device_memory, denv.world_size, bool(probes.gpus))),
     ]
 
     in_slurm = "SLURM_JOB_ID" in env

@@ -370,10 +370,9 @@ class Trainer:
             # With num_items the batch's own count, a normalised loss is this batch's mean too.
             em.add(out.metrics, weight=n if items is None else items)
             em.add_total("samples", n)
-        if self.session.sharded:
-            for _ in range(self.eval_loader.filler_batches):  # results unused: only the collectives count
-                with self.session.autocast():
-                    self.step_logic(module, batch, items)
+        for _ in range(self.eval_loader.filler_batches):  # FSDP: as many forwards as every rank (results unused)
+            with self.session.autocast():
+                self.step_logic(module, batch, items)
         module.train()
         r = em.compute()
         result = {**self._named(r), "count": r.get("samples", 0)}

@@ -230,10 +230,15 @@ class Session:
         )
 
     def eval_loader(self, dataset: Dataset, *, batch_size: int | None = None, collate_fn: Callable[[list[Any]], Any] | None = None) -> EvalLoader:
-        """Evaluation batches on the device; over all ranks, every sample exactly once (no padding)."""
+        """Evaluation batches on the device; over all ranks, every sample exactly once (no padding).
+
+        Under FSDP, run `loader.filler_batches` more forward passes after the loop (results unused):
+        ranks may hold one batch fewer, and every rank must join each forward's parameter gather.
+        """
         tc = self.cfg.train
         opts = self._loader_options(batch_size or tc.eval_batch_size or tc.batch_size, collate_fn)
-        return EvalLoader(dataset, world_size=self.world_size, rank=self.rank, opts=opts, device=self.device, prefetch=self.cfg.data.prefetch)
+        return EvalLoader(dataset, world_size=self.world_size, rank=self.rank, opts=opts, device=self.device, prefetch=self.cfg.data.prefetch,
+                          even=self.sharded)
 
     # ------------------------------------------------------------------ the step
 

@@ -24,7 +24,7 @@ def train(cfg: distrib.Config) -> dict:
         train_set, test_set = datasets(cfg.digits, cfg.seed)
         model = make_model(cfg.digits, cfg.seed)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.digits.lr, momentum=cfg.digits.momentum)
-        model, optimizer = session.setup(model, optimizer)  # distrib: device, DDP
+        model, optimizer = session.setup(model, optimizer)  # distrib: device, DDP or FSDP
         session.seed_everything()  # distrib: per-rank seeds, as fit does
         train_loader = session.train_loader(train_set)  # distrib: instead of DataLoader(shuffle=True)
         test_loader = session.eval_loader(test_set)  # distrib: every test sample once over all ranks
@@ -40,6 +40,8 @@ def train(cfg: distrib.Config) -> dict:
                     correct = (logits.argmax(1) == labels).sum()
                     metrics.add({"loss": F.cross_entropy(logits, labels), "accuracy": (correct, len(labels))}, weight=len(labels))
                     metrics.add_total("count", len(labels))
+                for _ in range(test_loader.filler_batches):  # distrib: FSDP needs as many forwards on every rank
+                    model(inputs)
             return metrics.compute()  # one all-reduce
 
         result: dict = {}

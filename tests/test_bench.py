@@ -98,3 +98,12 @@ def test_lm_benchmark_smoke_runs_the_hand_loop_and_distrib(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "round 1/1 hand" in done.stdout and "round 1/1 distrib" in done.stdout and "distrib / hand step time: median" in done.stdout
+
+
+def test_fsdp_benchmark_smoke_measures_both_strategies(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench/fsdp.py"), "--smoke"], cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"either", "ddp", "fsdp"} <= set(rows) and "FSDP / DDP step time at 2 ranks" in done.stdout
+    assert rows["fsdp"].split("|")[7].strip() == "0.50"  # each rank holds half the state

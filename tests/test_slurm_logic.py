@@ -112,3 +112,11 @@ def test_two_torchrun_agents_with_c10d_rendezvous_train_together_without_slurm(t
     run_train([*args, "--run.dir", str(tmp_path / "one-agent")], nproc=2)
     two, one = read_summary(tmp_path / "two-agents"), read_summary(tmp_path / "one-agent")
     assert two["world_size"] == 2 and two["params_sha256"] == one["params_sha256"]
+
+
+def test_doctor_says_when_fsdp_is_the_strategy_to_pick():
+    facts, _ = _diag({"WORLD_SIZE": "8", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1",
+                      "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}, gpus=8, gpu_names=("H100",) * 8, device_memory=80 * 10**9)
+    advice = dict(facts)["strategy"]
+    assert "up to ~5B parameters in this GPU" in advice and "fsdp splits them over 8 ranks: up to ~40B" in advice
+    assert "ddp (default) while the model" in dict(_diag({})[0])["strategy"]  # no memory figure: the rule in words
