@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from distrib.dist import all_reduce_sum
 from distrib.errors import BatchError, ConfigError
 from distrib.stop import ignore_stop_signals
+from distrib.stream import StreamShard, declared_length, is_stream
 from distrib.transfer import device_batches, leading_dim
 
 
@@ -123,7 +124,7 @@ class LoaderOptions:
     collate_fn: Callable[[list[Any]], Any] | None = None
 
 
-def _dataloader(dataset: Dataset, sampler: Sampler[int], opts: LoaderOptions, *, drop_last: bool, generator: torch.Generator) -> DataLoader:
+def _dataloader(dataset: Dataset, sampler: Sampler[int] | None, opts: LoaderOptions, *, drop_last: bool, generator: torch.Generator) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if opts.num_workers > 0:
         kwargs["persistent_workers"] = opts.persistent_workers
@@ -142,6 +143,25 @@ def _dataloader(dataset: Dataset, sampler: Sampler[int], opts: LoaderOptions, *,
         generator=generator,
         **kwargs,
     )
+
+
+def _stream_length(dataset: Any, max_steps: int | None, step_samples: int, opts: LoaderOptions) -> int:
+    """Samples in one epoch of a stream: its declared len(), else what train.max_steps reads."""
+    if opts.num_workers > 0 and opts.persistent_workers:
+        raise ConfigError("data.persistent_workers=true with a streaming (Iterable) training dataset: its workers must start "
+                          "each epoch afresh to read their share of it. HINT: pass --data.persistent_workers false.")
+    n = declared_length(dataset)
+    if n is None:
+        if max_steps is None:
+            raise ConfigError(
+                f"The training dataset is a stream ({type(dataset).__name__}, an IterableDataset) with no len() and train.max_steps "
+                "is not set, so no rank can know where an epoch ends. HINT: give it a __len__ returning the samples it yields "
+                "per pass, or pass --train.max_steps N (the run then reads N steps of it as one epoch)."
+            )
+        n = max_steps * step_samples
+    if n < 1:
+        raise ConfigError(f"The training stream ({type(dataset).__name__}) declares len() = {n}. HINT: make __len__ return the samples it yields.")
+    return n
 
 
 def _check_size(dataset: Sized, what: str, world_size: int) -> int:
@@ -215,14 +235,24 @@ class TrainLoader:
         prefetch: bool = True,
         grad_accum: int = 1,
         items: ItemCounter | None = None,
+        max_steps: int | None = None,
     ) -> None:
-        _check_size(dataset, "train", world_size)
         self.seed, self.rank, self.world_size, self.drop_last = seed, rank, world_size, drop_last
         self.batch_size, self.grad_accum, self.items = opts.batch_size, grad_accum, items
         self.device, self.prefetch = device, prefetch
-        self.sampler = TrainSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.generator = torch.Generator()
-        self.loader = _dataloader(dataset, self.sampler, opts, drop_last=drop_last, generator=self.generator)
+        self.stream: StreamShard | None = None
+        """For an IterableDataset: the share of the stream this rank's workers read (`distrib.stream`)."""
+        if is_stream(dataset):
+            n = _check_size(range(_stream_length(dataset, max_steps, opts.batch_size * grad_accum * world_size, opts)), "train", world_size)
+            # The sampler only does the arithmetic (samples per rank, padding, skip); the stream is read in its order.
+            self.sampler = TrainSampler(range(n), num_replicas=world_size, rank=rank, shuffle=False, seed=seed, drop_last=drop_last)
+            self.stream = StreamShard(dataset, length=n, rank=rank, world_size=world_size, batch_size=opts.batch_size)
+            self.loader = _dataloader(self.stream, None, opts, drop_last=drop_last, generator=self.generator)
+        else:
+            _check_size(dataset, "train", world_size)
+            self.sampler = TrainSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+            self.loader = _dataloader(dataset, self.sampler, opts, drop_last=drop_last, generator=self.generator)
         if self.num_batches(0) == 0:
             raise ConfigError(
                 f"With data.drop_last=true, {self.sampler.num_samples} samples per rank make no full batch of "
@@ -283,6 +313,8 @@ class TrainLoader:
         """Select the epoch's permutation and skip this rank's first `skip_samples` (the loader calls it)."""
         self.sampler.set_epoch(epoch, skip_samples)
         self.generator.manual_seed(mix_seed(self.seed, self.rank, epoch, skip_samples))
+        if self.stream is not None:  # before the iterator starts the workers, which take a copy
+            self.stream.assign(skip_samples, sum(self.micro_batch_sizes(skip_samples)))
 
     # ------------------------------------------------------------------ arithmetic
 
@@ -379,6 +411,9 @@ class EvalLoader:
 
 
 def eval_loader(dataset: Dataset, *, world_size: int, rank: int, opts: LoaderOptions) -> DataLoader:
+    if is_stream(dataset):
+        raise ConfigError(f"The eval dataset is a stream ({type(dataset).__name__}, an IterableDataset); counting every eval sample "
+                          "exactly once over the ranks needs indices. HINT: pass the held-out set as a map-style Dataset (a list works).")
     _check_size(dataset, "eval", world_size)
     sampler = EvalSampler(len(dataset), num_replicas=world_size, rank=rank)  # type: ignore[arg-type]
     g = torch.Generator()

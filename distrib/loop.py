@@ -7,6 +7,7 @@ all-reduce per optimizer step); the one metric all-reduce happens at the log int
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -23,6 +24,7 @@ from distrib.errors import BatchError, ConfigError, DistribError
 from distrib.logs import STOPPED_FILE, log
 from distrib.metrics import Metrics
 from distrib.model import params_sha256, unwrap_model
+from distrib.stream import is_stream
 from distrib.monitor import IntervalTimes, Progress, Watchdog, interval_fields
 from distrib.optim import build_optimizer, build_scheduler
 from distrib.session import Session
@@ -446,7 +448,12 @@ def _share(dataset: Dataset, world_size: int) -> int:
 
 def _collate_probe(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None, n: int) -> Any:
     """A batch of the first `n` samples, collated as the loader will, so a malformed batch fails before anything is written."""
-    samples = [dataset[i] for i in range(min(n, len(dataset)))]  # type: ignore[arg-type]
+    if is_stream(dataset):  # its first samples, read in this process (the rank's workers start later)
+        samples = list(itertools.islice(iter(dataset), n))
+        if not samples:
+            raise BatchError(f"The training stream ({type(dataset).__name__}) yielded no sample. HINT: check its __iter__.")
+    else:
+        samples = [dataset[i] for i in range(min(n, len(dataset)))]  # type: ignore[arg-type]
     try:
         batch = (collate_fn or default_collate)(samples)
     except (TypeError, RuntimeError) as exc:

@@ -221,12 +221,15 @@ class Session:
 
         `items` counts what the loss averages over in a batch (e.g. `distrib.label_tokens(shift=True)`);
         without it, the samples. Micro-batches are then weighted by the step's global count.
+        An `IterableDataset` is read as a stream, each rank's workers keeping their share (`distrib.stream`):
+        its epoch is its `len()`, or train.max_steps of it; it is read in its own order (shuffle it yourself).
         """
         tc = self.cfg.train
         return TrainLoader(
             dataset, world_size=self.world_size, rank=self.rank, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle,
             drop_last=self.cfg.data.drop_last, opts=self._loader_options(batch_size or tc.batch_size, collate_fn),
             device=self.device, prefetch=self.cfg.data.prefetch, grad_accum=grad_accum or tc.grad_accum, items=items,
+            max_steps=tc.max_steps,
         )
 
     def eval_loader(self, dataset: Dataset, *, batch_size: int | None = None, collate_fn: Callable[[list[Any]], Any] | None = None) -> EvalLoader:

@@ -10,6 +10,7 @@ Bytes are the tokens, so the eval loss is in nats per byte (a byte-unigram model
 The loss is token-exact: the model takes `num_items_in_batch`, the step's label count over every
 micro-batch and rank, as Hugging Face models do. AdamW with a cosine schedule and warm-up comes
 from `--optim.*`; on a GPU the defaults add bf16 autocast and `torch.compile`.
+`--gpt.stream true` reads the training corpus as a stream (an IterableDataset, one file at a time).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import math
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 import distrib
 from distrib.logs import log
@@ -48,6 +49,9 @@ class GPTConfig:
     """Megabytes of standard-library source to read."""
     eval_fraction: float = 0.05
     """Share of the windows held out for evaluation (the end of the corpus)."""
+    stream: bool = False
+    """Read the training corpus as a stream (an IterableDataset reading one file at a time), the way large
+    corpora are read; the same windows, in corpus order (so with --data.shuffle false, the same run)."""
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -66,19 +70,23 @@ if torch.cuda.is_available():
 # --------------------------------------------------------------------------- data
 
 
-def stdlib_bytes(megabytes: float) -> torch.Tensor:
-    """The first `megabytes` of the standard library's .py files, in sorted path order, as uint8."""
+def stdlib_files(megabytes: float) -> Iterator[bytes]:
+    """The first `megabytes` of the standard library's .py files, in sorted path order, a file at a time."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    limit, chunks, size = int(megabytes * 2**20), [], 0
+    limit, size = int(megabytes * 2**20), 0
     for path in sorted(root.rglob("*.py")):
         if "site-packages" in path.parts:
             continue
-        data = path.read_bytes()
-        chunks.append(data[: limit - size])
-        size += len(chunks[-1])
+        data = path.read_bytes()[: limit - size]
+        size += len(data)
+        yield data
         if size >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)
+            return
+
+
+def stdlib_bytes(megabytes: float) -> torch.Tensor:
+    """The first `megabytes` of the standard library's .py files, in sorted path order, as uint8."""
+    return torch.frombuffer(bytearray(b"".join(stdlib_files(megabytes))), dtype=torch.uint8)
 
 
 class ByteWindows(Dataset):
@@ -95,14 +103,44 @@ class ByteWindows(Dataset):
         return {"input_ids": chunk[:-1], "labels": chunk[1:]}
 
 
+class ByteStream(IterableDataset):
+    """ByteWindows(train part) as a stream: the files are read one at a time, never held whole.
+
+    It declares its length (windows in the training part), so distrib knows where an epoch ends.
+    """
+
+    def __init__(self, cfg: GPTConfig, train_bytes: int) -> None:
+        self.cfg, self.train_bytes = cfg, train_bytes
+
+    def __len__(self) -> int:
+        return (self.train_bytes - 1) // self.cfg.context
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        n, buf, read = self.cfg.context, b"", 0
+        for data in stdlib_files(self.cfg.corpus_mb):
+            data = data[: self.train_bytes - read]
+            read += len(data)
+            buf += data
+            at = 0
+            while len(buf) - at >= n + 1:  # a window and the byte after it (which starts the next window)
+                chunk = torch.frombuffer(bytearray(buf[at : at + n + 1]), dtype=torch.uint8).long()
+                yield {"input_ids": chunk[:-1], "labels": chunk[1:]}
+                at += n
+            buf = buf[at:]
+            if read >= self.train_bytes:
+                return
+
+
 def split(data: torch.Tensor, eval_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Train on the start of the corpus, evaluate on its end (other files than the training ones)."""
     cut = int(len(data) * (1 - eval_fraction))
     return data[:cut], data[cut:]
 
 
-def datasets(cfg: GPTConfig) -> tuple[ByteWindows, ByteWindows]:
+def datasets(cfg: GPTConfig) -> tuple[ByteWindows | ByteStream, ByteWindows]:
     train, held_out = split(stdlib_bytes(cfg.corpus_mb), cfg.eval_fraction)
+    if cfg.stream:
+        return ByteStream(cfg, len(train)), ByteWindows(held_out, cfg.context)
     return ByteWindows(train, cfg.context), ByteWindows(held_out, cfg.context)
 
 
@@ -172,7 +210,7 @@ def train(cfg: distrib.Config) -> dict[str, Any]:
     summary = distrib.fit(cfg, model=model, train_data=train_set, eval_data=eval_set, items=distrib.label_tokens(shift=False),
                           tokens_per_sample=cfg.gpt.context, flops_per_sample=model.flops_per_token() * cfg.gpt.context)
     if not summary.get("stopped") and summary["eval"]:
-        baseline = unigram_nats(train_set.data)
+        baseline = unigram_nats(split(stdlib_bytes(cfg.gpt.corpus_mb), cfg.gpt.eval_fraction)[0])
         log.info(f"eval loss {summary['eval']['loss']:.3f} nats/byte ({summary['eval']['loss'] / math.log(2):.3f} bits/byte); "
                          f"a byte-unigram model: {baseline:.3f} nats/byte")
     return summary
