@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from distrib.dist import all_reduce_sum
+from distrib.dist import all_reduce_sum_async
 from distrib.errors import BatchError, ConfigError
 from distrib.stop import ignore_stop_signals
 from distrib.stream import StreamShard, declared_length, is_stream
@@ -181,15 +181,37 @@ ItemCounter = Callable[[Any], "torch.Tensor | int"]
 """Counts what a batch's loss averages over (e.g. its label tokens); None: the samples."""
 
 
+class StepCount:
+    """A step's item count summed over ranks, all-reduced in the background while the forward computes.
+
+    The sum is needed only to weight the loss before backward, so the collective is started when the
+    step's micro-batches are loaded and waited for at first use (on NCCL the wait orders streams; no
+    host sync). Every rank starts it at the same point, so it never reorders with DDP's all-reduces.
+    """
+
+    def __init__(self, local: torch.Tensor) -> None:
+        self.local = local
+        self._total = local.clone()
+        self._work = all_reduce_sum_async(self._total)
+
+    @property
+    def total(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._total
+
+
 @dataclasses.dataclass(frozen=True)
 class MicroBatch:
     """One micro-batch of an optimizer step, on the device, with the weight that makes accumulation exact.
 
     With `items` the local count of what the loss averages over (samples, or label tokens) and
     `step_items` the same count summed over the step's micro-batches on every rank:
-    `loss * weight` (a mean over this micro-batch's items) or `loss * world_size` (a loss already
-    divided by `step_items`, the Hugging Face `num_items_in_batch` convention) makes the
-    accumulated, DDP-averaged gradient that of the whole step's mean, whatever the split.
+    `loss * weight` (a mean over this micro-batch's items) makes the accumulated, DDP-averaged
+    gradient that of the whole step's mean, whatever the split. For a model that divides its loss by
+    `num_items_in_batch` (Hugging Face's convention): pass `local_step_items` (this rank's count, known
+    at once) and scale by `normalized_weight`; or pass `step_items` and scale by `world_size`.
     """
 
     batch: Any
@@ -198,18 +220,30 @@ class MicroBatch:
     """Samples in this micro-batch (on this rank)."""
     items: Any
     """What the loss averages over in this micro-batch: `size`, or a device tensor of tokens."""
-    step_items: Any
-    """`items` summed over the optimizer step's micro-batches and every rank."""
+    local_step_items: Any
+    """`items` summed over the optimizer step's micro-batches on this rank."""
     world_size: int
     last: bool
     """The step's last micro-batch: its backward all-reduces the gradients; the optimizer steps after it."""
     epoch: int
     """The epoch this micro-batch belongs to."""
+    count: Any = dataclasses.field(default=None, repr=False)
+    """The step's global count: a number, or a `StepCount` whose all-reduce may still be running."""
+
+    @property
+    def step_items(self) -> Any:
+        """`items` summed over the optimizer step's micro-batches and every rank (waits for its all-reduce)."""
+        return self.count.total if isinstance(self.count, StepCount) else self.count
 
     @property
     def weight(self) -> Any:
         """Scale for a loss that is the mean over this micro-batch's items."""
         return self.items * self.world_size / self.step_items
+
+    @property
+    def normalized_weight(self) -> Any:
+        """Scale for a loss divided by `local_step_items` (passed as `num_items_in_batch`)."""
+        return self.local_step_items * self.world_size / self.step_items
 
 
 class TrainLoader:
@@ -364,15 +398,17 @@ class TrainLoader:
             if self.items is None:
                 # Samples: every rank holds the same count, so the weights are host arithmetic.
                 pending = None
-                step_items: Any = local * world
+                local_items: Any = local
+                count: Any = local * world
             else:
                 # Items (tokens) differ per micro-batch and rank: load the step's micro-batches first,
                 # count on the device and sum over ranks once per step (no host sync; one small
-                # all-reduce that NCCL runs on its own stream).
+                # all-reduce, running while the forward computes).
                 pending = [self._next(it, n) for n in group]
                 counts = [self.items(b) for b in pending]
                 # An integer count, as Hugging Face's Trainer passes it (a loss divided by it stays float32).
-                step_items = all_reduce_sum(torch.stack([torch.as_tensor(c, device=self.device) for c in counts]).sum())
+                local_items = torch.stack([torch.as_tensor(c, device=self.device) for c in counts]).sum()
+                count = StepCount(local_items)
             for j, n in enumerate(group):
                 batch = pending[j] if pending is not None else self._next(it, n)
                 last = j == len(group) - 1
@@ -380,8 +416,8 @@ class TrainLoader:
                     self.step += 1
                     self.epoch_samples += local
                     self.samples_seen += local * world
-                yield MicroBatch(batch=batch, size=n, items=n if pending is None else counts[j], step_items=step_items,
-                                 world_size=world, last=last, epoch=epoch)
+                yield MicroBatch(batch=batch, size=n, items=n if pending is None else counts[j], local_step_items=local_items,
+                                 world_size=world, last=last, epoch=epoch, count=count)
 
     def __len__(self) -> int:
         """Micro-batches left in the current epoch."""

@@ -188,6 +188,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sum_async(tensor: torch.Tensor) -> Any:
+    """Start summing `tensor` over ranks in place; returns the work to `wait()` on (None in a single process)."""
+    if _active():
+        return tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, async_op=True)
+    return None
+
+
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if _active():
         tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)

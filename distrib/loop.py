@@ -271,17 +271,18 @@ class Trainer:
         s = self.session
         with s.no_backward_sync(self.model, enabled=not mb.last):
             with s.autocast():
-                out = self.step_logic(self.model, mb.batch, mb.step_items if self.items is not None else None)
+                # This rank's count: the model divides by it at once, the global sum is still being all-reduced.
+                out = self.step_logic(self.model, mb.batch, mb.local_step_items if self.items is not None else None)
             # The loss weighted so that the accumulated, DDP-averaged gradient is that of the whole
             # step's mean over its samples (or tokens), the short last step included.
-            loss = out.loss * mb.world_size if out.normalized else out.loss * mb.weight
+            loss = out.loss * (mb.normalized_weight if out.normalized else mb.weight)
             started = time.perf_counter() if mb.last else 0.0
             s.backward(loss)
             if mb.last:  # DDP's all-reduce runs in this backward: a fast rank waits here for the slowest
                 self.times.sync += time.perf_counter() - started
         metrics = out.metrics
         if out.normalized:  # the loss was divided by the step's count: this micro-batch's own mean
-            metrics = {**metrics, "loss": out.loss.detach() * mb.step_items / torch.clamp(torch.as_tensor(mb.items), min=1)}
+            metrics = {**metrics, "loss": out.loss.detach() * mb.local_step_items / torch.clamp(torch.as_tensor(mb.items), min=1)}
         self.metrics.add(metrics, weight=mb.items)
         self.metrics.add_total("samples", mb.size)
         if self.items is not None:

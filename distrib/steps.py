@@ -98,7 +98,8 @@ class StepOutput:
     metrics: dict[str, Any]
     """Means over the micro-batch's items, `loss` included, or `(sum, count)` pairs (device tensors)."""
     normalized: bool
-    """True when `loss` is already divided by the step's global item count (num_items_in_batch)."""
+    """True when `loss` is already divided by the count passed as num_items_in_batch (in training, this
+    rank's count over the step; `MicroBatch.normalized_weight` scales it to the global one)."""
 
 
 def _output_loss(out: Any) -> torch.Tensor | None:

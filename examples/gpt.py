@@ -7,8 +7,9 @@
 The corpus is every `.py` file of this Python's standard library, read in sorted order (the same on
 every rank), cut into windows of `gpt.context + 1` bytes; the last `gpt.eval_fraction` is held out.
 Bytes are the tokens, so the eval loss is in nats per byte (a byte-unigram model scores about 3).
-The loss is token-exact: the model takes `num_items_in_batch`, the step's label count over every
-micro-batch and rank, as Hugging Face models do. AdamW with a cosine schedule and warm-up comes
+The loss is token-exact: the model takes `num_items_in_batch` and divides its summed loss by it, as
+Hugging Face models do; distrib passes the step's count and weights the loss so every byte of the
+step, over micro-batches and ranks, weighs the same. AdamW with a cosine schedule and warm-up comes
 from `--optim.*`; on a GPU the defaults add bf16 autocast and `torch.compile`.
 `--gpt.stream true` reads the training corpus as a stream (an IterableDataset, one file at a time).
 """
@@ -191,8 +192,9 @@ class GPT(nn.Module):
         logits = self.head(self.ln(x))
         if labels is None:
             return {"logits": logits}
-        # Summed over tokens and divided by the step's count (over micro-batches and ranks): every
-        # byte weighs the same however the step is split. Without a count: this batch's mean.
+        # Summed over tokens and divided by the count distrib passes (the step's, over micro-batches;
+        # distrib weights it across ranks): every byte weighs the same however the step is split.
+        # Without a count: this batch's mean.
         loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
         return {"loss": loss / (num_items_in_batch if num_items_in_batch is not None else labels.numel()), "logits": logits}
 
