@@ -190,7 +190,6 @@ class StepCount:
     """
 
     def __init__(self, local: torch.Tensor) -> None:
-        self.local = local
         self._total = local.clone()
         self._work = all_reduce_sum_async(self._total)
 
