@@ -44,7 +44,8 @@ def _non_negative(section: str, **values: int | float | None) -> None:
 
 def _one_of(section: str, name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(choices)}. HINT: pass --{section}.{name} {choices[0]}.")
+        near = difflib.get_close_matches(str(value).lower(), choices, n=1, cutoff=0.5)  # `FSDP` -> fsdp
+        raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(choices)}. HINT: pass --{section}.{name} {(near or choices)[0]}.")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -17,9 +17,10 @@ checkpoint format (DCP) is FSDP's, so a run can move between 1 process and many.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -52,10 +53,14 @@ def find_blocks(model: nn.Module, names: Sequence[str] = ()) -> list[nn.Module]:
     if names:
         found = [m for m in model.modules() if type(m).__name__ in names and m is not model]
         if not found:
-            classes = sorted({type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(recurse=False))})
+            # Its submodules' classes: the blocks found automatically first, then the most repeated.
+            auto = {type(b).__name__ for b in find_blocks(model)}
+            kinds = [type(m).__name__ for m in model.modules() if m is not model and any(True for _ in m.parameters())]
+            classes = sorted(set(kinds), key=lambda k: (k not in auto, -kinds.count(k), k))
+            root = f" ({type(model).__name__} is the root, which is always sharded)" if type(model).__name__ in names else ""
             raise ConfigError(
-                f"dist.fsdp_blocks={','.join(names)} matches no module of this model. HINT: name classes it has "
-                f"(those holding parameters: {', '.join(classes[:12])}), or leave dist.fsdp_blocks empty to find blocks automatically."
+                f"dist.fsdp_blocks={','.join(names)} matches no submodule of this model{root}. HINT: name classes it has "
+                f"(the blocks found automatically first: {', '.join(classes[:12])}), or leave dist.fsdp_blocks empty to find blocks automatically."
             )
         # A block inside another named block is sharded with it (nesting buys nothing here).
         inside = {id(sub) for m in found for sub in m.modules() if sub is not m}
@@ -92,12 +97,59 @@ def shard(model: nn.Module, *, device: torch.device, world_size: int, blocks: Se
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy() if param_dtype is None else MixedPrecisionPolicy(
-        param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
-    for block in find_blocks(model, blocks):
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    # Blocks hand bf16 activations on (the next module computes in bf16 too); only the root's output,
+    # what the loss is computed from, comes back in fp32.
+    inner = MixedPrecisionPolicy() if param_dtype is None else MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    outer = inner if param_dtype is None else MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
+    units = find_blocks(model, blocks)
+    try:
+        if param_dtype is not None:
+            # Modules with floating-point buffers (BatchNorm's running statistics, kept in fp32) compute in
+            # fp32 as units of their own, nested in their block: their inputs are cast up, their outputs
+            # back down, so what follows them computes in bf16 as before.
+            norms = [m for m in model.modules() if m is not model and any(b.is_floating_point() for b in m.buffers(recurse=False))
+                     and any(True for _ in m.parameters(recurse=False))]
+            for m in norms:
+                fully_shard(m, mesh=mesh, reshard_after_forward=reshard_after_forward,
+                            mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=param_dtype))
+            units = [u for u in units if all(u is not m for m in norms)]
+        for block in units:
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=inner)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=outer)
+    except ValueError as exc:  # e.g. a parameter shared by two blocks
+        raise ConfigError(
+            f"FSDP could not shard this model's blocks: {str(exc).strip().splitlines()[0][:300]}. HINT: name blocks that share no "
+            "parameter with --dist.fsdp_blocks (tied weights belong to the root, e.g. embeddings), or use --dist.strategy ddp."
+        ) from None
+    _broadcast_buffers_like_ddp(model)
     return model
+
+
+def _broadcast_buffers_like_ddp(model: nn.Module) -> None:
+    """Before each training forward, every rank takes rank 0's buffers (BatchNorm's running statistics).
+
+    DDP does this (`broadcast_buffers=True`); FSDP shards parameters only, so without it each rank's
+    running statistics drift apart, and an eval or a resume (DCP saves rank 0's) would differ from DDP's.
+    """
+    import torch.distributed as dist
+
+    buffers = [b for b in model.buffers() if b.is_floating_point() or b.dtype in (torch.int64, torch.int32)]
+    if not buffers:
+        return
+
+    def pre_forward(module: nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            for work in [dist.broadcast(b, src=0, async_op=True) for b in buffers]:
+                work.wait()
+
+    model.register_forward_pre_hook(pre_forward)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free parameters an eval left gathered (`reshard_after_forward=false` keeps them until a backward)."""
+    for m in getattr(model, "_orig_mod", model).modules():
+        if isinstance(m, _fsdp_module_class()):
+            m.reshard()
 
 
 def rebind(optimizers: Iterable[torch.optim.Optimizer], names: Mapping[int, str], sharded: Mapping[str, nn.Parameter]) -> None:
@@ -128,6 +180,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Any]:
     """The plain module's whole `state_dict` on CPU, gathered on every rank's call; rank 0 gets it, others `{}`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    reshard(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -155,11 +208,32 @@ def sharded_state(state: Mapping[str, Any], models: Sequence[nn.Module]) -> dict
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     out: dict[str, Any] = {}
+    for model in models:
+        if is_sharded(model):
+            reshard(model)
     for key, value in state.items():
         if isinstance(value, nn.Module):
-            out[key] = get_model_state_dict(value)
+            out[key] = _rank0_buffers(get_model_state_dict(value))
         elif isinstance(value, torch.optim.Optimizer):
             out[key] = get_optimizer_state_dict(_owner(value, models), value)
+    return out
+
+
+def _rank0_buffers(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with its unsharded tensors (buffers) as rank 0 has them, as DDP checkpoints them.
+
+    DCP writes one copy of a tensor every rank holds, from whichever rank it picks; BatchNorm's
+    running statistics differ per rank between forwards, so each rank takes rank 0's copy first.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return state
+    out = dict(state)
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and not hasattr(v, "full_tensor"):
+            out[k] = v.detach().clone()
+            dist.broadcast(out[k], src=0)
     return out
 
 
@@ -188,7 +262,16 @@ def save_sharded(path: Path, state: Mapping[str, Any], group: Any = None) -> Non
     import torch.distributed.checkpoint as dcp
 
     path.mkdir(parents=True, exist_ok=True)
-    dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(path, sync_files=True), process_group=group)
+    with _one_process_is_fine():
+        dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(path, sync_files=True), process_group=group)
+
+
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """Silence DCP's "torch.distributed is disabled ... assuming ... a single process" warning: it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*", category=UserWarning)
+        yield
 
 
 def load_sharded(path: Path, state: Mapping[str, Any], models: Sequence[nn.Module]) -> None:
@@ -196,13 +279,22 @@ def load_sharded(path: Path, state: Mapping[str, Any], models: Sequence[nn.Modul
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    reader = dcp.FileSystemReader(path)
+    saved = set(reader.read_metadata().state_dict_metadata)
     current = sharded_state(state, models)
-    dcp.load(current, storage_reader=dcp.FileSystemReader(path))
+    with _one_process_is_fine():
+        # Partial: a fresh optimizer has state for every parameter (torch creates it to load into), the
+        # checkpoint only for those that had a gradient; the others are pruned again below.
+        dcp.load(current, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
     for key, value in state.items():
         if isinstance(value, nn.Module):
             set_model_state_dict(value, current[key])
         elif isinstance(value, torch.optim.Optimizer):
-            set_optimizer_state_dict(_owner(value, models), value, current[key])
+            owner = _owner(value, models)
+            set_optimizer_state_dict(owner, value, current[key])
+            for name, param in owner.named_parameters():
+                if not any(k.startswith(f"{key}.state.{name}.") for k in saved):
+                    value.state.pop(param, None)  # no state in the checkpoint: none now, as in the uninterrupted run
 
 
 def convert(checkpoint: Path, key: str = "model") -> dict[str, torch.Tensor]:
@@ -219,8 +311,7 @@ def convert(checkpoint: Path, key: str = "model") -> dict[str, torch.Tensor]:
         keys = sorted({k.split(".", 1)[0] for k in meta})
         raise ConfigError(f"{checkpoint} holds no sharded {key!r} (it has {', '.join(keys)}). HINT: pass --key with one of those.")
     loaded = {key: tensors}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
+    with _one_process_is_fine():
         dcp.load(loaded, storage_reader=reader, no_dist=True)
     return loaded[key]
 

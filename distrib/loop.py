@@ -86,6 +86,13 @@ class Trainer:
         self._prepared = True
         s, cfg = self.session, self.cfg
         world, tc = s.world_size, cfg.train
+        for what, data in (("train_data", self.train_data), ("eval_data", self.eval_data)):
+            if data is not None and not is_stream(data) and not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+                raise ConfigError(
+                    f"{what} is a {type(data).__name__}, neither a map-style Dataset (len() and indexing) nor an IterableDataset. "
+                    "HINT: pass a Dataset or a list; for a stream, an IterableDataset whose __iter__ starts a new pass each time "
+                    "(a generator can be read only once), with __len__ or --train.max_steps."
+                )
         # Probe batches as large as the real ones (a rank's share at most): a batch size that cannot fit
         # (memory, a model's fixed length) fails here, before anything is written, not after an epoch.
         sample = _collate_probe(self.train_data, self.collate_fn, n=min(tc.batch_size, _share(self.train_data, world)))
@@ -412,8 +419,9 @@ class Trainer:
 
     def _finish(self, wall_s: float) -> dict[str, Any]:
         s, module = self.session, unwrap_model(self.model)
-        if self.early_stop_reason is not None:
-            self.save_checkpoint()
+        # The last step is checkpointed (a no-op when an epoch end or ckpt.every already did it), so a
+        # run ended by train.max_steps mid-epoch is continued, not restarted, by the same command.
+        self.save_checkpoint()
         summary = {
             "stopped": False,
             "early_stopped": self.early_stop_reason is not None,

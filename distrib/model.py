@@ -12,6 +12,7 @@ from distrib import fsdp
 from distrib.config import DistConfig
 from distrib.dist import Runtime
 from distrib.errors import ConfigError
+from distrib.logs import log
 
 
 def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False,
@@ -33,6 +34,9 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
     model = model.to(rt.device)
     if cfg.strategy == "fsdp" and cfg.fsdp_blocks:
         fsdp.find_blocks(model, cfg.fsdp_blocks)  # a name that matches nothing fails in one process too
+    unused = _other_strategys_keys(cfg)
+    if unused and rt.env.distributed:
+        log.warning(f"dist.strategy={cfg.strategy}: {', '.join(unused)} apply to the other strategy and have no effect here")
     if rt.env.distributed and cfg.strategy == "fsdp":
         model = fsdp.shard(model, device=rt.device, world_size=rt.world_size, blocks=cfg.fsdp_blocks,
                            reshard_after_forward=cfg.reshard_after_forward, param_dtype=param_dtype)
@@ -50,6 +54,14 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
     if compile:
         model = torch.compile(model)
     return model
+
+
+def _other_strategys_keys(cfg: DistConfig) -> list[str]:
+    defaults = DistConfig()
+    ddp_only = ("find_unused_parameters", "static_graph", "gradient_as_bucket_view", "bucket_cap_mb")
+    fsdp_only = ("fsdp_blocks", "reshard_after_forward")
+    other = ddp_only if cfg.strategy == "fsdp" else fsdp_only
+    return [f"dist.{k}" for k in other if getattr(cfg, k) != getattr(defaults, k)]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

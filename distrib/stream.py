@@ -92,5 +92,6 @@ class StreamShard(IterableDataset):
             raise BatchError(
                 f"The training stream ended after {seen} samples, but distrib needs {self.length} this epoch (its declared "
                 "len(), or what train.max_steps reads). HINT: make __len__ return the number of samples the stream yields, "
-                "or lower train.max_steps."
+                "or lower train.max_steps. If the stream splits itself across DataLoader workers (get_worker_info()), "
+                "remove that: distrib gives each worker its share, so every worker must read the whole stream."
             )

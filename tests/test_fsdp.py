@@ -214,6 +214,49 @@ def test_fsdp_state_bytes_per_rank_are_half_at_two_ranks(tmp_path):
         assert 0.49 < b["total"] / one["total"] < 0.52, (b, one)  # plus AdamW's unsharded step counters
 
 
+class NormNet(nn.Module):
+    """BatchNorm in the blocks (running statistics: buffers), a LayerNorm at the root after them, and
+    a layer that never gets a gradient (no AdamW state for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU())
+        self.norm, self.head, self.unused = nn.LayerNorm(64), nn.Linear(64, 8), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.body(x)))
+
+
+def _norm_net(rank: int, world: int, run_dir: str, dotted: dict) -> dict:
+    from distrib import fit
+
+    cfg = TaskData().replace(**{"run.dir": run_dir, "run.device": "cpu", "data.train_size": 1024, "data.eval_size": 301,
+                                "train.batch_size": 16, "train.epochs": 2, "train.log_every": 8, "wandb.mode": "disabled",
+                                "ckpt.every": None, **dotted})
+    train, ev = make_datasets(cfg.task, train_size=1024, eval_size=301, seed=0)
+    torch.manual_seed(0)
+    model = NormNet()
+    summary = fit(cfg, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01), train_data=train, eval_data=ev)
+    return {**summary, "checkpoints": [p.name for p in ck.candidates(__import__("pathlib").Path(run_dir) / "checkpoints")]}
+
+
+def test_fsdp_with_buffers_an_unused_layer_and_no_reshard_ends_at_max_steps_resumes_and_matches_ddp(tmp_path):
+    """BatchNorm buffers follow rank 0 as under DDP; a parameter with no optimizer state resumes;
+    reshard_after_forward=false survives gathering model.pt; a run ended by max_steps mid-epoch is
+    checkpointed there, so the same command with more steps continues it."""
+    run = str(tmp_path / "fsdp")
+    fsdp = {"dist.strategy": "fsdp", "dist.reshard_after_forward": False}
+    first = spawn(_norm_net, 2, tmp_path / "a", run, {**fsdp, "train.max_steps": 40})[0]
+    assert first["optimizer_steps"] == 40 and first["checkpoints"][0] == "step-000000040"  # 32 steps an epoch
+    resumed = spawn(_norm_net, 2, tmp_path / "b", run, fsdp)[0]
+    ddp = spawn(_norm_net, 2, tmp_path / "c", str(tmp_path / "ddp"), {"dist.find_unused_parameters": True})[0]
+    assert resumed["optimizer_steps"] == ddp["optimizer_steps"] == 64
+    assert resumed["params_sha256"] == ddp["params_sha256"]
+    assert resumed["eval"]["count"] == 301 and resumed["eval"]["loss"] == pytest.approx(ddp["eval"]["loss"], abs=1e-6)
+    bf16 = spawn(_norm_net, 2, tmp_path / "d", str(tmp_path / "bf16"), {**fsdp, "train.precision": "bf16", "train.max_steps": 8})[0]
+    assert bf16["optimizer_steps"] == 8 and bf16["eval"]["loss"] < 3  # the root's LayerNorm takes the blocks' bf16 output
+
+
 # ----------------------------------------------------------------------------- configuration
 
 
@@ -226,14 +269,15 @@ def test_blocks_are_the_repeated_children_of_containers_or_the_named_classes():
     mlp = make_model(TaskConfig(depth=2), seed=0)
     assert find_blocks(mlp) == [mlp[0], mlp[2], mlp[4]]
     assert find_blocks(nn.Linear(2, 2)) == []  # nothing repeated: the root alone is sharded
-    with pytest.raises(ConfigError, match=r"dist.fsdp_blocks=Nope matches no module .* GPT2Block|Conv1D"):
+    with pytest.raises(ConfigError, match=r"dist.fsdp_blocks=Nope matches no submodule .* found automatically first: GPT2Block, "):
         find_blocks(gpt2, ["Nope"])
 
 
 def test_fsdp_refuses_fp16_and_unknown_blocks_before_writing_anything(tmp_path):
     for extra, message in ((["--train.precision", "fp16"], "train.precision=fp16 with dist.strategy=fsdp"),
-                           (["--dist.fsdp_blocks", "Block"], "dist.fsdp_blocks=Block matches no module"),
-                           (["--dist.strategy", "zero3"], "dist.strategy='zero3' is not one of ddp, fsdp")):
+                           (["--dist.fsdp_blocks", "Block"], "dist.fsdp_blocks=Block matches no submodule"),
+                           (["--dist.strategy", "zero3"], "dist.strategy='zero3' is not one of ddp, fsdp"),
+                           (["--dist.strategy", "FSDP"], "HINT: pass --dist.strategy fsdp")):
         run = tmp_path / extra[-1]
         proc = run_train([*FSDP, *extra, "--train.epochs", "1", "--data.train_size", "64", "--run.dir", str(run)], check=False)
         assert proc.returncode == 2, proc.stderr[-2000:]

@@ -139,3 +139,8 @@ def test_a_stream_needs_a_length_or_max_steps_and_fresh_workers(tmp_path):
         with pytest.raises(ConfigError, match="data.persistent_workers=true with a streaming"):
             session.train_loader(Ids(10))
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+    train, _ = make_datasets(cfg.task, train_size=64, eval_size=8, seed=0)
+    model = make_model(cfg.task, seed=0)
+    with pytest.raises(ConfigError, match="train_data is a generator, neither a map-style Dataset .* read only once"):
+        fit(_cfg(tmp_path / "run3"), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=(s for s in train))
+    assert not (tmp_path / "run3").exists()
