@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 
 import distrib
-from workload import StepClock, dataset, model, parse_args, report, setup_threads
+from workload import StepClock, dataset, model, parse_args, report, setup_threads, shared_run_dir
 
 
 def main() -> None:
@@ -18,7 +17,7 @@ def main() -> None:
     net = model(args)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     clock = StepClock(opt)
-    with tempfile.TemporaryDirectory() as run_dir:
+    with shared_run_dir() as run_dir:  # one for all ranks: fit checkpoints the last step
         cfg = distrib.Config().replace(**{
             "seed": args.seed, "run.dir": run_dir, "run.device": "cpu", "data.num_workers": args.workers,
             "train.batch_size": args.batch, "train.grad_accum": args.accum, "train.epochs": 1,

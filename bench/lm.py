@@ -97,7 +97,7 @@ def run_distrib(args: argparse.Namespace) -> None:
 
     import distrib
     from gpt import GPT, GPTConfig, datasets
-    from workload import StepClock, report
+    from workload import StepClock, report, shared_run_dir
 
     torch.set_num_threads(1)
     cfg_gpt = GPTConfig()
@@ -108,7 +108,7 @@ def run_distrib(args: argparse.Namespace) -> None:
     total = args.warmup + args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, 30, total))
     clock = StepClock(opt)
-    with tempfile.TemporaryDirectory() as run_dir:
+    with shared_run_dir() as run_dir:  # one for all ranks: fit checkpoints the last step
         cfg = distrib.Config().replace(**{
             "run.dir": run_dir, "run.device": "cpu", "train.batch_size": args.batch, "train.epochs": 1, "train.max_steps": total,
             "train.log_every": args.log_every, "data.drop_last": True, "ckpt.every": None, "ckpt.resume": "never", "wandb.mode": "disabled",

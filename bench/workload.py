@@ -9,11 +9,14 @@ step, so process start, imports and rendezvous are excluded; the driver times th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -116,3 +119,17 @@ def report(framework: str, args: argparse.Namespace, clock: StepClock, rank: int
 
 def setup_threads() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+@contextlib.contextmanager
+def shared_run_dir() -> Iterator[str]:
+    """A fresh run.dir every rank of this launch shares (a checkpoint's files come from every rank), removed after.
+
+    torchrun gives all ranks of a launch one TORCHELASTIC_RUN_ID; a plain process uses its pid.
+    """
+    path = os.path.join(tempfile.gettempdir(), f"distrib-bench-{os.environ.get('TORCHELASTIC_RUN_ID', os.getpid())}")
+    try:
+        yield path
+    finally:
+        if os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(path, ignore_errors=True)
