@@ -210,11 +210,12 @@ def test_resume_never_sets_the_previous_run_aside_and_never_mixes_checkpoints(tm
     assert "previous run's checkpoints, metrics.jsonl" in _said(capsys)
     (aside,) = (run / "previous").iterdir()
     assert tree(aside) == old  # the whole previous run, byte for byte
-    assert [p.name for p in ck.candidates(run / "checkpoints")] == ["step-000000004"]  # this run's only (not the old 16)
+    # This run's only (not the old 16): ckpt.every's step 4, and its last step.
+    assert [p.name for p in ck.candidates(run / "checkpoints")] == ["step-000000006", "step-000000004"]
     assert read_summary(run)["optimizer_steps"] == 6
-    # An auto resume now continues the new run, not the old one.
+    # An auto resume now continues the new run where it ended, not the old one.
     assert main([*SMALL, *SAME, "--train.max_steps", "7", "--run.dir", str(run)]) == 0
-    assert f"resumed from {run}/checkpoints/step-000000004" in capsys.readouterr().out
+    assert f"resumed from {run}/checkpoints/step-000000006" in capsys.readouterr().out
     assert read_summary(run)["optimizer_steps"] == 7
 
 
