@@ -83,17 +83,10 @@ def test_fsdp_checkpoint_is_a_shard_per_rank_and_exports_to_model_pt(runs, tmp_p
     assert exported.keys() == whole.keys() and all(torch.equal(exported[k], whole[k]) for k in whole)
 
 
-def test_fsdp_composes_with_torch_compile_and_bf16_mixed_precision(tmp_path, runs):
+def test_fsdp_composes_with_torch_compile(tmp_path, runs):
     compiled = tmp_path / "compiled"
     run_train([*ARGS, *FSDP, "--train.batch_size", "16", "--train.compile", "--run.dir", str(compiled)], nproc=2, timeout=400)
     _assert_close(compiled, runs["fsdp"])
-    bf16 = tmp_path / "bf16"
-    run_train([*ARGS, *FSDP, "--train.batch_size", "16", "--train.precision", "bf16", "--run.dir", str(bf16)], nproc=2)
-    params, fp32 = _params(bf16), _params(runs["fsdp"])
-    assert all(v.dtype == torch.float32 for v in params.values())  # bf16 for compute only: the sharded parameters stay fp32
-    drift = max((params[k] - fp32[k]).abs().max().item() for k in params)
-    assert 1e-5 < drift < 0.05, drift  # bf16 compute is not fp32's, but trains to nearby parameters
-    assert read_summary(bf16)["eval"]["accuracy"] > read_summary(runs["fsdp"])["eval"]["accuracy"] - 0.05
 
 
 def _launch(run, *torchrun_flags: str, extra: list[str] = ()) -> subprocess.Popen:
@@ -230,10 +223,10 @@ class NormNet(nn.Module):
 def _norm_net(rank: int, world: int, run_dir: str, dotted: dict) -> dict:
     from distrib import fit
 
-    cfg = TaskData().replace(**{"run.dir": run_dir, "run.device": "cpu", "data.train_size": 1024, "data.eval_size": 301,
+    cfg = TaskData().replace(**{"run.dir": run_dir, "run.device": "cpu", "data.train_size": 512, "data.eval_size": 301,
                                 "train.batch_size": 16, "train.epochs": 2, "train.log_every": 8, "wandb.mode": "disabled",
                                 "ckpt.every": None, **dotted})
-    train, ev = make_datasets(cfg.task, train_size=1024, eval_size=301, seed=0)
+    train, ev = make_datasets(cfg.task, train_size=512, eval_size=301, seed=0)
     torch.manual_seed(0)
     model = NormNet()
     summary = fit(cfg, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01), train_data=train, eval_data=ev)
@@ -246,15 +239,17 @@ def test_fsdp_with_buffers_an_unused_layer_and_no_reshard_ends_at_max_steps_resu
     checkpointed there, so the same command with more steps continues it."""
     run = str(tmp_path / "fsdp")
     fsdp = {"dist.strategy": "fsdp", "dist.reshard_after_forward": False}
-    first = spawn(_norm_net, 2, tmp_path / "a", run, {**fsdp, "train.max_steps": 40})[0]
-    assert first["optimizer_steps"] == 40 and first["checkpoints"][0] == "step-000000040"  # 32 steps an epoch
+    first = spawn(_norm_net, 2, tmp_path / "a", run, {**fsdp, "train.max_steps": 20})[0]
+    assert first["optimizer_steps"] == 20 and first["checkpoints"][0] == "step-000000020"  # 16 steps an epoch
     resumed = spawn(_norm_net, 2, tmp_path / "b", run, fsdp)[0]
     ddp = spawn(_norm_net, 2, tmp_path / "c", str(tmp_path / "ddp"), {"dist.find_unused_parameters": True})[0]
-    assert resumed["optimizer_steps"] == ddp["optimizer_steps"] == 64
+    assert resumed["optimizer_steps"] == ddp["optimizer_steps"] == 32
     assert resumed["params_sha256"] == ddp["params_sha256"]
     assert resumed["eval"]["count"] == 301 and resumed["eval"]["loss"] == pytest.approx(ddp["eval"]["loss"], abs=1e-6)
-    bf16 = spawn(_norm_net, 2, tmp_path / "d", str(tmp_path / "bf16"), {**fsdp, "train.precision": "bf16", "train.max_steps": 8})[0]
-    assert bf16["optimizer_steps"] == 8 and bf16["eval"]["loss"] < 3  # the root's LayerNorm takes the blocks' bf16 output
+    # bf16: the BatchNorms compute in fp32 as units of their own, the root's LayerNorm takes bf16 again.
+    bf16 = spawn(_norm_net, 2, tmp_path / "d", str(tmp_path / "bf16"), {**fsdp, "train.precision": "bf16"})[0]
+    assert bf16["optimizer_steps"] == 32 and bf16["params_sha256"] != ddp["params_sha256"]
+    assert bf16["eval"]["loss"] < ddp["eval"]["loss"] + 0.1  # not fp32's numbers, but trained as far
 
 
 # ----------------------------------------------------------------------------- configuration

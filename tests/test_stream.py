@@ -84,9 +84,9 @@ def test_two_ranks_two_workers_see_every_sample_of_an_epoch_once_and_a_resume_sk
 
 
 def _fit(rank: int, world: int, run_dir: str, stream: bool, stop_at: int | None, workers: int) -> dict:
-    cfg = _cfg(run_dir, **{"data.train_size": 1000, "train.batch_size": 8, "train.grad_accum": 2, "train.epochs": 2,
+    cfg = _cfg(run_dir, **{"data.train_size": 640, "train.batch_size": 8, "train.grad_accum": 2, "train.epochs": 2,
                            "data.num_workers": workers, "task.dropout": 0.1, "ckpt.every": None})
-    train, ev = make_datasets(cfg.task, train_size=1000, eval_size=64, seed=0)
+    train, ev = make_datasets(cfg.task, train_size=640, eval_size=64, seed=0)
     model = make_model(cfg.task, seed=0)
 
     class StopAt(Callback):
@@ -103,11 +103,11 @@ def test_a_stream_stopped_mid_epoch_and_resumed_with_workers_ends_as_the_map_sty
     map-style dataset in the same order (no workers, never stopped) does: the share, the order and the
     resume skip are all exact."""
     mapped = spawn(_fit, 2, tmp_path / "map", str(tmp_path / "map-run"), False, None, 0)[0]
-    assert mapped["samples_seen"] == 2 * 1000 and mapped["optimizer_steps"] == 2 * 32
+    assert mapped["samples_seen"] == 2 * 640 and mapped["optimizer_steps"] == 2 * 20
     run = str(tmp_path / "stopped")
-    stopped = spawn(_fit, 2, tmp_path / "stop", run, True, 10, 2)[0]
-    # Requested in step 10's log, agreed at the next log interval: mid-epoch (32 steps an epoch).
-    assert stopped["stopped"] and stopped["optimizer_steps"] == 15
+    stopped = spawn(_fit, 2, tmp_path / "stop", run, True, 5, 2)[0]
+    # Requested in step 5's log, agreed at the next log interval: mid-epoch (20 steps an epoch).
+    assert stopped["stopped"] and stopped["optimizer_steps"] == 10
     resumed = spawn(_fit, 2, tmp_path / "resume", run, True, None, 2)[0]
     assert resumed["samples_seen"] == mapped["samples_seen"] and resumed["optimizer_steps"] == mapped["optimizer_steps"]
     assert resumed["params_sha256"] == mapped["params_sha256"]
