@@ -133,14 +133,23 @@ def _broadcast_buffers_like_ddp(model: nn.Module) -> None:
     """
     import torch.distributed as dist
 
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
     buffers = [b for b in model.buffers() if b.is_floating_point() or b.dtype in (torch.int64, torch.int32)]
     if not buffers:
         return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in buffers:
+        by_dtype.setdefault(b.dtype, []).append(b)
 
     def pre_forward(module: nn.Module, args: Any) -> None:
         if module.training and torch.is_grad_enabled():
-            for work in [dist.broadcast(b, src=0, async_op=True) for b in buffers]:
-                work.wait()
+            # One broadcast per dtype, not per buffer (a ResNet has hundreds), as DDP coalesces them.
+            for group in by_dtype.values():
+                flat = _flatten_dense_tensors(group)
+                dist.broadcast(flat, src=0)
+                for b, synced in zip(group, _unflatten_dense_tensors(flat, group)):
+                    b.copy_(synced)
 
     model.register_forward_pre_hook(pre_forward)
 
@@ -167,8 +176,15 @@ def rebind(optimizers: Iterable[torch.optim.Optimizer], names: Mapping[int, str]
 
 
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:
-    """Turn FSDP's gradient reduce-scatter on or off for the next backward (every sharded submodule)."""
-    getattr(model, "_orig_mod", model).set_requires_gradient_sync(enabled)
+    """Turn FSDP's gradient reduce-scatter on or off for the next backward (every sharded submodule).
+
+    FSDP walks all its modules to set it, and this is called around every micro-batch: only a
+    change is passed on.
+    """
+    root = getattr(model, "_orig_mod", model)
+    if getattr(root, "_distrib_grad_sync", None) != enabled:
+        root.set_requires_gradient_sync(enabled)
+        root._distrib_grad_sync = enabled
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
