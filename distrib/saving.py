@@ -9,6 +9,8 @@ thread's collectives on the default group. Errors surface in the training thread
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import Any, Callable
 
@@ -30,6 +32,22 @@ def snapshot(obj: Any) -> Any:
     return obj
 
 
+def _yield_cpu() -> None:
+    """Run this thread at the lowest CPU priority (Linux: nice is per thread).
+
+    A save is CPU work (serialising, checksumming) that must not take cores from the ranks: at the
+    lowest priority it runs in the time they leave idle (waiting on a collective or on data) and
+    yields to them otherwise. Measured at 2 ranks on 2 cores (bench/defaults.py): 8.5 ms of step
+    stall per checkpoint against 15.3 ms at normal priority. The thread still gets the CPU whenever a
+    core is free, and a stop or the end of training waits for it as before.
+    """
+    if sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except OSError:
+            pass
+
+
 class Saver:
     """At most one background save in flight."""
 
@@ -46,6 +64,7 @@ class Saver:
 
         def run() -> None:
             try:
+                _yield_cpu()
                 save()
             except BaseException as exc:  # noqa: BLE001 - handed to the training thread
                 self._error = exc

@@ -338,7 +338,7 @@ class Session:
         """
         step = _step_of(state) if step is None else step
         writer = self.writer  # opens rank 0's files (and the tracker) if this is the first effect
-        shared: dict[str, Any] = {"objects": {}, "world_size": self.world_size, "config": self.cfg.to_dict(),
+        shared: dict[str, Any] | None = {"objects": {}, "world_size": self.world_size, "config": self.cfg.to_dict(),
                                   "logger_run_id": writer.tracker.run_id if writer.tracker is not None else self._run_id,
                                   "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines,
                                   "hparams": self._hparams if self._hparams is not None else _hparams_of(state)}
@@ -357,8 +357,10 @@ class Session:
             self._saver.wait()
             save(shared=shared, per_rank=per_rank, sharded=sharded)
             return checkpoint.step_dir(self.ckpt_root, step)
-        # state_dicts alias the live tensors: copy them now, before the next step changes them.
-        shared, per_rank, sharded = snapshot(shared), snapshot(per_rank), snapshot(sharded)
+        # state_dicts alias the live tensors: copy them now, before the next step changes them. Only
+        # rank 0 writes the replicated state, so only rank 0 pays for its copy.
+        shared = snapshot(shared) if self.is_rank_zero else None
+        per_rank, sharded = snapshot(per_rank), snapshot(sharded)
         self._saver.submit(functools.partial(save, shared=shared, per_rank=per_rank, sharded=sharded, group=self._ckpt_group))
         return checkpoint.step_dir(self.ckpt_root, step)
 

@@ -35,6 +35,29 @@ def test_save_verify_and_keep_the_last_n(tmp_path):
     assert _state(path)["w"][0].item() == 40.0
 
 
+def test_the_checksum_taken_while_writing_is_the_files_and_sha256_manifests_still_verify(tmp_path):
+    # The manifest takes the CRC-32 computed as the bytes stream to disk (no re-read): it must be the
+    # file's own, or every async checkpoint would fail verification on resume.
+    staging = ck.begin(tmp_path, 10)
+    state = {"w": torch.randn(1000, 300), "opt": {"exp_avg": torch.randn(777)}, "step": 10}
+    digests = {"state.pt": save_torch(staging / "state.pt", state), "rank-00000.pt": save_torch(staging / "rank-00000.pt", {"rank": 0})}
+    assert digests["state.pt"] == ck._crc32(staging / "state.pt") and digests["state.pt"] != digests["rank-00000.pt"]
+    path = ck.commit(tmp_path, 10, world_size=1, keep=3, digests=digests)
+    manifest = ck.verify(path)
+    assert {k: v["crc32"] for k, v in manifest["files"].items()} == digests
+    # A checkpoint from before (sha256 in its manifest) verifies, and a wrong sha256 is caught.
+    for entry in manifest["files"].values():
+        del entry["crc32"]
+    manifest["files"]["state.pt"]["sha256"] = ck._sha256(path / "state.pt")
+    manifest["files"]["rank-00000.pt"]["sha256"] = ck._sha256(path / "rank-00000.pt")
+    (path / ck.MANIFEST).write_text(json.dumps(manifest))
+    assert ck.verify(path)["step"] == 10
+    manifest["files"]["state.pt"]["sha256"] = "0" * 64
+    (path / ck.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ck.CheckpointError, match="fails its sha256"):
+        ck.verify(path)
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete_file", "delete_manifest"])
 def test_broken_newest_falls_back_to_the_previous_and_says_so(tmp_path, caplog, monkeypatch, damage):
     _save(tmp_path, 10, value=1.0)
