@@ -9,6 +9,7 @@ Evaluation: a strided sampler with *no padding*, so every sample is evaluated ex
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import multiprocessing
@@ -16,16 +17,16 @@ import multiprocessing.context
 import random
 import signal
 import time
-from typing import Any, Callable, Iterator, Sized
+from typing import Any, Callable, Iterable, Iterator, Sized
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from distrib.dist import all_reduce_sum_async
 from distrib.errors import BatchError, ConfigError
 from distrib.stop import ignore_stop_signals
-from distrib.stream import StreamShard, declared_length, is_stream
+from distrib.stream import Position, PositionedCollate, StreamShard, declared_length, is_stream
 from distrib.transfer import device_batches, leading_dim
 
 
@@ -124,7 +125,8 @@ class LoaderOptions:
     collate_fn: Callable[[list[Any]], Any] | None = None
 
 
-def _dataloader(dataset: Dataset, sampler: Sampler[int] | None, opts: LoaderOptions, *, drop_last: bool, generator: torch.Generator) -> DataLoader:
+def _dataloader(dataset: Dataset, sampler: Sampler[int] | None, opts: LoaderOptions, *, drop_last: bool, generator: torch.Generator,
+                collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if opts.num_workers > 0:
         kwargs["persistent_workers"] = opts.persistent_workers
@@ -138,7 +140,7 @@ def _dataloader(dataset: Dataset, sampler: Sampler[int] | None, opts: LoaderOpti
         num_workers=opts.num_workers,
         pin_memory=opts.pin_memory,
         drop_last=drop_last,
-        collate_fn=opts.collate_fn,
+        collate_fn=collate_fn or opts.collate_fn,
         worker_init_fn=init_worker,
         generator=generator,
         **kwargs,
@@ -281,7 +283,8 @@ class TrainLoader:
             # The sampler only does the arithmetic (samples per rank, padding, skip); the stream is read in its order.
             self.sampler = TrainSampler(range(n), num_replicas=world_size, rank=rank, shuffle=False, seed=seed, drop_last=drop_last)
             self.stream = StreamShard(dataset, length=n, rank=rank, world_size=world_size, batch_size=opts.batch_size)
-            self.loader = _dataloader(self.stream, None, opts, drop_last=drop_last, generator=self.generator)
+            collate = PositionedCollate(opts.collate_fn or default_collate, self.stream) if self.stream.stateful else None
+            self.loader = _dataloader(self.stream, None, opts, drop_last=drop_last, generator=self.generator, collate_fn=collate)
         else:
             _check_size(dataset, "train", world_size)
             self.sampler = TrainSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
@@ -301,6 +304,9 @@ class TrainLoader:
         """Global samples handed out in whole steps (all ranks)."""
         self.wait_s = 0.0
         """Seconds spent waiting for batches (the input pipeline); the monitor reads and resets it."""
+        self._positions: collections.deque[Position | None] = collections.deque()  # a stateful stream's, read ahead with its batches
+        self._position: Position | None = None  # ... of the micro-batch handed out last
+        self._resume_position: Position | None = None
 
     # ------------------------------------------------------------------ position
 
@@ -333,6 +339,18 @@ class TrainLoader:
         else:
             self._epoch, self.epoch_samples = state["epoch"], samples
 
+    def rank_state_dict(self) -> dict[str, Any] | None:
+        """This rank's part of the position, checkpointed in its own file: a stateful stream's state
+        after the last micro-batch it handed out (None when there is nothing to resume from)."""
+        if self._position is None or self.epoch_done:
+            return None
+        return {"epoch": self._epoch, "epoch_samples": self.epoch_samples, "position": self._position}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        """After `load_state_dict`: read the stream on from `state`'s position if it is this position's."""
+        same = (state["epoch"], state["epoch_samples"]) == (self._epoch, self.epoch_samples)
+        self._resume_position = state["position"] if same and self.stream is not None and self.stream.stateful else None
+
     def steps_left(self, epochs: int) -> int:
         """Optimizer steps from here to the end of epoch `epochs` (at this world size and batch size)."""
         if self.epoch_done:
@@ -347,7 +365,8 @@ class TrainLoader:
         self.sampler.set_epoch(epoch, skip_samples)
         self.generator.manual_seed(mix_seed(self.seed, self.rank, epoch, skip_samples))
         if self.stream is not None:  # before the iterator starts the workers, which take a copy
-            self.stream.assign(skip_samples, sum(self.micro_batch_sizes(skip_samples)))
+            resume, self._resume_position = (self._resume_position if skip_samples else None), None
+            self.stream.assign(skip_samples, sum(self.micro_batch_sizes(skip_samples)), resume)
 
     # ------------------------------------------------------------------ arithmetic
 
@@ -375,6 +394,8 @@ class TrainLoader:
         waited = time.perf_counter()
         batch = next(it)
         self.wait_s += time.perf_counter() - waited
+        if self._positions:
+            self._position = self._positions.popleft()
         n = leading_dim(batch)
         if n != expected:
             raise BatchError(
@@ -383,13 +404,22 @@ class TrainLoader:
             )
         return batch
 
+    def _positioned(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """A stateful stream's batches without their positions, which queue up in order (the device
+        prefetcher reads a batch ahead; `_next` takes the position of the batch it hands out)."""
+        for item in loader:
+            self._positions.append(item.position)
+            yield item.batch
+
     def __iter__(self) -> Iterator[MicroBatch]:
         if self.epoch_done:  # roll over to the next epoch
             self._epoch, self.epoch_samples = self._epoch + 1, 0
         epoch, skip = self._epoch, self.epoch_samples
         self.set_epoch(epoch, skip)
         sizes = self.micro_batch_sizes(skip)
-        it = iter(device_batches(self.loader, self.device, prefetch=self.prefetch))
+        self._positions.clear()
+        source = self._positioned(self.loader) if self.stream is not None and self.stream.stateful else self.loader
+        it = iter(device_batches(source, self.device, prefetch=self.prefetch))
         world, accum = self.world_size, self.grad_accum
         for start in range(0, len(sizes), accum):
             group = sizes[start : start + accum]

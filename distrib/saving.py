@@ -1,10 +1,10 @@
 """Asynchronous checkpoints: the step waits only for a host copy of the state.
 
-`Saver.submit` runs one save in a background thread; a second submit first waits for the one in
-flight, so at most one save (and one host copy of the state) exists at a time. The thread's
-barriers run on a process group of their own (gloo), so they never interleave with the training
-thread's collectives on the default group. Errors surface in the training thread at the next
-`submit` or `wait`.
+`Saver.submit` runs one save in a background thread, at the lowest CPU priority; a second submit
+first waits for the one in flight, so at most one save (and one host copy of the state) exists at
+a time. The thread's barriers run on a process group of their own (gloo), so they never
+interleave with the training thread's collectives on the default group. Errors surface in the
+training thread at the next `submit` or `wait`.
 """
 
 from __future__ import annotations

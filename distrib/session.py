@@ -351,6 +351,10 @@ class Session:
             if key not in to_shard:
                 target = per_rank if getattr(value, "distrib_per_rank", False) else shared
                 target["objects"][key] = _state_of(value)
+            # A rank's own part of a replicated object (a TrainLoader's stream position) goes to its file.
+            rank_part = value.rank_state_dict() if callable(getattr(value, "rank_state_dict", None)) else None
+            if rank_part is not None:
+                per_rank.setdefault("rank_parts", {})[key] = rank_part
         save = functools.partial(checkpoint.save, self.ckpt_root, step, rank=self.rank, world_size=self.world_size,
                                  keep=self.cfg.ckpt.keep)
         if not self.cfg.ckpt.async_:
@@ -415,6 +419,9 @@ class Session:
                 value.load_state_dict(loaded)
             else:
                 state[key] = loaded
+        for key, part in per_rank.get("rank_parts", {}).items():  # empty at another world size
+            if key in state and callable(getattr(state[key], "load_rank_state_dict", None)):
+                state[key].load_rank_state_dict(part)
         changed = []
         for key, value in state.items():
             started = shared.get("hparams", {}).get(key)

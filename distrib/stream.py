@@ -12,19 +12,30 @@ Its length: `len(dataset)` where the stream declares one (an `IterableDataset` m
 `__len__`); otherwise `train.max_steps` says how many samples the run reads, as one long epoch.
 
 Cost: every worker of every rank reads the whole stream and skips what is not its own (what
-Hugging Face's `split_dataset_by_node` does when shards do not divide evenly). A resume mid-epoch
-reads the stream again from its start and skips the samples consumed before the checkpoint (the
-"documented skip"): a dataset's own `state_dict` is not used, because its state lives in the worker
-processes, which read ahead of the step the checkpoint is taken at.
+Hugging Face's `split_dataset_by_node` does when shards do not divide evenly).
+
+Resume mid-epoch, two ways:
+- A stateful stream (it has `state_dict()` and `load_state_dict()`, as Hugging Face's and torchdata's
+  streams do) resumes from its own state. Its state lives in the worker processes, which read ahead
+  of the training step, so each micro-batch carries the state the stream had right after its last
+  sample (`Positioned`, taken in the worker as the batch is collated); the rank's checkpoint file
+  keeps the one of the step's last micro-batch, with the index of the next sample to read. On
+  resume every worker loads it and reads on from there, nothing read twice. Contract: after
+  `load_state_dict(s)`, iterating the stream yields the samples that followed when `s` was taken.
+- Otherwise (or at another world size, or when the rest of the epoch needs the padding from the
+  stream's start) the stream is read again from its start and the samples consumed before the
+  checkpoint are skipped: exact, at the cost of reading them again.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator
+import copy
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from distrib.errors import BatchError
+from distrib.logs import log
 
 
 def is_stream(dataset: Any) -> bool:
@@ -39,6 +50,33 @@ def declared_length(dataset: Any) -> int | None:
         return None
 
 
+def is_stateful(stream: Any) -> bool:
+    """The stream can say where it is and resume there (`state_dict` / `load_state_dict`)."""
+    return callable(getattr(stream, "state_dict", None)) and callable(getattr(stream, "load_state_dict", None))
+
+
+Position = tuple  # (the stream's state_dict(), the index of the next sample it yields)
+
+
+class Positioned(NamedTuple):
+    """A micro-batch with the stream's position after its last sample (a NamedTuple: pin_memory keeps it)."""
+
+    batch: Any
+    position: Position | None
+
+
+class PositionedCollate:
+    """collate_fn for a stateful stream: the batch, and the position its worker's shard reached."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any], shard: StreamShard) -> None:
+        self.collate, self.shard = collate, shard
+
+    def __call__(self, samples: list[Any]) -> Positioned:
+        info = get_worker_info()
+        shard = info.dataset if info is not None else self.shard  # a worker's own copy of the shard
+        return Positioned(self.collate(samples), shard.position)
+
+
 class StreamShard(IterableDataset):
     """The samples of one epoch's stretch that a rank's DataLoader worker yields, in the rank's order.
 
@@ -49,10 +87,23 @@ class StreamShard(IterableDataset):
 
     def __init__(self, stream: Iterable[Any], *, length: int, rank: int, world_size: int, batch_size: int) -> None:
         self.stream, self.length, self.rank, self.world_size, self.batch_size = stream, length, rank, world_size, batch_size
+        self.stateful = is_stateful(stream)
         self.start, self.count = 0, 0
+        self.resume: Position | None = None
+        self.position: Position | None = None
+        """Stateful streams: the position after the last sample of the micro-batch yielded last."""
 
-    def assign(self, start: int, count: int) -> None:
-        self.start, self.count = start, count
+    def assign(self, start: int, count: int, resume: Position | None = None) -> None:
+        """Select local samples `start .. start+count-1`; `resume`: a stateful stream's position to read on from."""
+        if resume is not None and (resume[1] > self.rank + start * self.world_size
+                                   or self.rank + (start + count - 1) * self.world_size >= self.length):
+            # Past this rank's next sample (not this position's checkpoint), or the epoch's padding is
+            # still to come, which repeats the stream's first samples: read from the start instead.
+            resume = None
+        self.start, self.count, self.resume, self.position = start, count, resume, None
+
+    def _ends_batch(self, k: int) -> bool:
+        return (k - self.start) % self.batch_size == self.batch_size - 1 or k == self.start + self.count - 1
 
     def _mine(self, worker: int, workers: int) -> Iterator[int]:
         """This worker's local sample numbers, in order: the micro-batches j with j mod workers == worker."""
@@ -77,8 +128,9 @@ class StreamShard(IterableDataset):
         mine = self._mine(worker, workers)
         expected = next(mine, None)
         held: dict[int, Any] = {}  # samples read before their turn: only the padding from the stream's start
-        seen = 0
-        for i, sample in enumerate(self.stream):
+        stream, first = self._opened(in_worker=info is not None)
+        seen = first
+        for i, sample in enumerate(stream, start=first):
             if expected is None or i >= self.length:
                 break
             seen = i + 1
@@ -86,6 +138,9 @@ class StreamShard(IterableDataset):
                 if self._is_mine(k, worker, workers):
                     held[k] = sample
             while expected is not None and expected in held:
+                if self.stateful and self._ends_batch(expected):
+                    # Before the yield: the collate runs right after it. A copy: a stream may update its state in place.
+                    self.position = (copy.deepcopy(stream.state_dict()), i + 1)
                 yield held.pop(expected)
                 expected = next(mine, None)
         if expected is not None:
@@ -95,3 +150,18 @@ class StreamShard(IterableDataset):
                 "or lower train.max_steps. If the stream splits itself across DataLoader workers (get_worker_info()), "
                 "remove that: distrib gives each worker its share, so every worker must read the whole stream."
             )
+
+    def _opened(self, *, in_worker: bool) -> tuple[Any, int]:
+        """The stream to read and the index of its first sample: at `resume` when there is one."""
+        if self.resume is None:
+            return self.stream, 0
+        stream = self.stream
+        if not in_worker:  # the main process reads the user's own object: leave it as it was for later epochs
+            try:
+                stream = copy.deepcopy(stream)
+            except Exception as exc:  # noqa: BLE001 - any failure to copy: fall back to the exact skip
+                log.info(f"the training stream cannot be copied ({exc}); resuming by reading it again from its start")
+                return self.stream, 0
+        state, index = self.resume
+        stream.load_state_dict(state)
+        return stream, index
