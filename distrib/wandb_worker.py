@@ -36,6 +36,11 @@ END = '"end"'
 
 
 def main() -> int:
+    if hasattr(os, "nice"):
+        # The lowest CPU priority, inherited by the wandb service it starts: tracking must not take
+        # cores from the ranks (on a machine whose cores they fill it runs in their idle time and
+        # catches up at the end, when training waits for it to finish).
+        os.nice(19)
     lines = iter(sys.stdin)
     run = None
     try:

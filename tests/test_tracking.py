@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,34 @@ def test_a_wandb_init_that_hangs_delays_no_step_and_does_not_fail_the_job(tmp_pa
     assert "wandb: online run" not in out.stdout  # it never started, yet:
     lines = read_metrics(tmp_path / "run")
     assert [l["step"] for l in lines if l["kind"] == "train"] == [4, 8] and read_summary(tmp_path / "run")["optimizer_steps"] == 8
+
+
+def test_the_wandb_process_and_its_service_run_at_the_lowest_cpu_priority(tmp_path, monkeypatch):
+    # Tracking must not take cores from the ranks: the worker process nices itself to 19 before
+    # wandb.init, and the wandb service it starts inherits that.
+    import os
+    import time
+
+    from distrib.config import WandbConfig
+    from distrib.tracking import start
+
+    if not hasattr(os, "getpriority"):
+        pytest.skip("no process priorities here")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no credentials: an offline run
+    tracker = start(WandbConfig(mode="offline"), run_dir=str(tmp_path), config={}, run_id=None)
+    try:
+        deadline, nice = time.monotonic() + 20, None
+        while time.monotonic() < deadline and nice != 19:
+            nice = os.getpriority(os.PRIO_PROCESS, tracker._proc.pid)
+            time.sleep(0.05)
+        assert nice == 19
+        children: list[int] = []
+        while time.monotonic() < deadline and not children:  # the service wandb.init starts
+            children = [int(c) for c in Path(f"/proc/{tracker._proc.pid}/task/{tracker._proc.pid}/children").read_text().split()]
+            time.sleep(0.05)
+        assert children and all(os.getpriority(os.PRIO_PROCESS, c) == 19 for c in children)
+    finally:
+        tracker.finish()
 
 
 def test_a_run_without_wandb_or_a_report_imports_neither(tmp_path):
