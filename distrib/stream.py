@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from distrib.errors import BatchError
@@ -139,8 +140,7 @@ class StreamShard(IterableDataset):
                     held[k] = sample
             while expected is not None and expected in held:
                 if self.stateful and self._ends_batch(expected):
-                    # Before the yield: the collate runs right after it. A copy: a stream may update its state in place.
-                    self.position = (copy.deepcopy(stream.state_dict()), i + 1)
+                    self.position = self._capture(stream, i + 1)  # before the yield: the collate runs right after it
                 yield held.pop(expected)
                 expected = next(mine, None)
         if expected is not None:
@@ -150,6 +150,22 @@ class StreamShard(IterableDataset):
                 "or lower train.max_steps. If the stream splits itself across DataLoader workers (get_worker_info()), "
                 "remove that: distrib gives each worker its share, so every worker must read the whole stream."
             )
+
+    def _capture(self, stream: Any, index: int) -> Position | None:
+        """The stream's position now, if a checkpoint can hold it; else None (a resume then skips)."""
+        try:
+            state = copy.deepcopy(stream.state_dict())  # a copy: a stream may update its state in place
+            problem = _not_plain(state, "state_dict()")
+        except Exception as exc:  # noqa: BLE001 - e.g. a lock in the state: not a reason to stop training
+            problem = f"state_dict() cannot be copied ({type(exc).__name__}: {exc})"
+        if problem is None:
+            return state, index
+        if self.stateful:  # once per worker: it stops trying
+            log.warning(f"the training stream's {problem}; a checkpoint holds plain data only (numbers, strings, tensors, "
+                        "lists, dicts), so a resume will read the stream again and skip what was consumed. HINT: return plain "
+                        "values from state_dict() (int(x) for a numpy number, a tensor for an array)")
+            self.stateful = False
+        return None
 
     def _opened(self, *, in_worker: bool) -> tuple[Any, int]:
         """The stream to read and the index of its first sample: at `resume` when there is one."""
@@ -163,5 +179,24 @@ class StreamShard(IterableDataset):
                 log.info(f"the training stream cannot be copied ({exc}); resuming by reading it again from its start")
                 return self.stream, 0
         state, index = self.resume
-        stream.load_state_dict(state)
+        try:
+            stream.load_state_dict(state)
+        except Exception as exc:
+            raise BatchError(
+                f"Resuming the training stream ({type(self.stream).__name__}) from the state its state_dict() gave, "
+                f"load_state_dict raised {type(exc).__name__}: {exc}. The checkpoint is intact. HINT: fix load_state_dict "
+                "so it accepts what state_dict returns, or remove both methods: distrib then resumes by reading the stream "
+                "again and skipping what was consumed."
+            ) from exc
         return stream, index
+
+
+def _not_plain(obj: Any, where: str) -> str | None:
+    """Where `obj` holds something a checkpoint cannot load back (it loads plain data only), or None."""
+    if type(obj) in (type(None), bool, int, float, str, bytes) or isinstance(obj, torch.Tensor):
+        return None  # exact types: a numpy float64 is a float, but not plain data to torch.load
+    if type(obj) in (list, tuple):
+        return next((p for j, v in enumerate(obj) if (p := _not_plain(v, f"{where}[{j}]"))), None)
+    if type(obj) is dict:
+        return next((p for k, v in obj.items() if (p := _not_plain(k, f"{where} key") or _not_plain(v, f"{where}[{k!r}]"))), None)
+    return f"{where} holds a {type(obj).__module__}.{type(obj).__qualname__}"

@@ -4,14 +4,16 @@ sample of an epoch once, the same run as a map-style dataset, and a mid-epoch st
 from __future__ import annotations
 
 import collections
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import IterableDataset
 
 from distrib import Callback, Session, fit
-from distrib.errors import ConfigError
+from distrib.errors import BatchError, ConfigError
 from distrib.task import make_datasets, make_model
 from tests.helpers import TaskData, spawn
 
@@ -184,6 +186,41 @@ def test_a_stream_stopped_mid_epoch_and_resumed_with_workers_ends_as_the_map_sty
             # its 160th sample (stream index rank + 159 x 2). From the start: epoch 1 (4 workers) and
             # the pre-flight probe's first batch (each rank's main process).
             assert _reads(Path(f"{run}-reads")) == [0] * 6 + [319, 319, 320, 320]
+
+
+class NumpyState(ResumableIds):
+    def state_dict(self) -> dict:
+        return {"next": np.int64(self._next)}  # saves, but a checkpoint could not load it back
+
+
+class RefusingState(ResumableIds):
+    def load_state_dict(self, state: dict) -> None:
+        raise ValueError("format v2 expected")
+
+
+def test_a_stream_state_a_checkpoint_cannot_hold_falls_back_to_the_skip_and_a_failing_load_is_named(tmp_path, caplog, monkeypatch):
+    cfg = _cfg(tmp_path / "run", **{"train.batch_size": 4})
+
+    def two_steps(loader) -> None:
+        for mb in loader:
+            if mb.last and loader.step == 2:
+                break
+
+    with Session(cfg) as session, caplog.at_level(logging.WARNING, logger="distrib"):
+        monkeypatch.setattr(logging.getLogger("distrib"), "propagate", True)  # after the session set its logging up
+        numpy = session.train_loader(NumpyState(40))
+        two_steps(numpy)
+        # No position to checkpoint (so no unloadable file), and one warning naming the value and the fix.
+        assert numpy.rank_state_dict() is None
+        assert "state_dict()['next'] holds a numpy.int64" in caplog.text and "int(x) for a numpy number" in caplog.text
+        good = session.train_loader(ResumableIds(40))
+        two_steps(good)
+        assert good.rank_state_dict()["position"] == ({"next": 8}, 8)
+        refusing = session.train_loader(RefusingState(40))
+        refusing.load_state_dict(good.state_dict())
+        refusing.load_rank_state_dict(good.rank_state_dict())
+        with pytest.raises(BatchError, match=r"\(RefusingState\).*load_state_dict raised ValueError: format v2 expected.*remove both"):
+            next(iter(refusing))
 
 
 def _endless(rank: int, world: int, run_dir: str, short: int | None) -> dict:
