@@ -89,6 +89,8 @@ class StreamShard(IterableDataset):
     def __init__(self, stream: Iterable[Any], *, length: int, rank: int, world_size: int, batch_size: int) -> None:
         self.stream, self.length, self.rank, self.world_size, self.batch_size = stream, length, rank, world_size, batch_size
         self.stateful = is_stateful(stream)
+        """Batches carry positions (`PositionedCollate`); fixed for the shard's life."""
+        self._uncapturable = False  # its state_dict() cannot go into a checkpoint: stop taking it (warned once)
         self.start, self.count = 0, 0
         self.resume: Position | None = None
         self.position: Position | None = None
@@ -139,7 +141,7 @@ class StreamShard(IterableDataset):
                 if self._is_mine(k, worker, workers):
                     held[k] = sample
             while expected is not None and expected in held:
-                if self.stateful and self._ends_batch(expected):
+                if self.stateful and not self._uncapturable and self._ends_batch(expected):
                     self.position = self._capture(stream, i + 1)  # before the yield: the collate runs right after it
                 yield held.pop(expected)
                 expected = next(mine, None)
@@ -160,11 +162,11 @@ class StreamShard(IterableDataset):
             problem = f"state_dict() cannot be copied ({type(exc).__name__}: {exc})"
         if problem is None:
             return state, index
-        if self.stateful:  # once per worker: it stops trying
+        if not self._uncapturable:  # once (per worker): it stops trying
             log.warning(f"the training stream's {problem}; a checkpoint holds plain data only (numbers, strings, tensors, "
                         "lists, dicts), so a resume will read the stream again and skip what was consumed. HINT: return plain "
                         "values from state_dict() (int(x) for a numpy number, a tensor for an array)")
-            self.stateful = False
+            self._uncapturable = True
         return None
 
     def _opened(self, *, in_worker: bool) -> tuple[Any, int]:

@@ -213,6 +213,9 @@ def test_a_stream_state_a_checkpoint_cannot_hold_falls_back_to_the_skip_and_a_fa
         # No position to checkpoint (so no unloadable file), and one warning naming the value and the fix.
         assert numpy.rank_state_dict() is None
         assert "state_dict()['next'] holds a numpy.int64" in caplog.text and "int(x) for a numpy number" in caplog.text
+        rest = [mb.batch for mb in numpy]  # the epoch's rest, then a whole epoch: plain batches, as the model expects
+        rest += [mb.batch for mb in numpy]
+        assert all(type(b) is torch.Tensor for b in rest) and len(rest) == 8 + 10
         good = session.train_loader(ResumableIds(40))
         two_steps(good)
         assert good.rank_state_dict()["position"] == ({"next": 8}, 8)
