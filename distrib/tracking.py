@@ -104,7 +104,7 @@ class ProcessTracker(Tracker):
         self._started, started_w = os.pipe()  # the worker writes a byte here once wandb.init is over
         try:
             self._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("wandb_worker.py")), str(started_w)],
-                                          stdin=subprocess.PIPE, text=True, start_new_session=True, pass_fds=(started_w,))
+                                          stdin=subprocess.PIPE, text=True, pass_fds=(started_w,), **_OWN_GROUP)
         finally:
             os.close(started_w)
         self._queue.put(init_args)
@@ -143,6 +143,11 @@ class ProcessTracker(Tracker):
 
 _FINISH = object()
 _START_GRACE_S = 5.0
+# A process group of its own (a terminal's Ctrl-C must not kill the run before it flushes, and a hung
+# run is ended with its group), but not a session of its own: on Linux a new session is a new
+# scheduling group (autogroup), which gets a fair share of the CPU against the ranks whatever its
+# priority. In the rank's group, the worker's idle priority (wandb_worker.py) is what counts.
+_OWN_GROUP: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
 def start(cfg: WandbConfig, *, run_dir: str, config: dict[str, Any], run_id: str | None, env: Mapping[str, str] = os.environ) -> Tracker:
