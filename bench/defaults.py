@@ -3,9 +3,12 @@ checkpoints (async by default) and start-up, against the hand-written DDP loop o
 
     python bench/defaults.py                 # 1 process and 2 gloo ranks, 5 rotated rounds
     python bench/defaults.py --smoke         # CI: one short round at 2 ranks, checks that every variant runs
+    python bench/defaults.py --worlds 2 --variants hand,distrib,distrib_quiet   # an A/B of some variants
 
 Each run is a fresh process (`python` for 1, `torchrun` for 2); the driver times the whole process,
-the runner reports the time from launch to its first optimizer step and the time inside its loop.
+the runner reports the time from launch to its first and its last optimizer step and the time inside
+its loop. The tail, last step to process exit, is what the end of a job costs: the final checkpoint,
+model.pt, the wait for wandb's flush, the teardown.
 Writes bench/results/<name>.json, .md (the tables) and .png, and prints the tables.
 """
 
@@ -64,13 +67,15 @@ def tables(results: dict, meta: dict) -> str:
     for world, per in results.items():
         hand = per["hand"]
         rows = [f"### {world} process{'es' if world != '1' else ''}", "",
-                "| variant | whole process s (median) | spread | ratio to hand | launch to first step s | minus hand's | loop s | loop / distrib_quiet |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| variant | whole process s (median) | spread | ratio to hand | launch to first step s | minus hand's | loop s | loop / distrib_quiet "
+                "| tail s (last step to exit) | minus hand's |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         quiet = statistics.median(per["distrib_quiet"]["loop_s"]) if "distrib_quiet" in per else None
         for name, r in per.items():
-            wall, first, loop = (statistics.median(r[k]) for k in ("wall_s", "first_step_s", "loop_s"))
+            wall, first, loop, tail = (statistics.median(r[k]) for k in ("wall_s", "first_step_s", "loop_s", "tail_s"))
             rows.append(f"| {name} | {wall:.2f} | {spread(r['wall_s']):.1%} | {wall / statistics.median(hand['wall_s']):.3f} | {first:.2f} | "
-                        f"{first - statistics.median(hand['first_step_s']):+.2f} | {loop:.2f} | {loop / quiet if quiet else float('nan'):.3f} |")
+                        f"{first - statistics.median(hand['first_step_s']):+.2f} | {loop:.2f} | {loop / quiet if quiet else float('nan'):.3f} | "
+                        f"{tail:.2f} | {tail - statistics.median(hand['tail_s']):+.2f} |")
         if quiet and "ckpt10_sync" in per and "ckpt10_async" in per:
             n = checkpoints(meta["steps"][world], meta["epochs"], 10)
             base_excess = statistics.median(per["distrib_quiet"]["excess_s"])
@@ -111,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--worlds", default="1,2")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="a subset, hand always among them")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--name", default=f"defaults-{datetime.date.today()}")
@@ -121,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(w not in ("1", "2") for w in worlds):
         p.error(f"--worlds {args.worlds}: choose from 1,2")
     rounds, name = (1, "defaults-smoke") if args.smoke else (args.rounds, args.name)
-    names = list(SMOKE_VARIANTS if args.smoke else VARIANTS)
+    names = list(SMOKE_VARIANTS) if args.smoke else ["hand", *(v for v in args.variants.split(",") if v != "hand")]
+    if unknown := [v for v in names if v not in VARIANTS]:
+        p.error(f"--variants {args.variants}: {', '.join(unknown)} unknown; choose from {','.join(VARIANTS)}")
     epochs, per_epoch = (2, 8) if args.smoke else (2, 256)
     job_args = ["--epochs", str(epochs), "--steps_per_epoch", str(per_epoch)]
-    results: dict = {w: {n: {"wall_s": [], "first_step_s": [], "loop_s": [], "excess_s": []} for n in names} for w in worlds}
+    results: dict = {w: {n: {"wall_s": [], "first_step_s": [], "loop_s": [], "excess_s": [], "tail_s": []} for n in names} for w in worlds}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             for world in worlds:
@@ -135,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                     slot["first_step_s"].append(record["first_step_s"])
                     slot["loop_s"].append(record["loop_s"])
                     slot["excess_s"].append(record["excess_s"])
-                    print(f"round {r + 1} {world}p {variant}: {wall:.2f} s, first step {record['first_step_s']:.2f} s, loop {record['loop_s']:.2f} s", flush=True)
+                    slot["tail_s"].append(wall - record["last_step_s"])
+                    print(f"round {r + 1} {world}p {variant}: {wall:.2f} s, first step {record['first_step_s']:.2f} s, loop {record['loop_s']:.2f} s, "
+                          f"tail {wall - record['last_step_s']:.2f} s", flush=True)
     meta = {"rounds": rounds, "epochs": epochs, "steps": {w: epochs * per_epoch for w in worlds}, "cpus": os.cpu_count(),
             "python": sys.version.split()[0], "date": str(datetime.datetime.now())}
     out = Path(args.results)
