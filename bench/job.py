@@ -115,7 +115,8 @@ def main() -> None:
         t0 = float(os.environ.get("BENCH_LAUNCH_T0", "nan"))
         record = {"framework": args.framework, "set": args.set, "world_size": world, "steps": len(CLOCK.times),
                   "first_step_s": CLOCK.first_wall - t0,
-                  "last_step_s": CLOCK.first_wall - t0 + CLOCK.times[-1] - CLOCK.times[0], "loop_s": loop_s, "excess_s": excess(CLOCK.times)}
+                  "last_step_s": CLOCK.first_wall - t0 + CLOCK.times[-1] - CLOCK.times[0], "loop_s": loop_s, "excess_s": excess(CLOCK.times),
+                  "median_step_s": statistics.median(b - a for a, b in zip(CLOCK.times, CLOCK.times[1:]))}
         with open(args.out, "a") as f:
             f.write(json.dumps(record) + "\n")
 
