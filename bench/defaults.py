@@ -4,6 +4,7 @@ checkpoints (async by default) and start-up, against the hand-written DDP loop o
     python bench/defaults.py                 # 1 process and 2 gloo ranks, 5 rotated rounds
     python bench/defaults.py --smoke         # CI: one short round at 2 ranks, checks that every variant runs
     python bench/defaults.py --worlds 2 --variants hand,distrib,distrib_quiet   # an A/B of some variants
+    python bench/defaults.py --tables bench/results/NAME.json                   # redo the tables of a run
 
 Each run is a fresh process (`python` for 1, `torchrun` for 2); the driver times the whole process,
 the runner reports the time from launch to its first and its last optimizer step and the time inside
@@ -67,13 +68,16 @@ def tables(results: dict, meta: dict) -> str:
     for world, per in results.items():
         hand = per["hand"]
         rows = [f"### {world} process{'es' if world != '1' else ''}", "",
-                "| variant | whole process s (median) | spread | ratio to hand | launch to first step s | minus hand's | loop s | loop / distrib_quiet "
-                "| tail s (last step to exit) | minus hand's |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| variant | whole process s (median) | spread | ratio to hand | paired ratio | launch to first step s | minus hand's | loop s "
+                "| loop / distrib_quiet | tail s (last step to exit) | minus hand's |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         quiet = statistics.median(per["distrib_quiet"]["loop_s"]) if "distrib_quiet" in per else None
         for name, r in per.items():
             wall, first, loop, tail = (statistics.median(r[k]) for k in ("wall_s", "first_step_s", "loop_s", "tail_s"))
-            rows.append(f"| {name} | {wall:.2f} | {spread(r['wall_s']):.1%} | {wall / statistics.median(hand['wall_s']):.3f} | {first:.2f} | "
+            # Each round's run over the same round's hand run, then the median: the runs of a round are
+            # minutes apart, so the VM's slower drift cancels in the pair.
+            paired = statistics.median(a / b for a, b in zip(r["wall_s"], hand["wall_s"]))
+            rows.append(f"| {name} | {wall:.2f} | {spread(r['wall_s']):.1%} | {wall / statistics.median(hand['wall_s']):.3f} | {paired:.3f} | {first:.2f} | "
                         f"{first - statistics.median(hand['first_step_s']):+.2f} | {loop:.2f} | {loop / quiet if quiet else float('nan'):.3f} | "
                         f"{tail:.2f} | {tail - statistics.median(hand['tail_s']):+.2f} |")
         if quiet and "ckpt10_sync" in per and "ckpt10_async" in per:
@@ -120,7 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--name", default=f"defaults-{datetime.date.today()}")
+    p.add_argument("--tables", metavar="JSON", help="only print (and rewrite the .md of) the tables of an earlier run's .json")
     args = p.parse_args(argv)
+    if args.tables:
+        saved = json.loads(Path(args.tables).read_text())
+        text = tables(saved["results"], saved["meta"])
+        Path(args.tables).with_suffix(".md").write_text(text + "\n")
+        print(text)
+        return 0
     if args.rounds < 1:
         p.error(f"--rounds {args.rounds}: must be at least 1")
     worlds = ["2"] if args.smoke else args.worlds.split(",")
