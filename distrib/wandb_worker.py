@@ -33,7 +33,7 @@ def _start(args: dict[str, Any]) -> Any:
 
 
 def _skip_launch_inputs(wandb: Any) -> None:
-    """Skip wandb.init's look for W&B Launch inputs, which imports Launch's agent and API (~0.15 s of CPU).
+    """Skip wandb.init's look for W&B Launch inputs, which imports Launch's agent and API (~0.2 s of CPU).
 
     The inputs it applies are those the script staged *in its own process* (`wandb.launch.manage_config_file`
     and the like): this process runs no user code, so there are none, and the look is pure cost on
@@ -105,6 +105,9 @@ if __name__ == "__main__":
     code = main()
     # The training process waits for this one to end. Once wandb has torn down, nothing is left to
     # write, yet the interpreter's own exit (unloading wandb's modules) takes another ~0.3 s: skip it.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # the console is gone (the launcher died): nothing to flush to
+            pass
     os._exit(code)
