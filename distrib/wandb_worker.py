@@ -49,11 +49,13 @@ END = '"end"'
 
 
 def lowest_priority() -> None:
-    """Run only when a core would otherwise be idle, and so does the wandb service it starts (both inherit it).
+    """The lowest CPU priority there is, for this process and the wandb service it starts (both inherit it).
 
-    Tracking must not take cores from the ranks. On Linux the idle policy (SCHED_IDLE) does that:
-    a rank that wakes (its all-reduce done, its batch ready) preempts this process at once, where
-    nice 19 alone lets it finish its time slice. Elsewhere nice 19 is the best there is.
+    Linux's idle policy (SCHED_IDLE): a rank that wakes (its all-reduce done, its batch ready)
+    preempts this process at once; elsewhere nice 19. It only counts against processes of the same
+    scheduling group, hence the rank's session (tracking.py). It does not make wandb free: at 2 ranks
+    on 2 cores, CPU used beside the ranks still costs them time (BENCHMARKS.md), so the CPU itself is
+    kept small.
     """
     if hasattr(os, "nice"):
         os.nice(19)
