@@ -17,6 +17,9 @@ commands:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from distrib.shutdown import quick_exit
+
+    quick_exit()  # this command owns its process
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)

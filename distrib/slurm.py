@@ -221,6 +221,9 @@ def check_train_args(train_args: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Helpers the sbatch files call: `prologue -- ARGS` prints exports; `epilogue RUN_DIR STATUS` requeues."""
+    from distrib.shutdown import quick_exit
+
+    quick_exit()  # this command owns its process
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["prologue"]:
         rest = args[2:] if args[1:2] == ["--"] else args[1:]

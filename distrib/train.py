@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from distrib.config import Config
 from distrib.run import fit, main as script_main
+from distrib.shutdown import quick_exit
 from distrib.task import SECTIONS, make_datasets, make_model
 
 
@@ -23,6 +24,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quick_exit()  # this command owns its process
     return script_main(run, sections=SECTIONS, argv=argv)
 
 
