@@ -32,6 +32,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="distrib only: a config override")
+    p.add_argument("--quick_exit", action="store_true", help="distrib only: call distrib.quick_exit() first, as distrib's own commands do")
     p.add_argument("--run_dir", required=True, help="shared by the ranks (checkpoints are written by all of them)")
     p.add_argument("--out", default=os.environ.get("BENCH_RESULT", ""))
     return p.parse_args(argv)
@@ -105,6 +106,10 @@ def excess(times: list[float]) -> float:
 
 def main() -> None:
     args = parse()
+    if args.quick_exit:
+        import distrib
+
+        distrib.quick_exit()
     setup_threads()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     data = Synthetic(args.steps_per_epoch * args.batch * world, args.dim, 10, args.seed, 0)

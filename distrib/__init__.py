@@ -16,6 +16,7 @@ from distrib.metrics import Metrics
 from distrib.model import params_sha256, state_bytes, unwrap_model, wrap_model
 from distrib.run import fit, main
 from distrib.session import Session
+from distrib.shutdown import quick_exit
 from distrib.steps import label_tokens
 from distrib.stop import EXIT_STOPPED, StopRequest
 from distrib.transfer import to_device
@@ -52,6 +53,7 @@ __all__ = [
     "main",
     "params_sha256",
     "parse_config",
+    "quick_exit",
     "state_bytes",
     "to_device",
     "unwrap_model",

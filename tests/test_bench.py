@@ -88,7 +88,7 @@ def test_defaults_cost_smoke_runs_every_variant(tmp_path):
                           cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "defaults-smoke.json").read_text())["results"]["2"]
-    assert set(results) == {"hand", "distrib", "ckpt10_async", "ckpt10_sync"}
+    assert set(results) == {"hand", "distrib", "ckpt10_async", "ckpt10_sync", "distrib_quick_exit"}
     assert all(len(r["wall_s"]) == 1 and r["first_step_s"][0] > 0 and r["loop_s"][0] > 0 and 0 < r["tail_s"][0] < r["wall_s"][0]
                for r in results.values())
     assert (tmp_path / "defaults-smoke.md").read_text().count("|") > 20 and (tmp_path / "defaults-smoke.png").stat().st_size > 5_000
