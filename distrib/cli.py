@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
+from distrib import shutdown
+
 USAGE = """usage: distrib <command> [args]
 
 commands:
@@ -17,9 +19,6 @@ commands:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from distrib.shutdown import quick_exit
-
-    quick_exit()  # this command owns its process
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
@@ -49,5 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+command = shutdown.command(main)  # the console script and `python -m`
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

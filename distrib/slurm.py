@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 from distrib.env import expand_hostlist, slurm_port
 from distrib.errors import ConfigError
 from distrib.logs import STOPPED_FILE
+from distrib import shutdown
 from distrib.stop import EXIT_STOPPED, torchrun_signal_flag
 
 DEFAULT_MAX_REQUEUES = 20
@@ -221,9 +222,6 @@ def check_train_args(train_args: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Helpers the sbatch files call: `prologue -- ARGS` prints exports; `epilogue RUN_DIR STATUS` requeues."""
-    from distrib.shutdown import quick_exit
-
-    quick_exit()  # this command owns its process
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["prologue"]:
         rest = args[2:] if args[1:2] == ["--"] else args[1:]
@@ -237,5 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+command = shutdown.command(main)  # the console script and `python -m`
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from distrib.config import Config
 from distrib.run import fit, main as script_main
-from distrib.shutdown import quick_exit
+from distrib import shutdown
 from distrib.task import SECTIONS, make_datasets, make_model
 
 
@@ -24,9 +24,11 @@ def run(cfg: Config) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quick_exit()  # this command owns its process
     return script_main(run, sections=SECTIONS, argv=argv)
 
 
+command = shutdown.command(main)  # the console script and `python -m`
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())

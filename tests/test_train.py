@@ -119,16 +119,21 @@ def test_compiled_ddp_with_accumulation_matches_eager(tmp_path):
 
 
 def test_the_command_skips_the_exit_collections_yet_finalises_what_was_dropped(tmp_path):
-    # `python -m distrib.train` collects at exit, then freezes what is alive (distrib/shutdown.py).
-    # A handler registered before the run runs after that one and must see the freeze; a reference
-    # cycle dropped as the command returns must still be finalised (its __del__ writes a file).
-    marker, run = tmp_path / "finalised", tmp_path / "run"
+    # `python -m distrib.train` collects at exit, flushes open files, then freezes what is alive
+    # (distrib/shutdown.py). A handler registered before the run runs after that one and must see
+    # the freeze; a reference cycle dropped as the command returns must still be finalised (its
+    # __del__ writes a file); a file a class attribute holds open, which only the shutdown's
+    # collections would have flushed, must keep its write.
+    marker, held, run = tmp_path / "finalised", tmp_path / "held.txt", tmp_path / "run"
     code = f"""
 import atexit, gc, runpy, sys
 atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))
 class Cycle:
     def __del__(self):
         open({str(marker)!r}, "w").close()
+class Holder:
+    log = open({str(held)!r}, "w")
+Holder.log.write("kept")
 sys.argv = ["distrib.train", "--data.train_size", "256", "--train.epochs", "1", "--data.num_workers", "2",
             "--wandb.mode", "disabled", "--run.dir", {str(run)!r}]
 try:
@@ -141,4 +146,13 @@ finally:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_summary(run)["optimizer_steps"] == 4
     assert "frozen at exit: True" in proc.stdout
-    assert marker.exists()
+    assert marker.exists() and held.read_text() == "kept"
+
+
+def test_main_called_as_a_function_leaves_the_exit_alone(tmp_path):
+    # Only the commands (`command()`) freeze at exit; `main(argv)` is also an API (tests call it).
+    code = ("import atexit, gc; atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0)); "
+            "import distrib.cli, distrib.slurm, distrib.train as t; t.main(['--help'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "frozen at exit: False" in proc.stdout
