@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import gc
 import io
+import sys
 from typing import Callable
 
 _registered = False
@@ -35,13 +36,16 @@ _FILES = frozenset({io.BufferedWriter, io.BufferedRandom, io.TextIOWrapper})
 
 def _collect_flush_freeze() -> None:
     gc.collect()
+    # stdout and stderr are left to Python's exit, which flushes them after this and reports a
+    # failure (a full disk, a closed pipe) with exit status 120; a failure here would hide it.
+    std = {id(f) for f in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
     for obj in gc.get_objects():
-        if type(obj) in _FILES:
+        if type(obj) in _FILES and id(obj) not in std:
             try:
                 if not obj.closed and obj.writable():
                     obj.flush()
-            except (OSError, ValueError):  # a broken pipe, a full disk, a detached buffer: Python's exit would fail to flush it too
-                pass
+            except (OSError, ValueError) as exc:  # reported as Python's exit reports a file it fails to flush
+                print(f"Exception ignored while flushing {obj!r} at exit: {exc!r}", file=sys.stderr)
     gc.freeze()
 
 

@@ -123,7 +123,7 @@ def test_the_command_skips_the_exit_collections_yet_finalises_what_was_dropped(t
     # (distrib/shutdown.py). A handler registered before the run runs after that one and must see
     # the freeze; a reference cycle dropped as the command returns must still be finalised (its
     # __del__ writes a file); a file a class attribute holds open, which only the shutdown's
-    # collections would have flushed, must keep its write.
+    # collections would have flushed, must keep its write, and one whose flush fails is reported.
     marker, held, run = tmp_path / "finalised", tmp_path / "held.txt", tmp_path / "run"
     code = f"""
 import atexit, gc, runpy, sys
@@ -133,7 +133,9 @@ class Cycle:
         open({str(marker)!r}, "w").close()
 class Holder:
     log = open({str(held)!r}, "w")
+    full = open("/dev/full", "w")  # its flush fails: reported, as Python's exit reports it
 Holder.log.write("kept")
+Holder.full.write("lost")
 sys.argv = ["distrib.train", "--data.train_size", "256", "--train.epochs", "1", "--data.num_workers", "2",
             "--wandb.mode", "disabled", "--run.dir", {str(run)!r}]
 try:
@@ -147,6 +149,7 @@ finally:
     assert read_summary(run)["optimizer_steps"] == 4
     assert "frozen at exit: True" in proc.stdout
     assert marker.exists() and held.read_text() == "kept"
+    assert "Exception ignored while flushing <_io.TextIOWrapper name='/dev/full'" in proc.stderr
 
 
 def test_main_called_as_a_function_leaves_the_exit_alone(tmp_path):
