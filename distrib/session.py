@@ -42,7 +42,7 @@ from distrib.precision import Precision
 from distrib.resume import apply_hparams, config_diff, describe_diff, hparams, incompatibilities
 from distrib.rundir import RunLock, check_run_dir, set_aside
 from distrib.saving import Saver, snapshot
-from distrib.stop import StopRequest, stop_on_signals
+from distrib.stop import SignalRoute, StopRequest
 
 
 def prepare(cfg: Config) -> Config:
@@ -104,6 +104,7 @@ class Session:
             raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16 needs loss scaling of sharded gradients, "
                               "which distrib does not do. HINT: pass --train.precision bf16 (no scaling needed) or fp32.")
         check_run_dir(cfg.run.dir)  # a file or a read-only path fails now, before anything is started or written
+        signals = stack.enter_context(SignalRoute(self.stop))  # before the process group: it outlives the group's teardown
         self.rt: Runtime = stack.enter_context(
             distributed(device=cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s, single=cfg.debug)
         )
@@ -121,7 +122,7 @@ class Session:
                 # rendezvous store, which may be gone by the time a stop signal asks for the first save
                 # (torchrun's agent closes its store as it handles the signal).
                 self._ckpt_group = torch.distributed.new_group(backend="gloo")
-            stack.enter_context(stop_on_signals(self.stop))
+            signals.install()
         except BaseException:
             stack.close()
             raise

@@ -20,12 +20,11 @@ end with their rank: the DataLoader shuts them down, and they exit by themselves
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
 import time
-from typing import Iterator
+from typing import Any
 
 EXIT_STOPPED = 75
 """Exit status of a run stopped by a signal after writing its checkpoint."""
@@ -102,19 +101,31 @@ def ignore_stop_signals() -> None:
     threading.Thread(target=watch, name="distrib-worker-sigterm", daemon=True).start()
 
 
-@contextlib.contextmanager
-def stop_on_signals(request: StopRequest, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[None]:
-    """Route `signals` to `request` while the block runs, then restore the previous handlers.
+class SignalRoute:
+    """Stop signals routed to a `StopRequest` from `install()` to the end of the `with` block.
+
+    The two ends are apart on purpose: a session installs the route once the ranks have met (a
+    signal during the rendezvous must still end the process at once) and enters the block before
+    the process group, so the route outlives the group's teardown. A signal after the last step,
+    while a rank waits in the final barrier, is then a stop request for a run that is already over,
+    not a rank killed under its peers' barrier.
 
     Handlers can only be installed from the main thread; elsewhere (a notebook's worker thread)
-    the block runs without them and signals keep their previous meaning.
+    `install` does nothing and signals keep their previous meaning.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.signal(s, request.handle) for s in signals}
-    try:
-        yield
-    finally:
+
+    def __init__(self, request: StopRequest, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.request, self.signals = request, signals
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread() and not self._previous:
+            self._previous = {s: signal.signal(s, self.request.handle) for s in self.signals}
+
+    def __enter__(self) -> "SignalRoute":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        previous, self._previous = self._previous, {}
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -328,3 +328,37 @@ def test_resume_never_starts_fresh(tmp_path):
     run_train(args, nproc=1)
     out = run_train([*args, "--ckpt.resume", "never"], nproc=1)
     assert "resumed" not in out.stdout and read_summary(tmp_path / "run")["optimizer_steps"] == 8
+
+
+_LATE_SIGNAL = """
+import os, signal, sys, threading, time
+import torch
+import distrib
+from distrib.task import TaskConfig, make_datasets, make_model
+
+class LateSignal(distrib.Callback):
+    # The run is over: rank 0 lingers 3 s, so rank 1 waits in the final barrier when, 1 s in, it takes a SIGTERM.
+    def on_fit_end(self, trainer, summary):
+        if trainer.session.rank == 1:
+            threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        else:
+            time.sleep(3)
+
+torch.set_num_threads(1)
+train, _ = make_datasets(TaskConfig(), train_size=256, eval_size=64, seed=0)
+model = make_model(TaskConfig(), seed=0)
+cfg = distrib.Config().replace(**{"run.dir": sys.argv[1], "wandb.mode": "disabled", "train.epochs": 1, "train.batch_size": 32})
+distrib.fit(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=train, callbacks=[LateSignal()])
+"""
+
+
+def test_a_signal_after_the_last_step_does_not_kill_a_rank_in_the_final_barrier(tmp_path):
+    # The stop handlers stay until the process group is gone (distrib.stop.SignalRoute). Before, a
+    # SIGTERM in that window killed rank 1 under rank 0's barrier: torchrun failed the finished job.
+    script = tmp_path / "late_signal.py"
+    script.write_text(_LATE_SIGNAL)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_summary(tmp_path / "run")["optimizer_steps"] == 4
+    assert "Traceback" not in proc.stderr
