@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from distrib.env import expand_hostlist, slurm_port
-from distrib.errors import ConfigError
+from distrib.errors import ConfigError, DistribError
 from distrib.logs import STOPPED_FILE
 from distrib import shutdown
 from distrib.stop import EXIT_STOPPED, torchrun_signal_flag
@@ -225,7 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["prologue"]:
         rest = args[2:] if args[1:2] == ["--"] else args[1:]
-        sys.stdout.write(plan(rest, os.environ).exports())
+        try:
+            exports = plan(rest, os.environ).exports()
+        except DistribError as exc:  # e.g. run outside an allocation: the message and the fix, not a traceback
+            print(f"distrib: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        sys.stdout.write(exports)
         return 0
     if args[:1] == ["epilogue"] and len(args) == 3:
         return epilogue(args[1], int(args[2]), os.environ)

@@ -30,6 +30,14 @@ def test_plan_reads_the_allocation_and_keeps_a_given_run_dir():
         slurm.plan([], {})
 
 
+def test_the_prologue_outside_an_allocation_exits_2_with_the_fix(monkeypatch, capsys):
+    for name in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        monkeypatch.delenv(name, raising=False)
+    assert slurm.main(["prologue", "--", "--run.dir", "x"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("distrib: error: SLURM_JOB_ID/SLURM_JOB_NODELIST are not set") and "HINT: sbatch" in out.err
+
+
 def _stopped(tmp_path):
     (tmp_path / STOPPED_FILE).write_text(json.dumps({"step": 8}))
 
