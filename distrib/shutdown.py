@@ -6,8 +6,9 @@ and 0.4-0.7 s after a training run (perf: `gc_collect_main`), paid by every rank
 and on a shared CPU taken from the ranks still training.
 
 So, at exit: collect the garbage there is (its finalisers run, as they would have), flush every
-open file, then `gc.freeze()` what is still alive, so the shutdown's collections skip it. atexit
-handlers, `weakref.finalize` callbacks, the flush of stdout and stderr and the freeing of whatever
+open file but stdout and stderr, then `gc.freeze()` what is still alive, so the shutdown's
+collections skip it. atexit handlers, `weakref.finalize` callbacks, Python's own flush of stdout
+and stderr and the freeing of whatever
 reference counting frees all still happen. Skipped are the finalisers of what only those
 collections would have freed: objects alive at exit in a reference cycle, and what only they hold
 (a class attribute, an object that refers to itself). Python does not promise to run those (the

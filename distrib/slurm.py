@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from distrib import shutdown
 from distrib.env import expand_hostlist, slurm_port
 from distrib.errors import ConfigError, DistribError
 from distrib.logs import STOPPED_FILE
-from distrib import shutdown
 from distrib.stop import EXIT_STOPPED, torchrun_signal_flag
 
 DEFAULT_MAX_REQUEUES = 20

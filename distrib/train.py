@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from typing import Any, Sequence
 
+from distrib import shutdown
 from distrib.config import Config
 from distrib.run import fit, main as script_main
-from distrib import shutdown
 from distrib.task import SECTIONS, make_datasets, make_model
 
 
