@@ -32,12 +32,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from distrib import checkpoint, fsdp, tracking
+from distrib.buckets import replay_rebuilt_buckets
 from distrib.config import Config
 from distrib.data import EvalLoader, ItemCounter, LoaderOptions, TrainLoader, mix_seed
 from distrib.dist import Runtime, all_reduce_sum, broadcast_object, distributed
 from distrib.errors import ConfigError
 from distrib.logs import RunWriter, log, setup_console, writer_for
-from distrib.model import set_grad_sync, unwrap_model, wrap_model
+from distrib.model import ddp_of, set_grad_sync, unwrap_model, wrap_model
 from distrib.precision import Precision
 from distrib.resume import apply_hparams, config_diff, describe_diff, hparams, incompatibilities
 from distrib.rundir import RunLock, check_run_dir, set_aside
@@ -203,7 +204,16 @@ class Session:
         if self.sharded:
             fsdp.rebind(optimizers, names, dict(unwrap_model(wrapped).named_parameters()))
         self._models.append(wrapped)
+        if self.resumed_from is not None:  # load() came first
+            self._continue_reductions()
         return (wrapped, *optimizers) if optimizers else wrapped
+
+    def _continue_reductions(self) -> None:
+        """A resumed DDP model adds its ranks' gradients in the order the run it continues did (`distrib.buckets`)."""
+        for model in self._models:
+            ddp = ddp_of(model)
+            if ddp is not None:
+                replay_rebuilt_buckets(ddp)
 
     def _loader_options(self, batch_size: int, collate_fn: Callable[[list[Any]], Any] | None) -> LoaderOptions:
         dc = self.cfg.data
@@ -445,6 +455,7 @@ class Session:
                 "continues at the same number of samples seen, but the result will not be bit-identical to an uninterrupted run"
             )
         self.resumed_from = path
+        self._continue_reductions()
         self._rewind = (shared.get("metrics_lines"), _manifest_step(path))
         return path
 
