@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -49,6 +50,8 @@ class JobPlan:
     master_addr: str
     master_port: int
     job_id: str
+    stop_mark: str = "none"
+    """The run's stopped.json as the job step found it (`stop_mark`): the epilogue requeues only on a newer one."""
 
     def exports(self) -> str:
         """Shell lines the sbatch files `eval`."""
@@ -59,6 +62,7 @@ class JobPlan:
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": self.master_port,
             "DISTRIB_TORCHRUN_SIGNALS": torchrun_signal_flag(),
+            "DISTRIB_STOP_MARK": self.stop_mark,
         }
         return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in values.items())
 
@@ -70,8 +74,11 @@ def plan(args: Sequence[str], env: Mapping[str, str]) -> JobPlan:
     if not job_id or not nodelist:
         raise ConfigError("SLURM_JOB_ID/SLURM_JOB_NODELIST are not set: this runs inside an sbatch job. HINT: sbatch slurm/train.sbatch ...")
     nodes = expand_hostlist(nodelist)
+    max_requeues(env)  # a bad cap fails the job now, before it trains, not at its end
+    run_dir = run_dir_from(args, job_id)
     return JobPlan(
-        run_dir=run_dir_from(args, job_id),
+        run_dir=run_dir,
+        stop_mark=stop_mark(run_dir),
         nnodes=int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(nodes)),
         nproc_per_node=processes_per_node(env),
         master_addr=nodes[0],
@@ -89,18 +96,60 @@ def processes_per_node(env: Mapping[str, str]) -> int:
     return 1
 
 
-def epilogue(run_dir: str, status: int, env: Mapping[str, str], *, requeue: Sequence[str] = ("scontrol", "requeue")) -> int:
-    """After the training step: requeue the job if it stopped on a signal with a checkpoint.
+def max_requeues(env: Mapping[str, str]) -> int:
+    """DISTRIB_MAX_REQUEUES (default 20), checked: a whole number >= 0."""
+    raw = env.get("DISTRIB_MAX_REQUEUES") or str(DEFAULT_MAX_REQUEUES)
+    if not re.fullmatch(r"\s*\d+\s*", raw):
+        raise ConfigError(f"DISTRIB_MAX_REQUEUES={raw!r} is not a whole number. HINT: export DISTRIB_MAX_REQUEUES=20 "
+                          "(how often a stopped job may requeue itself), or unset it for the default 20.")
+    return int(raw)
 
-    Returns the batch script's exit status. A job requeued `DISTRIB_MAX_REQUEUES` times (default
-    20; Slurm counts them in SLURM_RESTART_COUNT) is not requeued again, so a job that is signalled
-    at every start cannot loop forever.
+
+def stop_mark(run_dir: str) -> str:
+    """Which stopped.json the run directory holds (inode and mtime, `none` if none): a new write is a new mark.
+
+    The run writes it by an atomic rename, so a stop of this very step changes the mark, while an
+    earlier step's file that a failed start left in place keeps it. No clock is compared, so nodes
+    whose clocks differ cannot confuse it.
+    """
+    try:
+        st = os.stat(Path(run_dir) / STOPPED_FILE)
+    except OSError:
+        return "none"
+    return f"{st.st_ino}-{st.st_mtime_ns}"
+
+
+def epilogue(run_dir: str, status: int, env: Mapping[str, str], *, requeue: Sequence[str] = ("scontrol", "requeue")) -> int:
+    """After the training step: requeue the job if this very step stopped on a signal with a checkpoint.
+
+    Returns the batch script's exit status. The proof of a graceful stop is a stopped.json written
+    by this step (another mark than the prologue's `DISTRIB_STOP_MARK`) that says exit status 75:
+    torchrun reports its workers' 75 as 1, so the step's own status cannot tell. A step that failed
+    before the run opened its files (peers that never met, a refused resume) leaves the earlier
+    step's file, and its failure is reported as a failure. A job requeued `DISTRIB_MAX_REQUEUES`
+    times (default 20; Slurm counts them in SLURM_RESTART_COUNT) is not requeued again, so a job
+    that is signalled at every start cannot loop forever.
     """
     stopped = Path(run_dir) / STOPPED_FILE
     if not stopped.exists():
         return status
+    before = env.get("DISTRIB_STOP_MARK")
+    fresh = stop_mark(run_dir) != before if before is not None else status == EXIT_STOPPED
+    try:
+        graceful = fresh and json.loads(stopped.read_text()).get("exit_status") == EXIT_STOPPED
+    except (OSError, ValueError, AttributeError):
+        graceful = False
+    if not graceful:
+        if status != 0:
+            print(f"distrib: the training step failed (exit status {status}) without a graceful stop; not requeueing "
+                  f"({stopped} is an earlier step's). Fix the cause, then resubmit with the same --run.dir to resume.", flush=True)
+        return status
+    try:
+        cap = max_requeues(env)
+    except ConfigError as exc:
+        print(f"distrib: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
-    cap = int(env.get("DISTRIB_MAX_REQUEUES") or DEFAULT_MAX_REQUEUES)
     job_id = env.get("SLURM_JOB_ID", "")
     if restarts >= cap:
         print(f"distrib: stopped with a checkpoint, but job {job_id} was already requeued {restarts} times "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -38,18 +39,59 @@ def test_the_prologue_outside_an_allocation_exits_2_with_the_fix(monkeypatch, ca
     assert out.out == "" and out.err.startswith("distrib: error: SLURM_JOB_ID/SLURM_JOB_NODELIST are not set") and "HINT: sbatch" in out.err
 
 
-def _stopped(tmp_path):
-    (tmp_path / STOPPED_FILE).write_text(json.dumps({"step": 8}))
+def _stopped(tmp_path, exit_status=EXIT_STOPPED):
+    (tmp_path / STOPPED_FILE).write_text(json.dumps({"step": 8, "signal": "SIGUSR1", "exit_status": exit_status}))
 
 
 def test_epilogue_requeues_only_after_a_stop_and_at_most_the_cap(tmp_path, capfd):
     assert slurm.epilogue(str(tmp_path), 1, {"SLURM_JOB_ID": "7"}, requeue=("false",)) == 1  # a failure is not requeued
     _stopped(tmp_path)
-    assert slurm.epilogue(str(tmp_path), 1, {"SLURM_JOB_ID": "7"}, requeue=("true",)) == 0
+    # torchrun reports its workers' 75 as 1: the fresh stopped.json is the proof
+    assert slurm.epilogue(str(tmp_path), 1, {"SLURM_JOB_ID": "7", "DISTRIB_STOP_MARK": "none"}, requeue=("true",)) == 0
     assert "requeueing job 7 (requeue 1 of at most 20)" in capfd.readouterr().out
-    env = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3", "DISTRIB_MAX_REQUEUES": "3"}
+    env = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "3", "DISTRIB_MAX_REQUEUES": "3", "DISTRIB_STOP_MARK": "none"}
     assert slurm.epilogue(str(tmp_path), 1, env, requeue=("false",)) == EXIT_STOPPED
     assert "already requeued 3 times (DISTRIB_MAX_REQUEUES=3): not requeueing" in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("case, status, expected", [
+    ("an earlier step's stopped.json, this step failed", 1, 1),       # peers never met, a refused resume, OOM
+    ("an earlier step's stopped.json, this step finished", 0, 0),
+    ("a fresh stopped.json of a failure", 1, 1),                      # not exit_status 75: not a graceful stop
+    ("no mark from the prologue, status 1", 1, 1),                    # an old sbatch file: only 75 itself counts
+    ("no mark from the prologue, status 75", EXIT_STOPPED, 0),
+])
+def test_epilogue_requeues_only_a_graceful_stop_of_this_very_step(tmp_path, capfd, case, status, expected):
+    _stopped(tmp_path, exit_status=1 if "of a failure" in case else EXIT_STOPPED)
+    env = {"SLURM_JOB_ID": "7"}
+    if "earlier" in case:
+        env["DISTRIB_STOP_MARK"] = slurm.stop_mark(str(tmp_path))  # the prologue saw this very file
+    elif "fresh" in case:
+        env["DISTRIB_STOP_MARK"] = "none"
+    assert slurm.epilogue(str(tmp_path), status, env, requeue=("true",)) == expected
+    out = capfd.readouterr().out
+    assert ("requeueing job 7" in out) == (expected == 0 and status != 0)
+    if expected:
+        assert "without a graceful stop; not requeueing" in out
+
+
+def test_a_rewritten_stopped_json_is_a_new_mark(tmp_path):
+    assert slurm.stop_mark(str(tmp_path)) == "none"
+    _stopped(tmp_path)
+    first = slurm.stop_mark(str(tmp_path))
+    tmp = tmp_path / "x.tmp"
+    tmp.write_text("{}")
+    os.replace(tmp, tmp_path / STOPPED_FILE)  # how the run writes it: a new inode
+    assert slurm.stop_mark(str(tmp_path)) not in ("none", first)
+
+
+def test_a_bad_requeue_cap_is_an_error_with_the_fix(tmp_path, capfd, monkeypatch):
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "DISTRIB_MAX_REQUEUES": "abc"}
+    with pytest.raises(slurm.ConfigError, match="DISTRIB_MAX_REQUEUES='abc' is not a whole number. HINT: export DISTRIB_MAX_REQUEUES=20"):
+        slurm.plan([], env)
+    _stopped(tmp_path)
+    assert slurm.epilogue(str(tmp_path), 1, {**env, "DISTRIB_STOP_MARK": "none"}, requeue=("true",)) == 2
+    assert "distrib: error: DISTRIB_MAX_REQUEUES='abc'" in capfd.readouterr().err
 
 
 def test_render_puts_options_after_the_template_header_and_bakes_the_arguments():
