@@ -13,6 +13,7 @@ import difflib
 import keyword
 import math
 import os
+import reprlib
 import types
 import typing
 from typing import Any, Mapping, Sequence
@@ -345,6 +346,12 @@ def _schema(cls: type = Config) -> dict[str, Any]:
 def _check_key(key: str, cls: type = Config) -> None:
     schema = _schema(cls)
     if key not in schema:
+        parts = key.split(".")
+        for leaf in (".".join(parts[:i]) for i in range(1, len(parts))):
+            if leaf in schema:  # a file's mapping where a value belongs: `dir: {a: 1}` flattens to run.dir.a
+                name = _type_name(schema[leaf])
+                raise ConfigError(f"{key!r} sets a key inside {leaf}, which is {_a(name)}, not a section. "
+                                  f"HINT: give {leaf} itself {_a(name)}, e.g. --{leaf} <{name}>.")
         section = [k for k in schema if k.startswith(key + ".")]
         if section:
             raise ConfigError(f"{key!r} is a section, not a value: it holds {', '.join(section[:3])}, ... HINT: give its keys, e.g. "
@@ -355,13 +362,17 @@ def _check_key(key: str, cls: type = Config) -> None:
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections -> dotted keys. A file may spell a key both ways (`train.epochs: 3` and `epochs`
+    under `train:`); that is an error, not one value silently kept."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
+        items = flatten(value, dotted + ".") if isinstance(value, dict) else {dotted: value}
+        for name, leaf in items.items():
+            if name in flat:
+                raise ConfigError(f"{name!r} is set twice ({_short(flat[name])}, then {_short(leaf)}): once as a dotted key, once inside "
+                                  "its section. HINT: keep one of them.")
+            flat[name] = leaf
     return flat
 
 
@@ -372,6 +383,75 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
     return "none" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 40
+_SHORT.maxlist = _SHORT.maxdict = 4
+_SHORT.maxlevel = 2
+
+
+def _short(value: Any) -> str:
+    """`repr(value)`, shortened: a message quotes what was given, never a whole (possibly huge) value."""
+    return _SHORT.repr(value)
+
+
+def _kind(value: Any) -> str:
+    """What a config file's parser made of a value, in the files' own words (`null`, not `NoneType`)."""
+    names = {type(None): "null", bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "mapping"}
+    name = names.get(type(value), type(value).__name__)  # e.g. YAML's unquoted 2024-01-01 is a date
+    return name if value is None else _a(name)
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether a config file's (already typed) value has field type `tp`; a str is left to `_coerce`."""
+    if isinstance(value, str):
+        return True  # parsed as the same text given as a flag (TOML has no null: "none" unsets an optional key)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(value is None if arg is type(None) else _fits(value, arg) for arg in typing.get_args(tp))
+    if origin is list:
+        return isinstance(value, list) and all(_fits(item, typing.get_args(tp)[0]) for item in value)
+    if tp is str:
+        return False  # str(None) would make run.dir "None", str([...]) a list's repr
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, float) and value.is_integer())
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return True  # a type distrib does not know (a script's own): the script's dataclass checks it
+
+
+def _example(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _example(arg) for arg in typing.get_args(tp))
+    if origin is list:
+        return f"[{_example(typing.get_args(tp)[0])}, ...]"
+    return {str: '"text"', int: "3", float: "0.5", bool: "true"}.get(tp, _type_name(tp))
+
+
+def check_file_value(key: str, value: Any, tp: Any, source: str) -> None:
+    """Refuse a config file's value whose type is not field type `tp` (`source` names the file).
+
+    A flag is text, parsed by type in `_coerce`; a file's value arrives typed, and `str()`/`int()` would
+    paper over a mismatch: `dir: null` would train into ./None, `[a, b]` into "['a', 'b']".
+    """
+    if _fits(value, tp):
+        return
+    name, given = _type_name(tp), _kind(value)
+    list_tp = next((arg for arg in (tp, *typing.get_args(tp)) if typing.get_origin(arg) is list), None)
+    if list_tp is not None and isinstance(value, list):  # name the item that does not fit, not just "a list"
+        bad = next(item for item in value if not _fits(item, typing.get_args(list_tp)[0]))
+        given = f"a list holding {_kind(bad)} ({_short(bad)})"
+    quote = " (quote text: unquoted, YAML reads null, no, 1.0 or 2024-01-01 as other types)" if "str" in name else ""
+    raise ConfigError(f"{key}={_short(value)} in {source} is {given}, not {_a(name)}. "
+                      f"HINT: give {key} {_a(name)}, e.g. {_example(tp)}{quote}, or delete it to keep the default.")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:

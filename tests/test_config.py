@@ -6,6 +6,8 @@ import pytest
 
 import dataclasses
 import functools
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -87,6 +89,110 @@ def test_missing_and_unparsable_files(tmp_path):
     bad.write_text("[train\n")
     with pytest.raises(ConfigError, match="could not be parsed"):
         parse_config(["--config", str(bad)])
+
+
+def _load(tmp_path, name: str, text: str):
+    f = tmp_path / name
+    f.write_text(textwrap.dedent(text))
+    return parse_config(["--config", str(f)])
+
+
+@pytest.mark.parametrize(
+    "name, text, needle",
+    [
+        ("c.yaml", "run:\n  dir: null\n", "run.dir=None in --config '{f}' is null, not a str. HINT: give run.dir a str, e.g. \"text\""),
+        ("c.yaml", "run:\n  dir: [a, b]\n", "run.dir=['a', 'b'] in --config '{f}' is a list, not a str."),
+        ("c.yaml", "run:\n  dir: {a: 1}\n", "'run.dir.a' sets a key inside run.dir, which is a str, not a section."),
+        ("c.json", '{"run": {"dir": 5}}', "run.dir=5 in --config '{f}' is an int, not a str."),
+        ("c.toml", "[run]\ndir = 1.5\n", "run.dir=1.5 in --config '{f}' is a float, not a str."),
+        ("c.yaml", "wandb:\n  name: no\n", "wandb.name=False in --config '{f}' is a bool, not a str | none. HINT: give wandb.name a str | none, "
+                                             'e.g. "text" or null (quote text'),
+        ("c.yaml", "wandb:\n  project: 2024-01-01\n", "is a date, not a str | none"),
+        ("c.yaml", "wandb:\n  tags: [a, 1]\n", "wandb.tags=['a', 1] in --config '{f}' is a list holding an int (1), not a list[str]."),
+        ("c.yaml", "wandb:\n  tags: [a, [b]]\n", "is a list holding a list (['b']), not a list[str]."),
+        ("c.yaml", "wandb:\n  tags: null\n", "wandb.tags=None in --config '{f}' is null, not a list[str]."),
+        ("c.yaml", "train:\n  epochs: 2.5\n", "train.epochs=2.5 in --config '{f}' is a float, not an int. HINT: give train.epochs an int, e.g. 3"),
+        ("c.yaml", "train:\n  epochs: true\n", "train.epochs=True in --config '{f}' is a bool, not an int."),
+        ("c.yaml", "train:\n  max_steps: [3]\n", "train.max_steps=[3] in --config '{f}' is a list, not an int | none."),
+        ("c.json", '{"data": {"shuffle": 1}}', "data.shuffle=1 in --config '{f}' is an int, not a bool. HINT: give data.shuffle a bool, e.g. true"),
+        ("c.yaml", "optim:\n  lr: false\n", "optim.lr=False in --config '{f}' is a bool, not a float."),
+    ],
+)
+def test_file_values_are_checked_by_type(tmp_path, name, text, needle):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, name, text)
+    assert needle.format(f=tmp_path / name) in str(err.value)
+
+
+def test_file_values_of_the_right_type_load_as_before(tmp_path):
+    cfg = _load(tmp_path, "c.yaml", """
+        train: {max_steps: null, epochs: 3.0, clip_grad_norm: 1, precision: bf16}
+        data: {shuffle: "off", drop_last: yes}
+        wandb: {tags: [a, b], name: null}
+    """)
+    assert (cfg.train.max_steps, cfg.train.epochs, cfg.train.clip_grad_norm, cfg.data.shuffle, cfg.data.drop_last) == (None, 3, 1.0, False, True)
+    assert type(cfg.train.epochs) is int and cfg.wandb.tags == ["a", "b"] and cfg.wandb.name is None
+    cfg = _load(tmp_path, "c.toml", 'train.max_steps = "none"\nwandb.tags = "a,b"\nwandb.name = "none"\n')  # TOML has no null
+    assert (cfg.train.max_steps, cfg.wandb.tags, cfg.wandb.name) == (None, ["a", "b"], None)
+    assert parse_config(["--run.dir", "none", "--wandb.tags", "a,b"]).run.dir == "none"  # flags are text, parsed as before
+
+
+LAUGHS = "wandb:\n  tags:\n    - &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"    - &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcde", "bcdef")
+)  # 9**6 items once expanded; the same shape nine deep is the 6.5 GB "billion laughs"
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("wandb:\n  tags: &t [a, b]\n  name: *t\n", "uses the YAML alias *t (line 3)"),
+        (LAUGHS, "uses the YAML alias *a (line 4)"),
+        ("base: &base {epochs: 2}\ntrain:\n  <<: *base\n", "uses the YAML alias *base (line 3)"),
+    ],
+)
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, "c.yaml", text)
+    assert f"--config '{tmp_path / 'c.yaml'}' {needle}" in str(err.value) and "HINT: write the value out in full" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name, text, needle",
+    [
+        ("c.yaml", "train:\n  epochs: 3\n  batch_size: 4\n  epochs: 5\n", "key 'epochs' is given twice, on line 2 and line 4"),
+        ("c.yaml", "train: {epochs: 1, epochs: 2}\n", "key 'epochs' is given twice, on line 1 and line 1"),
+        ("c.yaml", "train:\n  epochs: 3\nseed: 1\ntrain:\n  batch_size: 4\n", "key 'train' is given twice, on line 1 and line 4"),
+        ("c.json", '{"train": {"epochs": 3, "epochs": 5}}', "key 'epochs' is given twice in section 'train' (3, then 5)"),
+        ("c.json", '{"seed": 1, "train": {"epochs": 3}, "seed": 2}', "key 'seed' is given twice at the top level (1, then 2)"),
+        ("c.yaml", "train.epochs: 3\ntrain:\n  epochs: 5\n", "'train.epochs' is set twice (3, then 5): once as a dotted key"),
+        ("c.toml", "[train]\nepochs = 3\nepochs = 5\n", "could not be parsed: Cannot overwrite a value (at line 3"),  # tomllib's own check
+    ],
+)
+def test_repeated_keys_are_refused(tmp_path, name, text, needle):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, name, text)
+    assert f"--config '{tmp_path / name}'" in str(err.value) and needle in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/null"])
+def test_a_fifo_or_device_is_refused_without_reading_it(tmp_path, kind):
+    path = tmp_path / "c.yaml" if kind == "fifo" else kind
+    if kind == "fifo":
+        os.mkfifo(path)
+
+    def stuck(*_):
+        raise AssertionError("reading the config blocked")
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(10)  # a regression that opens the FIFO fails here instead of hanging the suite
+    try:
+        with pytest.raises(ConfigError) as err:
+            parse_config(["--config", str(path)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    what = "a FIFO (named pipe)" if kind == "fifo" else "a character device"
+    assert f"--config '{path}' is {what}, not a config file. HINT: write the config to a regular file" in str(err.value)
 
 
 def test_replace_revalidates():
