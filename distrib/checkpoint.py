@@ -5,7 +5,12 @@ Layout (one directory per checkpoint, `<run.dir>/checkpoints/step-000000123/`):
   rank-00000.pt     per-rank state (RNG), one per rank
   sharded/          dist.strategy=fsdp only: models and optimizers as DCP shards, one file per rank
                     (`__<rank>_0.distcp`) and `.metadata`; state.pt then holds the rest
-  MANIFEST.json     written last: each file's size and CRC-32 (taken while writing), the step and world size
+  MANIFEST.json     written last: the format version, each file's size and CRC-32 (taken while
+                    writing), the step and world size
+
+Format versions (`FORMAT`, in the manifest): 1 had no `format` key (written before December 2026);
+2 adds it. A checkpoint of an older format resumes, with defaults for what it lacks; one of a newer
+format than this distrib knows is refused (exit 2), naming both versions and the fix.
 
 A checkpoint exists only once its directory has its final name *and* its manifest verifies. Files
 are written to a temporary name, flushed, fsynced and renamed; the directory is assembled under a
@@ -29,16 +34,22 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from distrib.fileio import crc32_hex, fsync_dir, write_atomic
+from distrib.fileio import crc32_hex, fsync_dir, storage_error, write_atomic
 from distrib.logs import log
 
 MANIFEST = "MANIFEST.json"
+FORMAT = 2
+"""The checkpoint format this distrib writes (see the module doc for what each version holds)."""
 _STEP_DIR = re.compile(r"step-(\d{9})")
 _PART = re.compile(r"\..+\.part\d+")  # distrib.fileio.write_atomic's temporary names
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint failed verification."""
+
+
+class NewerFormatError(CheckpointError):
+    """A checkpoint written by a newer distrib, in a format this one does not know."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -93,6 +104,7 @@ def commit(root: Path, step: int, *, world_size: int, keep: int, meta: dict[str,
     # but not a write_atomic temporary left by a failed write.
     files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file() and not _PART.fullmatch(p.name))
     manifest = {
+        "format": FORMAT,
         "step": step,
         "world_size": world_size,
         "files": {name: {"size": (staging / name).stat().st_size, "crc32": digests.get(name) or _crc32(staging / name)} for name in files},
@@ -114,10 +126,11 @@ def verify(path: Path) -> dict[str, Any]:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: no readable {MANIFEST} ({exc})") from None
-    for name, want in manifest.get("files", {}).items():
+    _check_manifest(path, manifest)
+    for name, want in manifest["files"].items():
         f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
+        if f.is_symlink() or not f.is_file():
+            raise CheckpointError(f"{path}: {name} is {'a symbolic link' if f.is_symlink() else 'missing'}")
         size = f.stat().st_size
         if size != want["size"]:
             raise CheckpointError(f"{path}: {name} has {size} bytes, the manifest says {want['size']} (truncated?)")
@@ -127,6 +140,29 @@ def verify(path: Path) -> dict[str, Any]:
         if _CHECKSUMS[kind](f) != want[kind]:
             raise CheckpointError(f"{path}: {name} fails its {kind} (corrupted)")
     return manifest
+
+
+def _check_manifest(path: Path, manifest: Any) -> None:
+    """The manifest must say which format, step and world size, and list every file a resume reads."""
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path}: {MANIFEST} is not a JSON object")
+    version = manifest.get("format", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: {MANIFEST} gives format {version!r}, not a version number")
+    if version > FORMAT:
+        raise NewerFormatError(f"{path} is in checkpoint format {version}, written by a newer distrib; this one reads "
+                               f"formats 1 to {FORMAT}")
+    for key in ("step", "world_size"):
+        if not isinstance(manifest.get(key), int) or isinstance(manifest.get(key), bool) or manifest[key] < 0:
+            raise CheckpointError(f"{path}: {MANIFEST} gives no {key}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and isinstance(v.get("size"), int) for v in files.values()):
+        raise CheckpointError(f"{path}: {MANIFEST} lists no files with their sizes")
+    needed = ["state.pt", *(rank_file(r) for r in range(manifest["world_size"]))]
+    missing = [name for name in needed if name not in files]
+    if missing:
+        raise CheckpointError(f"{path}: {MANIFEST} does not list {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, "
+                              "which a resume reads")
 
 
 def candidates(root: Path) -> list[Path]:
@@ -142,6 +178,8 @@ def newest_good(root: Path) -> tuple[Path, dict[str, Any]] | None:
     for path in candidates(root):
         try:
             return path, verify(path)
+        except NewerFormatError:
+            raise  # not broken: falling back to an older one would silently drop its progress
         except CheckpointError as exc:
             log.warning(f"checkpoint {path.name} is not usable: {exc}; trying the previous one")
     return None
@@ -215,28 +253,29 @@ def rank_file(rank: int) -> str:
 
 def resolve_resume(resume: str, root: Path) -> Path | None:
     """The checkpoint directory to resume from: `never` -> None, `auto` -> newest good, else a path."""
+    from distrib.errors import ConfigError
+
     if resume == "never":
         return None
-    if resume == "auto":
-        found = newest_good(root)
-        if found is None and candidates(root):
-            from distrib.errors import ConfigError
-
-            names = ", ".join(p.name for p in candidates(root))
-            raise ConfigError(
-                f"{root} holds checkpoints ({names}) and none is usable (see the warnings above); starting afresh would "
-                f"lose them, so nothing was changed. HINT: --ckpt.resume never starts afresh and keeps them in "
-                f"{root.parent}/previous/, or pass another --run.dir."
-            )
-        return found[0] if found else None
-    path = Path(resume)
     try:
+        if resume == "auto":
+            found = newest_good(root)
+            if found is None and candidates(root):
+                names = ", ".join(p.name for p in candidates(root))
+                raise ConfigError(
+                    f"{root} holds checkpoints ({names}) and none is usable (see the warnings above); starting afresh would "
+                    f"lose them, so nothing was changed. HINT: --ckpt.resume never starts afresh and keeps them in "
+                    f"{root.parent}/previous/, or pass another --run.dir."
+                )
+            return found[0] if found else None
+        path = Path(resume)
         verify(path)
+        return path
+    except NewerFormatError as exc:
+        raise ConfigError(f"cannot resume: {exc}. HINT: resume it with the distrib that wrote it (or a newer one: "
+                          "pip install -U distrib), or start fresh with --ckpt.resume never.") from None
     except CheckpointError as exc:
-        from distrib.errors import ConfigError
-
         raise ConfigError(f"ckpt.resume={resume!r} is not a usable checkpoint: {exc}. HINT: pass --ckpt.resume auto to use the newest good one.") from None
-    return path
 
 
 def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared: dict[str, Any] | None, per_rank: dict[str, Any],
@@ -257,7 +296,10 @@ def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared
 
     leader = rank == 0
     if leader:
-        begin(root, step)
+        try:
+            begin(root, step)
+        except OSError as exc:
+            raise storage_error(Path(exc.filename) if exc.filename else root, exc) from None
     barrier()
     staging = staging_dir(root, step)
     digests = {rank_file(rank): save_torch(staging / rank_file(rank), per_rank)}
@@ -269,5 +311,8 @@ def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared
         digests["state.pt"] = save_torch(staging / "state.pt", shared)
     barrier()
     if leader:
-        commit(root, step, world_size=world_size, keep=keep, digests=digests)
+        try:
+            commit(root, step, world_size=world_size, keep=keep, digests=digests)
+        except OSError as exc:  # e.g. checkpoints/ deleted under the save
+            raise storage_error(Path(exc.filename) if exc.filename else staging, exc) from None
     barrier()

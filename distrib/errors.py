@@ -32,3 +32,25 @@ class RendezvousError(DistribError, RuntimeError):
     """The process group could not be formed (a peer never came, an address that does not resolve, a port in use). Exit 1."""
 
     exit_code = 1
+
+
+class StorageError(DistribError, RuntimeError):
+    """Writing the run's files failed (a full disk, a directory removed or made read-only mid-run). Exit 1.
+
+    Nothing committed is lost: every file is written whole or not at all. The session adds the last
+    good checkpoint to the message (`last_good`).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.last_good: str | None = None
+
+    def __str__(self) -> str:
+        text = self.args[0] if self.args else ""
+        if self.last_good:
+            text += f" The last good checkpoint is {self.last_good}: run the same command again to resume from it."
+        elif self.last_good == "":
+            text += " No good checkpoint is left in run.dir: a rerun starts afresh."
+        return text

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from distrib import checkpoint, fsdp
-from distrib.errors import ConfigError
-from distrib.fileio import save_torch
+from distrib.errors import ConfigError, DistribError
+from distrib.fileio import check_own, save_torch
 
 
 def resolve(path: Path) -> Path:
@@ -54,15 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distrib: error: --out {str(ns.out)!r} is a directory. HINT: pass a file path, e.g. --out {ns.out / 'model.pt'}.", file=sys.stderr)
         return 2
     try:
+        check_own(ns.out, "HINT: pass --out a new file path, e.g. --out model.pt.")  # before the work: a device or a link is refused
         ns.checkpoint = resolve(ns.checkpoint)
         state = model_state(ns.checkpoint, ns.key)
         save_torch(ns.out, state)
-    except ConfigError as exc:
+    except DistribError as exc:
         print(f"distrib: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"distrib: error: cannot write {str(ns.out)!r}: {exc.strerror or exc}. HINT: pass --out a writable file path.", file=sys.stderr)
-        return 2
+        return exc.exit_code
     print(f"wrote {ns.out}: {len(state)} tensors of {ns.key!r} from {ns.checkpoint}")
     return 0
 

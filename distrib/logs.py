@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from distrib.fileio import save_torch, write_atomic
+from distrib.fileio import open_own, save_torch, storage_error, write_atomic
 
 log = logging.getLogger("distrib")
 
+_HINT = "HINT: remove it from run.dir, or pass another --run.dir."
 STOPPED_FILE = "stopped.json"
 """Written by rank 0 when a run stops on a signal with a checkpoint (the Slurm epilogue requeues on it)."""
 
@@ -36,17 +37,23 @@ class RunWriter:
     def __init__(self, run_dir: str | Path, *, fresh: bool, tracker: Any = None) -> None:
         self.dir = Path(run_dir)
         self.tracker = tracker  # distrib.tracking.Tracker: wandb on rank 0, or None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / STOPPED_FILE).unlink(missing_ok=True)  # this run is under way again
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / STOPPED_FILE).unlink(missing_ok=True)  # this run is under way again
+        except OSError as exc:
+            raise storage_error(self.dir / STOPPED_FILE, exc) from None
         # A fresh run starts a new metrics file; a resumed one appends to its own history (after `rewind`).
-        self._metrics = open(self.dir / "metrics.jsonl", "wb" if fresh else "ab", buffering=0)
+        self._metrics = open_own(self.dir / "metrics.jsonl", append=not fresh, hint=_HINT)
         self.lines = 0
         """Lines in metrics.jsonl: a checkpoint records it, and a resume keeps that many (`rewind`)."""
 
     def metrics(self, record: dict[str, Any]) -> None:
         # One unbuffered write() of the whole line on an O_APPEND file: a kill leaves whole lines, or
         # at worst one torn last line, which `rewind` and `distrib report` drop.
-        self._metrics.write((json.dumps(record) + "\n").encode())
+        try:
+            self._metrics.write((json.dumps(record) + "\n").encode())
+        except OSError as exc:
+            raise storage_error(self.dir / "metrics.jsonl", exc) from None
         self.lines += 1
         if self.tracker is not None:
             self.tracker.log(record)
@@ -65,7 +72,7 @@ class RunWriter:
         if dropped:
             log.warning(f"{path}: dropped {dropped} torn or unreadable line(s) (a crash mid-write)")
         write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        self._metrics = open(path, "ab", buffering=0)
+        self._metrics = open_own(path, append=True, hint=_HINT)
         self.lines = len(kept)
 
     def json(self, name: str, obj: Any) -> None:

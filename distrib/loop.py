@@ -116,7 +116,11 @@ class Trainer:
         state = self._state()
         resumed = s.load(state)
         if resumed is not None:
-            loader, saved = self.train, state["trainer"]
+            loader = self.train
+            # Checkpoint format 1 (before eval_step existed): the last eval is the one it recorded.
+            saved = {"last_eval": {}, "early_stop_reason": None, "interval_steps": 0, "world_size": s.world_size,
+                     **state["trainer"]}
+            saved.setdefault("eval_step", saved["last_eval"].get("step", -1))
             log.info(f"resumed from {resumed} at step {loader.step} (epoch {loader.epoch}, {loader.samples_seen} samples seen)")
             self.last_eval, self.early_stop_reason = saved["last_eval"], saved["early_stop_reason"]
             # The interval's sums are per rank: they carry over only at the same world size.

@@ -6,10 +6,14 @@ Works for offline runs and finished or killed jobs: nothing but the file rank 0 
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from distrib.errors import DistribError
+from distrib.fileio import storage_error, write_atomic
 
 
 def load(run_dir: Path) -> list[dict[str, Any]]:
@@ -60,8 +64,9 @@ def plot(records: list[dict[str, Any]], out: Path, title: str) -> None:
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
+    # Records without a kind or a step (hand-edited, or another tool's) are not plotted.
+    train = [r for r in records if r.get("kind") == "train" and _num(r, "step") is not None]
+    evals = [r for r in records if r.get("kind") == "eval" and _num(r, "step") is not None]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     fig.suptitle(title)
     ax = axes[0][0]
@@ -79,9 +84,14 @@ def plot(records: list[dict[str, Any]], out: Path, title: str) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points])
         ax.set(title=name, xlabel="step")
     axes[1][1].set_ylim(0, 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, dpi=100, format=out.suffix.lower()[1:])
     plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(out.parent, exc) from None
+    write_atomic(out, image.getvalue())  # never through a planted link, never half a file
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,11 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
         print(f"distrib: error: --out {str(out)!r}: the plot is written as PNG, PDF or SVG. HINT: end the path with .png.", file=sys.stderr)
         return 2
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # bad input, not a failing disk: say so before plotting
+        print(f"distrib: error: cannot write the plot to {str(out)!r}: {str(blocker)!r} is a file, not a directory. "
+              "HINT: pass --out a writable .png path.", file=sys.stderr)
+        return 2
     try:
         plot(records, out, title=str(ns.run_dir))
-    except OSError as exc:
-        print(f"distrib: error: cannot write the plot to {str(out)!r}: {exc.strerror or exc}. HINT: pass --out a writable .png path.", file=sys.stderr)
-        return 2
+    except DistribError as exc:
+        print(f"distrib: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     print("\n".join(summarize(records)))
     print(f"wrote {out}")
     return 0

@@ -22,11 +22,13 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
 
 from distrib.errors import ConfigError
+from distrib.fileio import check_own, storage_error
 from distrib.logs import STOPPED_FILE, log
 
 LOCK_FILE = ".distrib.lock"
@@ -42,6 +44,14 @@ def check_run_dir(run_dir: str | Path) -> None:
     too_long = [part for part in path.parts if len(os.fsencode(part)) > 255]
     if too_long:
         raise ConfigError(f"run.dir: the name {too_long[0][:40]!r}... has {len(os.fsencode(too_long[0]))} bytes; file systems allow 255. {hint}")
+    # Room for the longest name a run writes inside (a checkpoint's staging file), under the system's limit.
+    limit = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
+    length = len(os.fsencode(os.path.abspath(path)))
+    if length + 100 > limit:
+        raise ConfigError(f"run.dir is {length} bytes long as an absolute path; with the files a run writes inside it, that passes "
+                          f"the system's limit of {limit}. {hint}")
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"run.dir={str(run_dir)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist. {hint}")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run.dir={str(run_dir)!r} is a file, not a directory. {hint}")
     existing = path
@@ -80,9 +90,15 @@ class RunLock:
             raise ConfigError(f"run.dir={str(self.dir)!r} cannot be created: {exc.strerror}. HINT: pass --run.dir a writable directory.") from None
         path = self.dir / LOCK_FILE
         while True:
+            check_own(path, "HINT: remove it, or pass another --run.dir.")  # a planted link would lock (and truncate) its target
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped in after the check
+                    os.close(fd)
+                    check_own(path, "HINT: remove it, or pass another --run.dir.")
             except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    check_own(path, "HINT: remove it, or pass another --run.dir.")
                 raise ConfigError(f"run.dir={str(self.dir)!r}: cannot create its lock file: {exc.strerror}. HINT: pass --run.dir a writable directory.") from None
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -151,14 +167,24 @@ def set_aside(run_dir: str | Path) -> Path | None:
     found = previous_run_files(run_dir)
     if not found:
         return None
+    previous = Path(run_dir) / PREVIOUS_DIR
+    if previous.is_symlink() or (previous.exists() and not previous.is_dir()):
+        raise ConfigError(f"{previous} is {'a symbolic link' if previous.is_symlink() else 'not a directory'} that distrib did not create; "
+                          "the previous run's files go there, and distrib never writes through a link. HINT: remove it, or pass another --run.dir.")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     target = Path(run_dir) / PREVIOUS_DIR / stamp
     n = 1
     while target.exists():
         n += 1
         target = Path(run_dir) / PREVIOUS_DIR / f"{stamp}-{n}"
-    target.mkdir(parents=True)
-    for f in found:
-        os.replace(f, target / f.name)
+    try:
+        target.mkdir(parents=True)
+        for f in found:
+            os.replace(f, target / f.name)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            raise ConfigError(f"{previous} is on another file system than {run_dir}, so the previous run's files cannot be moved "
+                              "there by a rename (and distrib does not copy them). HINT: unmount or remove it, or pass another --run.dir.") from None
+        raise storage_error(target, exc) from None
     log.warning(f"ckpt.resume=never: the previous run's {', '.join(f.name for f in found)} moved to {target} (nothing deleted)")
     return target

@@ -36,7 +36,7 @@ from distrib.buckets import replay_rebuilt_buckets
 from distrib.config import Config
 from distrib.data import EvalLoader, ItemCounter, LoaderOptions, TrainLoader, mix_seed
 from distrib.dist import Runtime, all_reduce_sum, broadcast_object, distributed
-from distrib.errors import ConfigError
+from distrib.errors import ConfigError, StorageError
 from distrib.logs import RunWriter, log, setup_console, writer_for
 from distrib.model import ddp_of, set_grad_sync, unwrap_model, wrap_model
 from distrib.precision import Precision
@@ -134,7 +134,20 @@ class Session:
         if stack is None:
             raise RuntimeError("Session.__exit__ without __enter__")
         stack.callback(self.close, failed=exc[0] is not None)  # runs first (last in, first out), in the process group
-        return stack.__exit__(*exc)
+        try:
+            return stack.__exit__(*exc)
+        except StorageError as error:  # raised here by the save in flight, or passing through
+            self._name_last_good(error)
+            raise
+        finally:
+            if isinstance(exc[1], StorageError):
+                self._name_last_good(exc[1])
+
+    def _name_last_good(self, error: StorageError) -> None:
+        """A failed write's message ends with the checkpoint a rerun resumes from (none: it starts afresh)."""
+        if error.last_good is None:
+            found = checkpoint.newest_good(self.ckpt_root)
+            error.last_good = str(found[0]) if found else ""
 
     def defer(self, fn: Callable[[], Any]) -> None:
         """Call `fn` when the session ends (success or error), before the process group goes."""

@@ -10,6 +10,7 @@ import torch
 
 from distrib import checkpoint as ck
 from distrib import fileio
+from distrib.errors import StorageError
 from distrib.fileio import save_torch, write_atomic
 
 
@@ -91,7 +92,7 @@ def test_a_write_that_fails_midway_leaves_the_previous_checkpoint(tmp_path):
     _save(tmp_path, 10, value=1.0)
     staging = ck.begin(tmp_path, 20)
     save_torch(staging / "rank-00000.pt", {"rank": 0})
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(StorageError, match="the disk is full writing .*state.pt .*No space left"):
         save_torch(staging / "state.pt", {"w": torch.ones(4), "bad": DiskFull()})
     assert not (staging / "state.pt").exists() and not list(staging.glob(".*.part*"))
     path, manifest = ck.newest_good(tmp_path)
@@ -106,7 +107,7 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
         raise OSError(5, "I/O error")
 
     monkeypatch.setattr(fileio.os, "fsync", fail_fsync)
-    with pytest.raises(OSError, match="I/O error"):
+    with pytest.raises(StorageError, match="cannot write .*f.bin: I/O error"):
         write_atomic(target, b"new-and-longer")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 

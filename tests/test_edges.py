@@ -1,0 +1,232 @@
+"""The edges a hurried user finds: planted links, special files, full disks, damaged and old checkpoints.
+
+One table per kind of edge. Each row runs the real command (the CLI's `main` in this process where
+no process group is involved) on a scratch directory and checks the exit status, the message and
+what is on disk afterwards: a link's target untouched, a device still a device, the last good
+checkpoint named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from distrib import checkpoint as ck
+from distrib import export, report
+from distrib import Callback, fit
+from distrib import main as distrib_main
+from distrib.errors import ConfigError
+from distrib.rundir import LOCK_FILE
+from distrib.train import main
+from tests.helpers import REPO, read_summary, run_train
+
+SMALL = ["--data.train_size", "256", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1",
+         "--wandb.mode", "disabled"]
+
+
+# ----------------------------------------------------------------------------- links distrib did not make
+
+
+@pytest.mark.parametrize("planted", ["metrics.jsonl", LOCK_FILE, "config.json", "summary.json"])
+def test_a_planted_link_in_run_dir_is_refused_and_its_target_untouched(tmp_path, capsys, planted):
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    victim.write_text("precious\n")
+    (run / planted).symlink_to(victim)
+    assert main([*SMALL, "--run.dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distrib: error: ") and f"{run / planted} is a symbolic link" in err and "HINT: remove it" in err
+    assert victim.read_text() == "precious\n" and (run / planted).is_symlink()
+
+
+def test_a_link_for_a_missing_lock_target_creates_nothing(tmp_path, capsys):
+    run, target = tmp_path / "run", tmp_path / "elsewhere" / "created-by-distrib"
+    run.mkdir()
+    (run / LOCK_FILE).symlink_to(target)
+    assert main([*SMALL, "--run.dir", str(run)]) == 2
+    assert not target.exists() and not target.parent.exists()
+
+
+def test_report_does_not_write_through_a_planted_link(tmp_path, capsys):
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss": 1.0}) + "\n")
+    victim.write_text("precious\n")
+    (run / "report.png").symlink_to(victim)
+    assert report.main([str(run)]) == 2
+    assert "report.png is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_planted_previous_link_is_refused_before_anything_moves(tmp_path, capsys):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    assert main([*SMALL, "--train.max_steps", "2", "--run.dir", str(run)]) == 0
+    elsewhere.mkdir()
+    (run / "previous").symlink_to(elsewhere)
+    before = sorted(p.name for p in run.iterdir())
+    assert main([*SMALL, "--train.max_steps", "2", "--ckpt.resume", "never", "--run.dir", str(run)]) == 2
+    assert "previous is a symbolic link" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before and not any(elsewhere.iterdir())
+
+
+# ----------------------------------------------------------------------------- special files
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/full"])
+def test_export_never_replaces_a_device_node(tmp_path, capsys, device):
+    run = tmp_path / "run"
+    assert main([*SMALL, "--train.max_steps", "2", "--run.dir", str(run)]) == 0
+    before = os.stat(device)
+    assert export.main([str(run), "--out", device]) == 2
+    err = capsys.readouterr().err
+    assert f"{device} is a character device, not a regular file" in err and "HINT: pass --out a new file path" in err
+    after = os.stat(device)
+    assert stat.S_ISCHR(after.st_mode) and after.st_ino == before.st_ino and after.st_rdev == before.st_rdev
+
+
+def test_export_through_a_planted_link_is_refused(tmp_path, capsys):
+    run, victim = tmp_path / "run", tmp_path / "victim.txt"
+    assert main([*SMALL, "--train.max_steps", "2", "--run.dir", str(run)]) == 0
+    victim.write_text("precious\n")
+    (tmp_path / "model.pt").symlink_to(victim)
+    assert export.main([str(run), "--out", str(tmp_path / "model.pt")]) == 2
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_run_dir_past_the_path_limit_is_bad_input(tmp_path, capsys):
+    deep = tmp_path.joinpath(*["d" * 200] * 21)
+    assert main([*SMALL, "--run.dir", str(deep)]) == 2
+    assert "passes the system's limit of" in capsys.readouterr().err and not (tmp_path / ("d" * 200)).exists()
+
+
+def test_report_skips_records_without_a_kind_or_a_step(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 1, "loss": 2.0}, {"kind": "train", "loss": 2.0}, {"kind": "train", "step": 2, "loss": 1.5},
+             {"kind": "eval", "step": 2, "loss": 1.6}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert report.main([str(run)]) == 0
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- checkpoints: damaged, old, newer
+
+
+def _two_checkpoints(run: Path) -> list[Path]:
+    assert main([*SMALL, "--train.max_steps", "4", "--ckpt.every", "2", "--ckpt.keep", "2", "--run.dir", str(run)]) == 0
+    return ck.candidates(run / "checkpoints")
+
+
+@pytest.mark.parametrize("manifest", ["{}", "[]", '{"step": 4, "world_size": 1, "files": {}}',
+                                      '{"step": 4, "world_size": 1, "files": {"state.pt": {"size": 1, "crc32": "0"}}}'])
+def test_a_manifest_that_lists_too_little_falls_back_to_the_previous_checkpoint(tmp_path, capsys, manifest):
+    run = tmp_path / "run"
+    newest, previous = _two_checkpoints(run)
+    (newest / ck.MANIFEST).write_text(manifest)
+    with pytest.raises(ck.CheckpointError):
+        ck.verify(newest)
+    assert main([*SMALL, "--train.max_steps", "6", "--ckpt.every", "2", "--run.dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoint {newest.name} is not usable" in out and f"resumed from {previous}" in out
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_naming_both_versions(tmp_path, capsys):
+    run = tmp_path / "run"
+    newest, _ = _two_checkpoints(run)
+    manifest = json.loads((newest / ck.MANIFEST).read_text())
+    assert manifest["format"] == ck.FORMAT
+    (newest / ck.MANIFEST).write_text(json.dumps({**manifest, "format": ck.FORMAT + 1}))
+    assert main([*SMALL, "--train.max_steps", "6", "--run.dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint format {ck.FORMAT + 1}, written by a newer distrib; this one reads formats 1 to {ck.FORMAT}" in err
+    assert "HINT: resume it with the distrib that wrote it" in err
+
+
+# A run of distrib as it was before checkpoints had a format version (format 1) or an `eval_step`:
+# 2 ranks, stopped by --train.max_steps 24 of 32 (tests/fixtures/ckpt-format1, made by git 4de7d21).
+FORMAT1 = ["--task.hidden", "16", "--data.train_size", "512", "--data.eval_size", "64", "--train.batch_size", "16",
+           "--train.epochs", "2", "--ckpt.every", "8", "--ckpt.keep", "1", "--wandb.mode", "disabled",
+           "--optim.schedule", "constant", "--train.log_every", "8"]
+
+
+@pytest.mark.slow
+def test_a_format1_checkpoint_resumes_bit_exact(tmp_path):
+    old, whole = tmp_path / "old", tmp_path / "whole"
+    shutil.copytree(REPO / "tests" / "fixtures" / "ckpt-format1", old)
+    assert "format" not in json.loads((old / "checkpoints" / "step-000000024" / ck.MANIFEST).read_text())
+    out = run_train([*FORMAT1, "--run.dir", str(old)], nproc=2)
+    assert "resumed from" in out.stdout and "step-000000024" in out.stdout
+    run_train([*FORMAT1, "--run.dir", str(whole)], nproc=2)
+    resumed, straight = read_summary(old), read_summary(whole)
+    assert resumed["optimizer_steps"] == straight["optimizer_steps"] == 32
+    assert resumed["params_sha256"] == straight["params_sha256"]
+
+
+# ----------------------------------------------------------------------------- I/O errors mid-run
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs (root only): writes past it fail with ENOSPC, as on a full disk."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_mid_run_is_an_error_naming_space_and_the_last_good_checkpoint(small_disk, capsys):
+    run = small_disk / "run"
+    # ~100 KB per checkpoint of this model: the first ones fit, a later one does not.
+    args = [*SMALL, "--task.hidden", "128", "--train.epochs", "40", "--ckpt.every", "4", "--ckpt.keep", "100", "--run.dir", str(run)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("distrib: error: the disk is full writing ") and "No space left on device" in err, err
+    assert "MiB free" in err and "needed about" in err and "HINT: free space" in err
+    good = ck.newest_good(run / "checkpoints")
+    assert good is not None and f"The last good checkpoint is {good[0]}" in err
+    assert "Traceback" not in err
+
+
+class _ReplaceCheckpointsDir(Callback):
+    """After the first checkpoint, replace run.dir/checkpoints with a file: what a stray `rm -r` and a typo do."""
+
+    def on_checkpoint(self, trainer, step):
+        root = trainer.session.ckpt_root
+        if root.is_dir():
+            trainer.session.wait_for_save()
+            shutil.rmtree(root)
+            root.write_text("not a directory any more\n")
+
+
+def test_checkpoints_dir_replaced_mid_run_is_an_error_not_a_traceback(tmp_path, capsys):
+    from distrib.task import SECTIONS, make_datasets, make_model
+
+    def train(cfg):
+        train_data, _ = make_datasets(cfg.task, train_size=cfg.data.train_size, eval_size=cfg.data.eval_size, seed=cfg.seed)
+        return fit(cfg, model=make_model(cfg.task, seed=cfg.seed), train_data=train_data, callbacks=[_ReplaceCheckpointsDir()])
+
+    run = tmp_path / "run"
+    code = distrib_main(train, sections=SECTIONS, argv=[*SMALL, "--train.max_steps", "6", "--ckpt.every", "2", "--run.dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("distrib: error: cannot write ") and "Not a directory" in err, err
+    assert "a directory of the run was removed or replaced" in err
+    assert (run / "checkpoints").read_text() == "not a directory any more\n"  # what the user put there is left alone
+
+
+def test_a_leftover_temporary_that_is_a_link_is_refused(tmp_path):
+    from distrib.fileio import write_atomic
+
+    target = tmp_path / "f.json"
+    write_atomic(target, b"old")
+    (tmp_path / f".f.json.part{os.getpid()}").symlink_to(tmp_path / "victim")
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        write_atomic(target, b"new")
+    assert target.read_bytes() == b"old" and not (tmp_path / "victim").exists()
