@@ -112,7 +112,8 @@ class TrainConfig:
     debug_steps: int = 10
     """Optimizer-step limit in --debug mode."""
     straggler_threshold: float = 0.3
-    """Warn when (slowest - fastest) / slowest rank step time passes this, at a log interval."""
+    """Warn when (slowest - fastest) / slowest rank step time passes this for 3 log intervals in a row,
+    by at least 5 ms a step (shorter spreads are a busy machine's noise, not a slow rank)."""
     hang_timeout_s: float | None = 300.0
     """Dump every rank's Python stacks when no step completes for this long; None disables."""
     peak_flops: float | None = None

@@ -25,7 +25,7 @@ from distrib.logs import STOPPED_FILE, log
 from distrib.metrics import Metrics
 from distrib.model import params_sha256, unwrap_model
 from distrib.stream import is_stream
-from distrib.monitor import IntervalTimes, Progress, Watchdog, interval_fields
+from distrib.monitor import IntervalTimes, Progress, Stragglers, Watchdog, interval_fields
 from distrib.optim import build_optimizer, build_scheduler
 from distrib.session import Session
 from distrib.stop import EXIT_STOPPED
@@ -113,6 +113,7 @@ class Trainer:
         s.seed_everything()
         self.metrics = Metrics(s.device)
         self.times = IntervalTimes()
+        self.stragglers = Stragglers(cfg.train.straggler_threshold)
         state = self._state()
         resumed = s.load(state)
         if resumed is not None:
@@ -331,7 +332,7 @@ class Trainer:
                                   "lr": self._lr, "samples": loader.samples_seen,
                                   "interval_samples": samples, "samples_per_s": samples_per_s,
                                   "step_time_s": elapsed / max(self._interval_steps, 1),
-                                  **interval_fields(reduced, world, self.cfg.train.straggler_threshold, warn=s.is_rank_zero)}
+                                  **interval_fields(reduced, world, self.stragglers, warn=s.is_rank_zero)}
         if items is not None:
             record["tokens"] = items
             record["tokens_per_s"] = items / elapsed if elapsed > 0 else 0.0

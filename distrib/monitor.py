@@ -40,8 +40,34 @@ class IntervalTimes:
         return [self.data_wait, elapsed, *own, *mem]
 
 
-def interval_fields(reduced: list[float], world_size: int, threshold: float, *, warn: bool) -> dict[str, Any]:
-    """Turn the all-reduced extras into metrics.jsonl fields; warn (if `warn`: rank 0) about a straggler."""
+class Stragglers:
+    """Names a slow rank only when it matters: a spread above the threshold, sustained, on steps long enough.
+
+    One interval's spread is noise on a busy machine (tiny steps, a scheduler's hiccup, a save in
+    the background), so a rank is named only after `intervals` log intervals in a row in which it was
+    the slowest by more than `threshold` *and* by at least `min_gap_s` per step, the time the others
+    actually wait for it. It stays named while that holds; one interval without resets the count.
+    """
+
+    def __init__(self, threshold: float, *, intervals: int = 3, min_gap_s: float = 0.005) -> None:
+        self.threshold, self.intervals, self.min_gap_s = threshold, intervals, min_gap_s
+        self._rank: int | None = None
+        self._streak = 0
+
+    def check(self, own: list[float]) -> int | None:
+        """The rank named a straggler for this interval (`own`: each rank's step time), or None."""
+        slow, fast = max(range(len(own)), key=own.__getitem__), min(range(len(own)), key=own.__getitem__)
+        gap = own[slow] - own[fast]
+        if len(own) > 1 and own[slow] > 0 and gap / own[slow] > self.threshold and gap >= self.min_gap_s:
+            self._streak = self._streak + 1 if slow == self._rank else 1
+            self._rank = slow
+        else:
+            self._rank, self._streak = None, 0
+        return self._rank if self._streak >= self.intervals else None
+
+
+def interval_fields(reduced: list[float], world_size: int, stragglers: Stragglers, *, warn: bool) -> dict[str, Any]:
+    """Turn the all-reduced extras into metrics.jsonl fields; warn (if `warn`: rank 0) about a sustained straggler."""
     data_wait, elapsed = reduced[0], reduced[1]
     own = reduced[2 : 2 + world_size]
     mem = reduced[2 + world_size : 2 + 2 * world_size]
@@ -54,14 +80,15 @@ def interval_fields(reduced: list[float], world_size: int, threshold: float, *, 
         "slowest_rank": slow,
         "fastest_rank": fast,
     }
-    spread = (own[slow] - own[fast]) / own[slow] if own[slow] > 0 else 0.0
-    if world_size > 1 and spread > threshold:
-        fields["straggler"] = slow
-    if "straggler" in fields and warn:
-        log.warning(
-            f"straggler: rank {slow} takes {own[slow] * 1e3:.1f} ms per step, rank {fast} {own[fast] * 1e3:.1f} ms "
-            f"({spread:.0%} spread > train.straggler_threshold={threshold:g}); the others wait for it at every all-reduce"
-        )
+    named = stragglers.check(own)
+    if named is not None:
+        fields["straggler"] = named
+        if warn:
+            log.warning(
+                f"straggler: rank {slow} takes {own[slow] * 1e3:.1f} ms per step, rank {fast} {own[fast] * 1e3:.1f} ms "
+                f"(over {stragglers.threshold:.0%} slower, train.straggler_threshold, for {stragglers.intervals}+ log intervals "
+                "in a row); the others wait for it at every all-reduce"
+            )
     return fields
 
 
