@@ -66,6 +66,7 @@ class Trainer:
         # Declared by the task, for tokens/s and MFU in the log (a model's FLOPs are not measurable cheaply).
         self.tokens_per_sample, self.flops_per_sample = tokens_per_sample, flops_per_sample
         self.stop = session.stop
+        self.stop.when = "at the next log interval"
         """Set it (a signal handler does) and every rank stops at the next log interval, checkpointed."""
         self.last_eval: dict[str, Any] = {}
         self.early_stop_reason: str | None = None
@@ -316,11 +317,12 @@ class Trainer:
         """All-reduce the interval's sums (the only extra collective), write one line, reset."""
         s, loader, world = self.session, self.train, self.session.world_size
         self.times.data_wait, loader.wait_s = loader.wait_s, 0.0
-        extras = [float(self.stop.requested), *self.times.extras(s.rank, world, s.device, self._interval_steps)]
+        ballot = self.stop.ballot()
+        extras = [*ballot, *self.times.extras(s.rank, world, s.device, self._interval_steps)]
         r = self.metrics.compute(extras)
         self.metrics.reset()
         extra = r.pop("extra")
-        votes, reduced = int(extra[0]), extra[1:]
+        votes, reduced = self.stop.count(extra[:len(ballot)]), extra[len(ballot):]
         if votes and not self._stopping:
             self._stopping = True
             log.info(f"{self.stop.reason} received by {votes} of {world} ranks: stopping at step {loader.step} with a checkpoint")

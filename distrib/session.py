@@ -83,7 +83,7 @@ class Session:
     def __init__(self, cfg: Config) -> None:
         self.cfg = prepare(cfg)
         self.stop = StopRequest()
-        """Set by SIGTERM/SIGUSR1 (or by you); `should_stop()` agrees on it across ranks."""
+        """Set by SIGTERM/SIGUSR1/SIGHUP/Ctrl-C (or by you); `should_stop()` agrees on it across ranks."""
         self.resumed_from: Path | None = None
         """The checkpoint `load` restored, if any."""
         self._stack: contextlib.ExitStack | None = None
@@ -312,7 +312,8 @@ class Session:
         """Whether any rank got a stop signal (a collective: call it on every rank at the same point)."""
         if self.world_size == 1:
             return self.stop.requested
-        return all_reduce_sum(torch.tensor([float(self.stop.requested)], device=self.device)).item() > 0
+        summed = all_reduce_sum(torch.tensor(self.stop.ballot(), device=self.device)).tolist()
+        return self.stop.count(summed) > 0
 
     # ------------------------------------------------------------------ files (rank 0) and tracker
 

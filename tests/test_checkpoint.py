@@ -286,7 +286,7 @@ def test_ctrl_c_with_dataloader_workers_stops_with_a_checkpoint_and_a_second_one
 
 
 def test_sigterm_and_sigusr1_exit_with_the_documented_status(tmp_path):
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP):
         run = tmp_path / sig.name
         cmd = [sys.executable, "-m", "distrib.train", *RESUME, "--train.epochs", "50", "--run.dir", str(run)]
         proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -296,6 +296,7 @@ def test_sigterm_and_sigusr1_exit_with_the_documented_status(tmp_path):
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == EXIT_STOPPED, out[-2000:]
         assert f"{sig.name} received by 1 of 1 ranks" in out
+        assert json.loads((run / "stopped.json").read_text())["signal"] == sig.name
 
 
 def test_resume_with_dataloader_workers_is_bit_exact(tmp_path):

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +26,9 @@ from distrib import Callback, fit
 from distrib import main as distrib_main
 from distrib.errors import ConfigError
 from distrib.rundir import LOCK_FILE
+from distrib.stop import EXIT_STOPPED, LAUNCHER_SIGNALS, StopRequest
 from distrib.train import main
-from tests.helpers import REPO, read_summary, run_train
+from tests.helpers import REPO, child_env, read_summary, run_train, wait_for_training
 
 SMALL = ["--data.train_size", "256", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1",
          "--wandb.mode", "disabled"]
@@ -230,3 +234,62 @@ def test_a_leftover_temporary_that_is_a_link_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="is a symbolic link"):
         write_atomic(target, b"new")
     assert target.read_bytes() == b"old" and not (tmp_path / "victim").exists()
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_the_stop_ballot_names_the_signal_that_arrived_on_another_rank():
+    got, quiet = StopRequest(), StopRequest()
+    got.handle(signal.SIGHUP)
+    summed = [a + b for a, b in zip(got.ballot(), quiet.ballot())]
+    assert quiet.count(summed) == 1 and quiet.reason == "SIGHUP" and quiet.requested
+    assert StopRequest().count([0.0] * len(summed)) == 0
+    user = StopRequest()
+    user.set()  # a callback's request, no signal
+    assert quiet.count([a + b for a, b in zip(user.ballot(), StopRequest().ballot())]) == 1
+
+
+LONG = [*SMALL, "--data.train_size", "65536", "--train.epochs", "2", "--train.log_every", "20", "--ckpt.every", "100000"]
+
+
+def _torchrun(run: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--signals-to-handle={LAUNCHER_SIGNALS}",
+           "-m", "distrib.train", *args, "--run.dir", str(run)]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, to", [(signal.SIGHUP, "agent"), (signal.SIGUSR1, "one rank")])
+def test_a_stop_signal_anywhere_checkpoints_and_stopped_json_names_it(tmp_path, sig, to):
+    """SIGHUP (a closed terminal) is a graceful stop; a signal that reached one rank alone is named all the same."""
+    run = tmp_path / "run"
+    proc = _torchrun(run, *LONG)
+    wait_for_training(run, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(proc.pid if to == "agent" else int(workers[-1]), sig)
+    out, _ = proc.communicate(timeout=120)
+    assert not (run / "summary.json").exists(), "the run finished first: the test proved nothing"
+    stopped = json.loads((run / "stopped.json").read_text())
+    assert stopped["signal"] == sig.name and stopped["exit_status"] == EXIT_STOPPED, out[-3000:]
+    assert f"{sig.name} received by {2 if to == 'agent' else 1} of 2 ranks" in out
+    assert ck.candidates(run / "checkpoints")
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_under_torchrun_aborts(tmp_path):
+    run = tmp_path / "run"
+    proc = _torchrun(run, *LONG, "--train.log_every", "100000")  # the first press waits for a log interval that never comes
+    wait_for_config = time.monotonic() + 60
+    while not (run / "config.json").exists():
+        assert proc.poll() is None and time.monotonic() < wait_for_config
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the agent, which forwards it
+    time.sleep(1.5)
+    started = time.monotonic()
+    os.kill(proc.pid, signal.SIGINT)  # the agent passes the second press on as SIGTERM
+    out, _ = proc.communicate(timeout=120)
+    assert time.monotonic() - started < 20, "the ranks waited for torchrun's SIGKILL instead of aborting"
+    assert "KeyboardInterrupt" in out and "Ctrl-C: stopping at the next log interval" in out, out[-3000:]
+    assert not (run / "stopped.json").exists() and not (run / "summary.json").exists()
