@@ -8,6 +8,7 @@ all-reduce per optimizer step); the one metric all-reduce happens at the log int
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import sys
 import time
@@ -75,6 +76,7 @@ class Trainer:
         self._saved_step: tuple[int, int] = (-1, -1)
         self._eval_step = -1  # the training step of the last finished eval
         self._prepared = False
+        self._complete: dict[str, Any] | None = None  # the summary of a run found complete on resume
         self._own_scheduler = False  # built from optim.* by fit (not the user's)
         self._lr = 0.0
 
@@ -139,12 +141,35 @@ class Trainer:
                 for group, rate in zip(self.optimizer.param_groups, rates):
                     group["lr"] = rate
             self.total_steps = total
+            self._complete = self._finished_summary(resumed)
         self.watchdog = Watchdog(cfg.train.hang_timeout_s, s.rank)
         s.defer(self.watchdog.close)  # also when only prepare() and evaluate() ran
         want_bar = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
         self.progress = Progress(s.is_rank_zero and want_bar, total=self.total_steps, initial=self.train.step)
         s.defer(self.progress.close)
-        s.writer  # all checks passed: only now does rank 0 touch the file system (and wandb)
+        if self._complete is None:  # a complete run writes nothing (see _finished_summary)
+            s.writer  # all checks passed: only now does rank 0 touch the file system (and wandb)
+
+    def _finished_summary(self, resumed: Any) -> dict[str, Any] | None:
+        """The summary of a run that is already complete at the checkpoint it resumed from, or None.
+
+        A rerun of a finished run (the same command again, or the README's next command) trains
+        nothing; it says so and leaves every file as it was, rather than rewriting summary.json,
+        config.json and the last checkpoint with the records of a run that did nothing.
+        """
+        if not self._done() or self._eval_due():
+            return None
+        path = self.session.ckpt_root.parent / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # the run died after its last checkpoint, before its summary: finish it
+        if not isinstance(summary, dict) or summary.get("optimizer_steps") != self.train.step:
+            return None
+        log.info(f"{self.session.ckpt_root.parent} is a complete run ({self.train.step} optimizer steps, its checkpoint "
+                 f"{resumed.name} and {path.name}): nothing to train, no file changed. HINT: raise --train.epochs or "
+                 "--train.max_steps to train on, or pass another --run.dir (or --ckpt.resume never) to train again.")
+        return summary
 
     def _build_optimizer(self) -> None:
         optim_cfg = getattr(self.cfg, "optim", None)
@@ -227,6 +252,8 @@ class Trainer:
         Returns the summary, or `{"stopped": True, ...}` when a stop was agreed (see `self.stop`).
         """
         self.prepare()
+        if self._complete is not None:
+            return self._complete
         return self._fit()
 
     def _fit(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import random
 from pathlib import Path
@@ -33,7 +34,7 @@ from torch.utils.data import Dataset
 
 from distrib import checkpoint, fsdp, tracking
 from distrib.buckets import replay_rebuilt_buckets
-from distrib.config import Config
+from distrib.config import Config, RunConfig
 from distrib.data import EvalLoader, ItemCounter, LoaderOptions, TrainLoader, mix_seed
 from distrib.dist import Runtime, all_reduce_sum, broadcast_object, distributed
 from distrib.errors import ConfigError, StorageError
@@ -46,16 +47,40 @@ from distrib.saving import Saver, snapshot
 from distrib.stop import SignalRoute, StopRequest
 
 
+DEBUG_SUFFIX = "-debug"
+
+
 def prepare(cfg: Config) -> Config:
-    """Apply --debug: a small step limit and in-process data loading (so breakpoint() works)."""
+    """Apply --debug: a small step limit, in-process data loading (so breakpoint() works), and a run
+    directory of its own, so a debug run never rewrites a real run's summary, config or checkpoints."""
     if not cfg.debug:
         return cfg
+    run_dir = cfg.run.dir
+    if run_dir == RunConfig().dir:
+        run_dir += DEBUG_SUFFIX  # runs/distrib-debug
+    recorded = _recorded_config(Path(run_dir))
+    if recorded is not None and not recorded.get("debug", False):
+        raise ConfigError(
+            f"--debug with run.dir={run_dir!r}, which holds a run that was not a debug run: a 10-step debug run would "
+            f"rewrite its summary, config and checkpoints. HINT: pass --run.dir {run_dir.rstrip('/')}{DEBUG_SUFFIX} "
+            "(or any new directory), or drop --debug to continue that run."
+        )
     limit = min(cfg.train.max_steps or cfg.train.debug_steps, cfg.train.debug_steps)
     return dataclasses.replace(
         cfg,
+        run=dataclasses.replace(cfg.run, dir=run_dir),
         data=dataclasses.replace(cfg.data, num_workers=0, persistent_workers=False, prefetch_factor=None),
         train=dataclasses.replace(cfg.train, max_steps=limit),
     )
+
+
+def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
+    """The config.json a run left in `run_dir` (None: no run there, or not readable as one)."""
+    try:
+        recorded = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 @contextlib.contextmanager

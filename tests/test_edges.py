@@ -293,3 +293,38 @@ def test_a_second_ctrl_c_under_torchrun_aborts(tmp_path):
     assert time.monotonic() - started < 20, "the ranks waited for torchrun's SIGKILL instead of aborting"
     assert "KeyboardInterrupt" in out and "Ctrl-C: stopping at the next log interval" in out, out[-3000:]
     assert not (run / "stopped.json").exists() and not (run / "summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- reruns and --debug
+
+
+def _tree(path: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(path)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_rerun_of_a_finished_run_says_it_is_complete_and_changes_no_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*SMALL, "--run.dir", str(run)]) == 0
+    before = _tree(run)
+    capsys.readouterr()
+    assert main([*SMALL, "--run.dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "is a complete run" in out and "no file changed" in out and "HINT: raise --train.epochs" in out
+    assert _tree(run) == before  # not one byte, not one mtime
+    assert main([*SMALL, "--train.epochs", "2", "--run.dir", str(run)]) == 0  # a longer run still continues it
+    assert read_summary(run)["epochs_completed"] == 2
+
+
+def test_debug_gets_a_run_dir_of_its_own_and_never_rewrites_a_real_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*SMALL, "--train.max_steps", "3"]) == 0  # the default run.dir, runs/distrib
+    real = _tree(tmp_path / "runs" / "distrib")
+    assert main([*SMALL, "--debug"]) == 0
+    assert read_summary(tmp_path / "runs" / "distrib-debug")["world_size"] == 1
+    assert _tree(tmp_path / "runs" / "distrib") == real
+    assert main([*SMALL, "--train.max_steps", "3", "--run.dir", "runs/exp1"]) == 0
+    real = _tree(tmp_path / "runs" / "exp1")
+    assert main([*SMALL, "--debug", "--run.dir", "runs/exp1"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run that was not a debug run" in err and "HINT: pass --run.dir runs/exp1-debug" in err
+    assert _tree(tmp_path / "runs" / "exp1") == real
