@@ -234,8 +234,13 @@ def _free_port() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
     import os
 
+    # No options of its own; argparse gives it --help and refuses a typo rather than running the checks.
+    argparse.ArgumentParser(prog="distrib doctor", description="Print what distrib sees (launcher, ranks, devices, Slurm, "
+                            "master address and port) and flag launch mistakes, each with its fix. Exit 1 on an error found."
+                            ).parse_args(argv)
     try:
         facts, found = diagnose(os.environ, real_probes())
     except Exception as exc:  # the doctor must report, never crash: say what it could not check

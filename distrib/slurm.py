@@ -281,11 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.exit_code
         sys.stdout.write(exports)
         return 0
-    if args[:1] == ["epilogue"] and len(args) == 3:
+    if args[:1] == ["epilogue"] and len(args) == 3 and args[2].isdigit():
         return epilogue(args[1], int(args[2]), os.environ)
     if args[:1] == ["submit"]:
         return submit_main(args[1:])
-    print("usage: python -m distrib.slurm prologue -- ARGS | epilogue RUN_DIR STATUS | submit ...", file=sys.stderr)
+    usage = "usage: python -m distrib.slurm prologue -- ARGS | epilogue RUN_DIR STATUS | submit ..."
+    if args[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{main.__doc__}")
+        return 0
+    print(usage, file=sys.stderr)
     return 2
 
 

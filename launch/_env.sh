@@ -1,6 +1,6 @@
 # Sourced by the launchers: the interpreter, processes per node, and one thread per CPU rank.
 # $1: processes per node when there is no GPU.
-PYTHON=${PYTHON:-python}
+source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 # torchrun's agent passes the stop signals on to its workers only if told to: by default SIGUSR1
 # (Slurm's warning signal, or yours) kills the agent itself and orphans the workers. Newer torch
 # reads the --signals-to-handle flag ($TORCHRUN_SIGNALS), older the variable. distrib stops

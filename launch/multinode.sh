@@ -8,6 +8,8 @@
 # different between concurrent jobs; NODE_RANK: optional, c10d assigns node ranks in arrival order
 # when it is unset. Arguments pass through to `python -m distrib.train`.
 set -euo pipefail
+source "$(dirname "$0")/_python.sh"
+case " $* " in *" -h "*|*" --help "*) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" ; echo; exec "$PYTHON" -m distrib.train --help;; esac
 source "$(dirname "$0")/_env.sh" 1
 exec "$PYTHON" -m torch.distributed.run ${TORCHRUN_SIGNALS:+"$TORCHRUN_SIGNALS"} \
     --nnodes="${NNODES:-1}" --nproc_per_node="$NPROC_PER_NODE" ${NODE_RANK:+--node_rank="$NODE_RANK"} \

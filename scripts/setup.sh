@@ -6,6 +6,7 @@
 # Where no NVIDIA GPU is visible we pin torch 2.13.0 (on CI and our dev machines a CPU build that
 # installs from local disk); override with TORCH_SPEC="torch==X.Y.Z" or TORCH_SPEC="torch".
 set -euo pipefail
+case " $* " in *" -h "*|*" --help "*) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" ; exit 0;; esac
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}

@@ -9,6 +9,7 @@
 # machine's CPUs. Settings that work here: proctrack/linuxproc and task/none (no cgroups in a
 # container), select/cons_tres, per-node spool/pid/log paths via %n.
 set -euo pipefail
+case " $* " in *" -h "*|*" --help "*) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" ; exit 0;; esac
 
 CONF=/etc/slurm/slurm.conf
 STATE=/var/spool/distrib-slurm

@@ -4,6 +4,7 @@
 # DISTRIB_SLURM=1 (needs root and apt): also install and start the two-node Slurm test cluster
 # (scripts/slurm-cluster.sh) and fail, rather than skip, the Slurm tests if it is not reachable.
 set -euo pipefail
+case " $* " in *" -h "*|*" --help "*) sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" ; echo "Other arguments go to pytest (e.g. -q tests/unit, -k resume)."; exit 0;; esac
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [[ "${DISTRIB_SLURM:-0}" == 1 ]]; then

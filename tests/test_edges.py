@@ -328,3 +328,30 @@ def test_debug_gets_a_run_dir_of_its_own_and_never_rewrites_a_real_run(tmp_path,
     err = capsys.readouterr().err
     assert "holds a run that was not a debug run" in err and "HINT: pass --run.dir runs/exp1-debug" in err
     assert _tree(tmp_path / "runs" / "exp1") == real
+
+
+# ----------------------------------------------------------------------------- every command answers --help
+
+
+@pytest.mark.parametrize("cmd, says", [
+    (["distrib", "--help"], "usage: distrib <command>"),
+    (["distrib", "doctor", "--help"], "usage: distrib doctor"),
+    (["distrib", "export", "--help"], "usage: distrib export"),
+    (["distrib", "report", "--help"], "usage: distrib report"),
+    (["distrib", "slurm", "submit", "--help"], "usage: distrib slurm submit"),
+    (["distrib-train", "--help"], "usage: "),
+    (["python", "-m", "distrib.slurm", "--help"], "usage: python -m distrib.slurm"),
+    (["bash", "launch/local.sh", "--help"], "Train on this machine"),
+    (["bash", "launch/debug.sh", "--help"], "Single-process debugging"),
+    (["bash", "launch/multinode.sh", "--help"], "Multi-node without a scheduler"),
+    (["bash", "scripts/setup.sh", "--help"], "Create .venv"),
+    (["bash", "scripts/test.sh", "--help"], "run the test suite"),
+    (["bash", "scripts/slurm-cluster.sh", "--help"], "two-node Slurm"),
+])
+def test_every_command_answers_help_without_doing_its_work(cmd, says):
+    exe = {"distrib": [sys.executable, "-m", "distrib.cli"], "distrib-train": [sys.executable, "-m", "distrib.train"],
+           "python": [sys.executable]}
+    full = [*exe.get(cmd[0], cmd[:1]), *cmd[1:]]
+    done = subprocess.run(full, cwd=REPO, env=child_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and says in done.stdout, done.stdout[-1000:] + done.stderr[-1000:]
+    assert "launcher  " not in done.stdout  # the doctor's report: --help must not run the checks
