@@ -5,7 +5,7 @@ Two ways to use one set of blocks: `fit(cfg, model=..., train_data=...)`, or you
 """
 
 from distrib.callbacks import Callback, EarlyStopping
-from distrib.argv import parse_config
+from distrib.argv import config_help, parse_config
 from distrib.config import Config, OptimConfig, config_class
 from distrib.data import EvalLoader, MicroBatch, TrainLoader
 from distrib.dist import Runtime, all_gather_object, all_reduce_sum, barrier, broadcast_object, distributed
@@ -46,6 +46,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "config_class",
+    "config_help",
     "detect",
     "distributed",
     "fit",

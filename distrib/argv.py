@@ -200,9 +200,22 @@ def parse_config(
     """Field defaults < the script's `defaults` < --config FILE < --section.key flags.
 
     `sections` adds a script's own dataclass sections; `defaults` (dotted keys) sets the script's
-    defaults for any key, distrib's included. Raises ConfigError; `distrib.main` turns that into exit 2.
+    defaults for any key, distrib's included. Like argparse's `parse_args()`: reading the command
+    line (`argv` None), `--help` prints every key and exits 0, and a bad value prints
+    `distrib: error: ...` with the fix and exits 2. With an explicit `argv` it raises ConfigError
+    instead (and `--help` is an unknown flag), which `distrib.main` turns into the same exits.
     """
-    argv = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        args = sys.argv[1:]
+        try:
+            if "-h" in args or "--help" in args:
+                parse_config([], sections=sections, defaults=defaults)  # the script's sections and defaults must be valid too
+                print(config_help(config_class(sections), defaults=defaults))
+                raise SystemExit(0)
+            return parse_config(args, sections=sections, defaults=defaults)
+        except ConfigError as exc:
+            print(f"distrib: error: {exc}", file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
     cls = config_class(sections)
     config_file, overrides = parse_flags(argv, cls)
     flat = flatten(cls().to_dict())

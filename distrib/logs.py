@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from distrib.fileio import open_own, save_torch, storage_error, write_atomic
 
@@ -34,9 +34,11 @@ def setup_console(rank: int, world_size: int) -> None:
 class RunWriter:
     """Rank 0's files in run.dir: metrics.jsonl, config.json, summary.json."""
 
-    def __init__(self, run_dir: str | Path, *, fresh: bool, tracker: Any = None) -> None:
+    def __init__(self, run_dir: str | Path, *, fresh: bool, tracker: Any = None, start_tracker: Callable[[], Any] | None = None) -> None:
         self.dir = Path(run_dir)
         self.tracker = tracker  # distrib.tracking.Tracker: wandb on rank 0, or None
+        # Started at the first metrics line, so a run that never logs (only checkpoints) starts no tracker.
+        self._start_tracker = start_tracker
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / STOPPED_FILE).unlink(missing_ok=True)  # this run is under way again
@@ -55,6 +57,8 @@ class RunWriter:
         except OSError as exc:
             raise storage_error(self.dir / "metrics.jsonl", exc) from None
         self.lines += 1
+        if self.tracker is None and self._start_tracker is not None:
+            self.tracker, self._start_tracker = self._start_tracker(), None
         if self.tracker is not None:
             self.tracker.log(record)
 
@@ -127,5 +131,5 @@ def read_lines(path: Path) -> list[dict[str, Any] | None]:
     return out
 
 
-def writer_for(rank: int, run_dir: str | Path, *, fresh: bool, tracker: Any = None) -> RunWriter:
-    return RunWriter(run_dir, fresh=fresh, tracker=tracker) if rank == 0 else NullWriter()
+def writer_for(rank: int, run_dir: str | Path, *, fresh: bool, start_tracker: Callable[[], Any] | None = None) -> RunWriter:
+    return RunWriter(run_dir, fresh=fresh, start_tracker=start_tracker) if rank == 0 else NullWriter()

@@ -352,7 +352,7 @@ class Trainer:
         votes, reduced = self.stop.count(extra[:len(ballot)]), extra[len(ballot):]
         if votes and not self._stopping:
             self._stopping = True
-            log.info(f"{self.stop.reason} received by {votes} of {world} ranks: stopping at step {loader.step} with a checkpoint")
+            s.stopping(votes, f"at step {loader.step}")
         elapsed = reduced[1] / world  # the interval's wall time, averaged over ranks
         samples = r.pop("samples", 0)
         items = r.pop("items", None)
@@ -369,7 +369,7 @@ class Trainer:
             record["tokens_per_s"] = samples_per_s * self.tokens_per_sample
         if self.flops_per_sample and self.cfg.train.peak_flops:
             record["mfu"] = samples_per_s * self.flops_per_sample / (self.cfg.train.peak_flops * world)
-        s.log(record, step=loader.step)
+        s.log(record, step=loader.step, echo=False)  # fit prints its own line (or the progress bar)
         if self.progress.active:
             self.progress.show(epoch=record["epoch"], loss=f"{record.get('loss', float('nan')):.4f}", samples_s=f"{samples_per_s:.0f}")
         else:
@@ -421,7 +421,7 @@ class Trainer:
         r = em.compute()
         result = {**self._named(r), "count": r.get("samples", 0)}
         self.last_eval, self._eval_step = result, self.train.step
-        self.session.log({"epoch": self.train.current_epoch, **result}, step=self.train.step, kind="eval")
+        self.session.log({"epoch": self.train.current_epoch, **result}, step=self.train.step, kind="eval", echo=False)
         log.info(f"eval  step {self.train.step} | epoch {self.train.current_epoch} | {_fmt(result)} | count {result['count']}")
         for cb in self.callbacks:
             cb.on_eval(self, result)
@@ -442,13 +442,8 @@ class Trainer:
     def _stopped(self) -> dict[str, Any]:
         """Checkpoint where every rank agreed to stop; the caller exits with EXIT_STOPPED."""
         self.save_checkpoint()
-        self.session.wait_for_save()  # stopped.json promises a committed checkpoint at this step
         step = self.train.step
-        self.session.write_json(STOPPED_FILE, {"step": step, "signal": self.stop.reason, "exit_status": EXIT_STOPPED})
-        log.info(
-            f"stopped at step {step}/{self.total_steps} (epoch {self.train.epoch}); checkpoint saved in "
-            f"{self.session.ckpt_root}. Exit status {EXIT_STOPPED}: run the same command again to continue."
-        )
+        self.session.finish_stop(step, f"/{self.total_steps} (epoch {self.train.epoch})")
         return {"stopped": True, "optimizer_steps": step, "samples_seen": self.train.samples_seen}
 
     def _finish(self, wall_s: float) -> dict[str, Any]:

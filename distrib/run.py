@@ -37,7 +37,7 @@ def fit(cfg: Config, **trainer_args: Any) -> dict[str, Any]:
 
 
 def main(
-    train: Callable[[Config], Mapping[str, Any] | None],
+    train: Callable[[Config], Mapping[str, Any] | int | None],
     *,
     sections: Mapping[str, type] | None = None,
     defaults: Mapping[str, Any] | None = None,
@@ -47,7 +47,9 @@ def main(
 
     `sys.exit(distrib.main(train, sections={"model": ModelConfig}, defaults={"train.epochs": 10}))`.
     Exit statuses as for `python -m distrib.train`: 0 done, 1 a failure (a peer died), 2 bad input
-    (`distrib: error: ...`, nothing written), 75 stopped by a signal with a checkpoint.
+    (`distrib: error: ...`, nothing written), 75 stopped by a signal with a checkpoint. `train` may
+    return the summary (`{"stopped": True}` means 75), an exit status itself (`distrib.EXIT_STOPPED`),
+    or nothing: then 75 if its `Session` ended in a graceful stop, else 0.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -59,4 +61,8 @@ def main(
     except DistribError as exc:
         print(f"distrib: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    return EXIT_STOPPED if summary and summary.get("stopped") else 0
+    if isinstance(summary, int) and not isinstance(summary, bool):
+        return summary
+    if isinstance(summary, Mapping):
+        return EXIT_STOPPED if summary.get("stopped") else 0
+    return Session.last_exit_status or 0

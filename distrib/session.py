@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import random
+import secrets
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -44,7 +45,8 @@ from distrib.precision import Precision
 from distrib.resume import apply_hparams, config_diff, describe_diff, hparams, incompatibilities
 from distrib.rundir import RunLock, check_run_dir, set_aside
 from distrib.saving import Saver, snapshot
-from distrib.stop import SignalRoute, StopRequest
+from distrib.logs import STOPPED_FILE
+from distrib.stop import EXIT_STOPPED, SignalRoute, StopRequest
 
 
 DEBUG_SUFFIX = "-debug"
@@ -121,10 +123,20 @@ class Session:
         self._ckpt_group: Any = None
         self._hparams: dict[str, Any] | None = None  # the optimizers' hyperparameters as this run's config set them
         self._lock = RunLock(self.cfg.run.dir)  # rank 0's, from the first touch of run.dir to the end
+        self._train_loader: TrainLoader | None = None  # the latest: `log` takes its step
+        self._stop_agreed = False  # should_stop() (or fit's log interval) found a stop request on some rank
+        self._saved: tuple[int, bool] | None = None  # the last save's step, and whether it came after the agreement
+        self.stopped_at: int | None = None
+        """The step a graceful stop checkpointed at (stopped.json written), else None."""
 
     # ------------------------------------------------------------------ lifecycle
 
+    last_exit_status: int | None = None
+    """75 (`EXIT_STOPPED`) when the latest session in this process ended in a graceful stop, else 0:
+    `distrib.main` exits with it when the script's `train` returns nothing."""
+
     def __enter__(self) -> "Session":
+        Session.last_exit_status = None
         cfg, stack = self.cfg, contextlib.ExitStack()
         if cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16":
             raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16 needs loss scaling of sharded gradients, "
@@ -159,6 +171,8 @@ class Session:
         if stack is None:
             raise RuntimeError("Session.__exit__ without __enter__")
         stack.callback(self.close, failed=exc[0] is not None)  # runs first (last in, first out), in the process group
+        if exc[0] is None and self._stop_agreed and self.stopped_at is None:
+            stack.callback(self._end_stop)  # an own loop's stop: reported and marked as fit's is
         try:
             return stack.__exit__(*exc)
         except StorageError as error:  # raised here by the save in flight, or passing through
@@ -211,15 +225,25 @@ class Session:
 
     @property
     def rank(self) -> int:
+        """This process's rank, 0 to world_size - 1 (0 in one process)."""
         return self.rt.rank
 
     @property
+    def local_rank(self) -> int:
+        """This process's rank on its node (its GPU index)."""
+        return self.rt.env.local_rank
+
+    @property
     def world_size(self) -> int:
+        """How many processes train together (1 in one process)."""
         return self.rt.world_size
 
     @property
     def is_rank_zero(self) -> bool:
+        """Whether this is rank 0, the one that writes files and talks to the tracker."""
         return self.rt.is_rank_zero
+
+    is_main_process = is_rank_zero  # Accelerate's name for it
 
     def seed_everything(self, seed: int | None = None) -> None:
         """Seed python, numpy and torch from (`seed` or cfg.seed, rank): dropout differs per rank, reproducibly."""
@@ -274,12 +298,13 @@ class Session:
         its epoch is its `len()`, or train.max_steps of it; it is read in its own order (shuffle it yourself).
         """
         tc = self.cfg.train
-        return TrainLoader(
+        self._train_loader = TrainLoader(
             dataset, world_size=self.world_size, rank=self.rank, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle,
             drop_last=self.cfg.data.drop_last, opts=self._loader_options(batch_size or tc.batch_size, collate_fn),
             device=self.device, prefetch=self.cfg.data.prefetch, grad_accum=grad_accum or tc.grad_accum, items=items,
             max_steps=tc.max_steps,
         )
+        return self._train_loader
 
     def eval_loader(self, dataset: Dataset, *, batch_size: int | None = None, collate_fn: Callable[[list[Any]], Any] | None = None) -> EvalLoader:
         """Evaluation batches on the device; over all ranks, every sample exactly once (no padding).
@@ -334,11 +359,40 @@ class Session:
         return tensor
 
     def should_stop(self) -> bool:
-        """Whether any rank got a stop signal (a collective: call it on every rank at the same point)."""
+        """Whether any rank got a stop signal (a collective: call it on every rank at the same point).
+
+        Once it says yes, `save` your state and leave the loop: the session then writes stopped.json,
+        prints where to resume as `fit` does, and `distrib.main` exits 75.
+        """
         if self.world_size == 1:
-            return self.stop.requested
-        summed = all_reduce_sum(torch.tensor(self.stop.ballot(), device=self.device)).tolist()
-        return self.stop.count(summed) > 0
+            votes = int(self.stop.requested)
+        else:
+            votes = self.stop.count(all_reduce_sum(torch.tensor(self.stop.ballot(), device=self.device)).tolist())
+        self.stopping(votes)
+        return votes > 0
+
+    def stopping(self, votes: int, where: str = "") -> None:
+        """Note that `votes` ranks asked to stop (said once, on rank 0); `fit` calls it at its log interval."""
+        if votes and not self._stop_agreed:
+            self._stop_agreed = True
+            log.info(f"{self.stop.reason} received by {votes} of {self.world_size} ranks: stopping{' ' + where if where else ''} "
+                     "with a checkpoint")
+
+    def finish_stop(self, step: int, detail: str = "") -> None:
+        """After a stop's checkpoint at `step`: wait for it, write stopped.json (the Slurm epilogue's cue), say how to resume."""
+        self.wait_for_save()  # stopped.json promises a committed checkpoint at this step
+        self.write_json(STOPPED_FILE, {"step": step, "signal": self.stop.reason, "exit_status": EXIT_STOPPED})
+        self.stopped_at = step
+        log.info(f"stopped at step {step}{detail}; checkpoint saved in {self.ckpt_root}. Exit status {EXIT_STOPPED}: "
+                 "run the same command again to continue.")
+
+    def _end_stop(self) -> None:
+        if self._saved is not None and self._saved[1]:
+            self.finish_stop(self._saved[0])
+            Session.last_exit_status = EXIT_STOPPED
+        else:
+            log.warning(f"{self.stop.reason}: the loop stopped without saving after the stop was agreed; a rerun resumes "
+                        "from the newest checkpoint before it. HINT: call session.save(state) when should_stop() says yes.")
 
     # ------------------------------------------------------------------ files (rank 0) and tracker
 
@@ -349,16 +403,32 @@ class Session:
             cfg = self.cfg
             if self.is_rank_zero:
                 self._lock.acquire()  # already held when load() came first
-            tracker = tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=self._run_id) if self.is_rank_zero else None
-            self._writer = writer_for(self.rank, cfg.run.dir, fresh=self.resumed_from is None, tracker=tracker)
+            # The tracker's run id is fixed now and checkpointed, though the tracker itself starts only
+            # with the first log line: a resumed run continues the same tracker run either way.
+            self._run_id = self._run_id or secrets.token_hex(4)
+            run_id = self._run_id
+            self._writer = writer_for(self.rank, cfg.run.dir, fresh=self.resumed_from is None,
+                                      start_tracker=lambda: tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=run_id))
             if self._rewind is not None:
                 self._writer.rewind(lines=self._rewind[0], step=self._rewind[1])
             self._writer.json("config.json", cfg.to_dict())
         return self._writer
 
-    def log(self, record: Mapping[str, Any], *, step: int, kind: str = "train") -> None:
-        """One line of metrics.jsonl (and the tracker), rank 0 only."""
+    def log(self, record: Mapping[str, Any], *, step: int | None = None, kind: str = "train", echo: bool = True) -> None:
+        """One line of metrics.jsonl (and the tracker) and, with `echo`, of the console, rank 0 only.
+
+        `step` defaults to the step of the session's latest `train_loader`. Every rank may call it
+        (the others do nothing), so no `if rank == 0` is needed around it.
+        """
+        if step is None:
+            if self._train_loader is None:
+                raise ConfigError("Session.log(record) without step= and no train_loader to take it from. HINT: pass step=N.")
+            step = self._train_loader.step
         self.writer.metrics({"kind": kind, "step": step, **record})
+        if echo:
+            shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                               if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+            log.info(f"{kind} step {step}{' | ' + shown if shown else ''}")
 
     def write_json(self, name: str, obj: Any) -> None:
         """`run.dir/name`, written atomically by rank 0."""
@@ -387,9 +457,10 @@ class Session:
         write and commit finish in the background (`wait_for_save`; the session's end waits too).
         """
         step = _step_of(state) if step is None else step
+        self._saved = (step, self._stop_agreed)
         writer = self.writer  # opens rank 0's files (and the tracker) if this is the first effect
         shared: dict[str, Any] | None = {"objects": {}, "world_size": self.world_size, "config": self.cfg.to_dict(),
-                                  "logger_run_id": writer.tracker.run_id if writer.tracker is not None else self._run_id,
+                                  "logger_run_id": self._run_id,
                                   "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines,
                                   "hparams": self._hparams if self._hparams is not None else _hparams_of(state)}
         per_rank: dict[str, Any] = {"objects": {}, "rng": checkpoint.capture_rng()}

@@ -19,7 +19,7 @@ import distrib
 from digits import DEFAULTS, DigitsConfig, datasets, make_model
 
 
-def train(cfg: distrib.Config) -> dict:
+def train(cfg: distrib.Config) -> dict | int:
     with distrib.Session(cfg) as session:  # distrib: process group, device, signals
         train_set, test_set = datasets(cfg.digits, cfg.seed)
         model = make_model(cfg.digits, cfg.seed)
@@ -54,9 +54,14 @@ def train(cfg: distrib.Config) -> dict:
                     session.backward(loss * mb.weight)  # distrib: exact weight of this micro-batch in the step
                 if mb.last:
                     session.step(optimizer)  # distrib: clip, step, zero_grad
+                    # distrib: a signal (SIGTERM, SIGUSR1, SIGHUP, Ctrl-C) on any rank: every rank stops at the same
+                    # step. should_stop() is a collective, so ask at an interval, not every step.
+                    if train_loader.step % cfg.train.log_every == 0 and session.should_stop():
+                        session.save(state)
+                        return distrib.EXIT_STOPPED  # the session writes stopped.json; distrib.main exits 75
 
             result = evaluate()
-            session.log({"epoch": train_loader.current_epoch, **result}, step=train_loader.step, kind="eval")
+            session.log({"epoch": train_loader.current_epoch, **result}, kind="eval")  # rank 0: metrics.jsonl and the console
             session.save(state)  # distrib: atomic, verified checkpoint
 
         result = result or evaluate()  # a rerun of a finished run trains nothing: evaluate what it has
@@ -64,7 +69,7 @@ def train(cfg: distrib.Config) -> dict:
                    "params_sha256": distrib.params_sha256(model)}
         session.save_model(model)  # model.pt: the plain module's keys
         session.write_json("summary.json", summary)
-        if session.is_rank_zero:
+        if session.is_main_process:  # also session.rank, session.world_size
             print(f"eval accuracy {result.get('accuracy', float('nan')):.4f} on {result.get('count', 0)} digits")
         return summary
 

@@ -111,3 +111,83 @@ def test_a_planted_pickle_in_a_checkpoint_runs_nothing(tmp_path):
     assert proc.returncode == 2 and "distrib: error:" in proc.stderr and "more than plain data" in proc.stderr
     assert not marker.exists()
     assert (run / "metrics.jsonl").read_bytes() == before  # a refused resume changes no file
+
+
+def test_your_own_loop_stops_like_fit_and_resumes_bit_exact(tmp_path):
+    """A signal to one rank of an own loop: every rank saves at the same step, the session writes stopped.json
+    and says how to resume, `return distrib.EXIT_STOPPED` exits 75, and the same command finishes bit-exact."""
+    import signal
+    import time
+
+    args = ["--run.dir", str(tmp_path / "stopped"), "--wandb.mode", "disabled", "--train.epochs", "30"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "examples" / "own_loop.py"), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.exists() or not metrics.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGTERM)  # one rank alone
+    out, _ = proc.communicate(timeout=120)
+    assert "exitcode  : 75" in out and "received by 1 of 2 ranks: stopping with a checkpoint" in out, out[-3000:]
+    assert "[rank0] stopped at step" in out and "Exit status 75: run the same command again" in out
+    stopped = json.loads((tmp_path / "stopped" / "stopped.json").read_text())
+    assert stopped["signal"] == "SIGTERM" and stopped["exit_status"] == 75 and stopped["step"] % 10 == 0
+    assert not (tmp_path / "stopped" / "summary.json").exists()
+    _example("own_loop.py", tmp_path / "stopped", "--train.epochs", "30", nproc=2)
+    _example("own_loop.py", tmp_path / "whole", "--train.epochs", "30", nproc=2)
+    assert read_summary(tmp_path / "stopped")["params_sha256"] == read_summary(tmp_path / "whole")["params_sha256"]
+
+
+def test_a_session_that_only_checkpoints_starts_no_tracker_and_log_prints_on_rank_zero(tmp_path, capsys):
+    from distrib import parse_config
+
+    cfg = parse_config(["--run.dir", str(tmp_path / "run"), "--wandb.mode", "offline"])
+    with Session(cfg) as session:
+        assert (session.rank, session.world_size, session.is_rank_zero, session.is_main_process) == (0, 1, True, True)
+        loader = session.train_loader(_data(8), batch_size=4)
+        session.save({"train": loader, "w": torch.ones(2)})
+    assert (tmp_path / "run" / "checkpoints").is_dir() and not (tmp_path / "run" / "wandb").exists()
+    cfg = parse_config(["--run.dir", str(tmp_path / "logged"), "--wandb.mode", "disabled"])
+    with Session(cfg) as session:
+        loader = session.train_loader(_data(8), batch_size=4)
+        for _ in loader:
+            pass
+        session.log({"loss": 0.25, "note": "x"})  # the loader's step by default
+    assert "train step 2 | loss 0.25 | note x" in capsys.readouterr().out
+    assert json.loads((tmp_path / "logged" / "metrics.jsonl").read_text()) == {"kind": "train", "step": 2, "loss": 0.25, "note": "x"}
+
+
+SCRIPT = """
+import argparse, sys
+import distrib
+parser = argparse.ArgumentParser(description="my script", epilog=distrib.config_help(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--data-path", default="data/")
+args, rest = parser.parse_known_args()   # the script's own flags; the rest are distrib's
+cfg = distrib.parse_config(rest)         # raises ConfigError: handled below as distrib.main does
+print("ok", args.data_path, cfg.train.epochs)
+"""
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (["--help"], 0, "usage: "),
+    (["--trian.epochs", "3"], 2, "distrib: error: "),
+    (["--train.epochs", "3"], 0, "ok data/ 3"),
+])
+def test_parse_config_on_the_command_line_exits_like_argparse(tmp_path, argv, code, says):
+    script = tmp_path / "plain.py"
+    script.write_text("import distrib\ncfg = distrib.parse_config()\nprint('ok', 'data/', cfg.train.epochs)\n")
+    done = subprocess.run([sys.executable, str(script), *argv], env=child_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == code and says in done.stdout + done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_script_with_its_own_argparse_shares_help_and_flags(tmp_path):
+    script = tmp_path / "mine.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script), "--help"], env=child_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--data-path" in done.stdout and "--train.epochs INT" in done.stdout
+    done = subprocess.run([sys.executable, str(script), "--data-path", "d", "--train.epochs", "4"], env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok d 4", done.stderr
