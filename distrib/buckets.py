@@ -32,7 +32,7 @@ def _will_rebuild(ddp: DDP) -> bool:
 
 
 class _ReplayHook:
-    """The communication hook: the first reduction in the rebuilt layout, then DDP's plain all-reduce."""
+    """The communication hook: reductions in the rebuilt layout until DDP has rebuilt, then DDP's plain all-reduce."""
 
     def __init__(self, ddp: DDP) -> None:
         self.group = ddp.process_group
@@ -42,8 +42,8 @@ class _ReplayHook:
         self.limits = [int(first), int(ddp.bucket_bytes_cap)]
         self.arrived: list[torch.Tensor] = []  # this backward's parameters, in the order their gradients arrived
         self._arrived_ids: set[int] = set()
-        self.expected: dict[int, list[int]] | None = None  # the replayed layout, checked against DDP's rebuild
-        self.replayed = False
+        self.layout: list[list[int]] | None = None  # the buckets DDP will build: parameter ids, in bucket order
+        self.rebuilt = False  # DDP's own buckets are the layout now (or replaying was given up): plain all-reduce
         params = [p for p in ddp.module.parameters() if p.requires_grad]
         self.handles = [p.register_post_accumulate_grad_hook(self._arrived) for p in params]
 
@@ -59,52 +59,56 @@ class _ReplayHook:
     # (`from __future__ import annotations`), so the signature carries none.
     def hook(self, state, bucket):  # type: ignore[no-untyped-def]
         """(state, bucket) -> a future of the reduced bucket, as DDP's register_comm_hook expects."""
-        if not self.replayed:
-            self.replayed = True
-            for handle in self.handles:
-                handle.remove()
-            if self._replay(bucket):
+        if not self.rebuilt:
+            if self.layout is None:
+                self._plan(bucket)
+            ids = [id(p) for p in bucket.parameters()]
+            if self.layout is not None and ids in self.layout:
+                self.rebuilt = True  # DDP has rebuilt (a default DDP after one backward, static_graph after two)
+            elif self.layout is not None and self._whole(bucket):
+                self._replay(bucket)
                 done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
                 done.set_result(bucket.buffer())
                 return done
-        elif self.expected is not None:
-            self._check(bucket)
+            else:
+                self._give_up("DDP's buckets are neither its first one nor the ones distrib expected it to build")
         buffer = bucket.buffer().mul_(self.scale)
         return dist.all_reduce(buffer, group=self.group, async_op=True).get_future().then(lambda f: f.value()[0])
 
-    def _replay(self, bucket: dist.GradBucket) -> bool:
-        params, grads = bucket.parameters(), bucket.gradients()
+    def _whole(self, bucket: dist.GradBucket) -> bool:
+        """Whether `bucket` is DDP's first: one bucket of every parameter."""
+        return bucket.index() == 0 and bucket.is_last() and len(bucket.parameters()) == sum(map(len, self.layout or []))
+
+    def _plan(self, bucket: dist.GradBucket) -> None:
+        """The buckets DDP builds from the order this first backward's gradients arrived in (DDP's own function)."""
+        for handle in self.handles:
+            handle.remove()
+        params = bucket.parameters()
         index = {id(p): i for i, p in enumerate(params)}
         order = [index[id(p)] for p in self.arrived if id(p) in index]
+        self.arrived.clear()
+        self._arrived_ids.clear()
         if bucket.index() != 0 or not bucket.is_last() or sorted(order) != list(range(len(params))):
-            log.warning("DDP's first reduction after the resume is not one bucket of every gradient; the resumed run may "
-                        "differ in the last bits from an uninterrupted one")
-            return False
+            return
         layout, _ = dist._compute_bucket_assignment_by_size([params[i] for i in order], self.limits, [], order)
-        for indices in layout:
-            flat = torch.cat([grads[i].reshape(-1) for i in indices]).mul_(self.scale)
+        self.layout = [[id(params[i]) for i in indices] for indices in layout]
+
+    def _replay(self, bucket: dist.GradBucket) -> None:
+        """All-reduce each planned bucket alone, as DDP will once it has rebuilt (scaled as DDP scales)."""
+        assert self.layout is not None  # _whole() checked it
+        grads = {id(p): g for p, g in zip(bucket.parameters(), bucket.gradients())}
+        for ids in self.layout:
+            flat = torch.cat([grads[i].reshape(-1) for i in ids]).mul_(self.scale)
             dist.all_reduce(flat, group=self.group)
             offset = 0
-            for i in indices:
+            for i in ids:
                 n = grads[i].numel()
                 grads[i].copy_(flat[offset:offset + n].view_as(grads[i]))
                 offset += n
-        self.expected = {id(params[indices[0]]): [id(params[i]) for i in indices] for indices in layout}
-        self.arrived.clear()
-        self._arrived_ids.clear()
-        return True
 
-    def _check(self, bucket: dist.GradBucket) -> None:
-        """DDP's rebuilt bucket must be the one replayed; say so once if a future torch builds them otherwise."""
-        if self.expected is None:
-            return
-        ids = [id(p) for p in bucket.parameters()]
-        if self.expected.pop(ids[0], None) != ids:
-            log.warning("DDP rebuilt its buckets otherwise than distrib replayed them after the resume; the resumed run "
-                        "may differ in the last bits from an uninterrupted one")
-            self.expected = None
-        elif not self.expected:
-            self.expected = None
+    def _give_up(self, why: str) -> None:
+        self.rebuilt = True
+        log.warning(f"{why}; the resumed run may differ in the last bits from an uninterrupted one at 3+ ranks")
 
 
 def replay_rebuilt_buckets(model: DDP) -> None:
