@@ -48,8 +48,8 @@ def main(
     `sys.exit(distrib.main(train, sections={"model": ModelConfig}, defaults={"train.epochs": 10}))`.
     Exit statuses as for `python -m distrib.train`: 0 done, 1 a failure (a peer died), 2 bad input
     (`distrib: error: ...`, nothing written), 75 stopped by a signal with a checkpoint. `train` may
-    return the summary (`{"stopped": True}` means 75), an exit status itself (`distrib.EXIT_STOPPED`),
-    or nothing: then 75 if its `Session` ended in a graceful stop, else 0.
+    return an exit status itself (`distrib.EXIT_STOPPED`), or the summary or nothing: then 75 if its
+    `Session` ended in a graceful stop (or the summary says `"stopped": True`), else 0.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -63,6 +63,5 @@ def main(
         return exc.exit_code
     if isinstance(summary, int) and not isinstance(summary, bool):
         return summary
-    if isinstance(summary, Mapping):
-        return EXIT_STOPPED if summary.get("stopped") else 0
-    return Session.last_exit_status or 0
+    stopped = (isinstance(summary, Mapping) and summary.get("stopped")) or Session.last_exit_status == EXIT_STOPPED
+    return EXIT_STOPPED if stopped else 0

@@ -372,7 +372,7 @@ def test_doctor_flags_what_training_would_fail_on_and_never_crashes(monkeypatch,
             monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert doctor.main() == 1
+    assert doctor.main([]) == 1
     out = capsys.readouterr().out
     assert needle in out and "ERROR" in out and "fix:" in out, out
 

@@ -47,15 +47,16 @@ def _count_allreduces(rank: int, world: int, run_dir: str, accum: int) -> dict:
     return {"calls": counter.calls, "steps": summary["optimizer_steps"], "buckets": buckets}
 
 
-@pytest.mark.parametrize("accum", [1, 4])
-def test_exactly_one_allreduce_per_optimizer_step(tmp_path, accum):
-    results = spawn(_count_allreduces, 2, tmp_path, str(tmp_path / "run"), accum)
-    # 100 samples per rank, batch 8: 13 micro-batches an epoch (the last holds 4).
-    steps = 2 * -(-13 // accum)
+@pytest.mark.parametrize("world, accum", [(2, 1), (2, 4), (4, 4)])
+def test_exactly_one_allreduce_per_optimizer_step(tmp_path, world, accum):
+    results = spawn(_count_allreduces, world, tmp_path, str(tmp_path / "run"), accum)
+    # 200 samples over the ranks, batch 8: 2 ranks 13 micro-batches an epoch (the last holds 4), 4 ranks 7 (the last 2).
+    micro = -(-(200 // world) // 8)
+    steps = 2 * -(-micro // accum)
     for r in results:
         assert r["buckets"] == 1
         assert r["steps"] == steps
-        assert r["calls"] == steps, f"{r['calls']} all-reduces for {steps} optimizer steps ({13 * 2} micro-batches)"
+        assert r["calls"] == steps, f"{r['calls']} all-reduces for {steps} optimizer steps ({micro * 2} micro-batches)"
 
 
 def _train_lr0(rank: int, world: int, run_dir: str) -> None:
@@ -101,8 +102,9 @@ def _evaluate(rank: int, world: int, run_dir: str) -> dict:
         return trainer.evaluate()
 
 
-def test_eval_counts_every_sample_once_and_matches_one_process(tmp_path):
-    two = spawn(_evaluate, 2, tmp_path, str(tmp_path / "two"))
+@pytest.mark.parametrize("world", [2, 4])
+def test_eval_counts_every_sample_once_and_matches_one_process(tmp_path, world):
+    two = spawn(_evaluate, world, tmp_path, str(tmp_path / "two"))
     one = _evaluate(0, 1, str(tmp_path / "one"))
     cfg = _cfg(tmp_path)
     _, ev = make_datasets(cfg.task, train_size=64, eval_size=1001, seed=0)
