@@ -190,7 +190,9 @@ def test_killed_job_with_a_truncated_newest_checkpoint_resumes_from_the_previous
 # The signal goes to the launcher, which passes it on to each rank's whole process group (torch 2.13
 # starts each worker in a session of its own and signals it with killpg), DataLoader workers included.
 # SIGTERM with workers is the case that broke: torch's own SIGTERM handler in a worker exits on any sender's SIGTERM.
-@pytest.mark.parametrize("workers, sig, launcher", [(2, signal.SIGTERM, "torchrun"), (0, signal.SIGUSR1, "launch/local.sh")])
+# SIGHUP is a closed terminal or a dropped ssh session: the launcher passes it on like the others (SIGUSR1
+# through torchrun is the Slurm test's warning signal).
+@pytest.mark.parametrize("workers, sig, launcher", [(2, signal.SIGTERM, "torchrun"), (0, signal.SIGHUP, "launch/local.sh")])
 def test_a_stop_signal_to_the_launcher_checkpoints_at_a_step_and_a_relaunch_is_bit_exact(tmp_path, uninterrupted, workers, sig, launcher):
     run = tmp_path / "stopped"
     # No periodic checkpoints in this run: the only mid-epoch one is the stop's.

@@ -29,17 +29,26 @@ def _example(script: str, run_dir, *args: str, nproc: int = 1) -> subprocess.Com
     return proc
 
 
-def test_your_own_loop_on_the_blocks_ends_at_fits_parameters_under_torchrun(tmp_path):
-    # 2 ranks, accumulation with a short last step (1348 samples: 674 a rank = 21 x 32 + 2).
-    args = ("--train.grad_accum", "2", "--train.epochs", "8")
-    _example("digits.py", tmp_path / "fit", *args, nproc=2)
-    _example("own_loop.py", tmp_path / "own", *args, nproc=2)
-    fit_s, own_s = read_summary(tmp_path / "fit"), read_summary(tmp_path / "own")
+# 2 ranks, accumulation with a short last step (1348 samples: 674 a rank = 21 x 32 + 2).
+TWO_RANKS = ("--train.grad_accum", "2", "--train.epochs", "8")
+
+
+@pytest.fixture(scope="module")
+def own_two_ranks(tmp_path_factory):
+    """examples/own_loop.py at 2 ranks, uninterrupted: the reference for the tests that stop and resume it."""
+    run = tmp_path_factory.mktemp("own")
+    _example("own_loop.py", run, *TWO_RANKS, nproc=2)
+    return run
+
+
+def test_your_own_loop_on_the_blocks_ends_at_fits_parameters_under_torchrun(tmp_path, own_two_ranks):
+    _example("digits.py", tmp_path / "fit", *TWO_RANKS, nproc=2)
+    fit_s, own_s = read_summary(tmp_path / "fit"), read_summary(own_two_ranks)
     assert own_s["params_sha256"] == fit_s["params_sha256"]  # bit for bit
     assert own_s["world_size"] == fit_s["world_size"] == 2 and own_s["optimizer_steps"] == fit_s["optimizer_steps"] == 8 * 11
     assert own_s["eval"]["count"] == fit_s["eval"]["count"] == 449
     assert own_s["eval"]["accuracy"] == fit_s["eval"]["accuracy"] >= 0.9
-    model = torch.load(tmp_path / "own" / "model.pt", weights_only=True)
+    model = torch.load(own_two_ranks / "model.pt", weights_only=True)
     assert set(model) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # the module's own keys
 
 
@@ -113,13 +122,13 @@ def test_a_planted_pickle_in_a_checkpoint_runs_nothing(tmp_path):
     assert (run / "metrics.jsonl").read_bytes() == before  # a refused resume changes no file
 
 
-def test_your_own_loop_stops_like_fit_and_resumes_bit_exact(tmp_path):
+def test_your_own_loop_stops_like_fit_and_resumes_bit_exact(tmp_path, own_two_ranks):
     """A signal to one rank of an own loop: every rank saves at the same step, the session writes stopped.json
     and says how to resume, `return distrib.EXIT_STOPPED` exits 75, and the same command finishes bit-exact."""
     import signal
     import time
 
-    args = ["--run.dir", str(tmp_path / "stopped"), "--wandb.mode", "disabled", "--train.epochs", "30"]
+    args = ["--run.dir", str(tmp_path / "stopped"), "--wandb.mode", "disabled", *TWO_RANKS]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "examples" / "own_loop.py"), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     metrics = tmp_path / "stopped" / "metrics.jsonl"
@@ -135,9 +144,8 @@ def test_your_own_loop_stops_like_fit_and_resumes_bit_exact(tmp_path):
     stopped = json.loads((tmp_path / "stopped" / "stopped.json").read_text())
     assert stopped["signal"] == "SIGTERM" and stopped["exit_status"] == 75 and stopped["step"] % 10 == 0
     assert not (tmp_path / "stopped" / "summary.json").exists()
-    _example("own_loop.py", tmp_path / "stopped", "--train.epochs", "30", nproc=2)
-    _example("own_loop.py", tmp_path / "whole", "--train.epochs", "30", nproc=2)
-    assert read_summary(tmp_path / "stopped")["params_sha256"] == read_summary(tmp_path / "whole")["params_sha256"]
+    _example("own_loop.py", tmp_path / "stopped", *TWO_RANKS, nproc=2)
+    assert read_summary(tmp_path / "stopped")["params_sha256"] == read_summary(own_two_ranks)["params_sha256"]
 
 
 def test_a_session_that_only_checkpoints_starts_no_tracker_and_log_prints_on_rank_zero(tmp_path, capsys):
