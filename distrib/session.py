@@ -39,13 +39,12 @@ from distrib.config import Config, RunConfig
 from distrib.data import EvalLoader, ItemCounter, LoaderOptions, TrainLoader, mix_seed
 from distrib.dist import Runtime, all_reduce_sum, broadcast_object, distributed
 from distrib.errors import ConfigError, StorageError
-from distrib.logs import RunWriter, log, setup_console, writer_for
+from distrib.logs import STOPPED_FILE, RunWriter, log, setup_console, writer_for
 from distrib.model import ddp_of, set_grad_sync, unwrap_model, wrap_model
 from distrib.precision import Precision
 from distrib.resume import apply_hparams, config_diff, describe_diff, hparams, incompatibilities
 from distrib.rundir import RunLock, check_run_dir, set_aside
 from distrib.saving import Saver, snapshot
-from distrib.logs import STOPPED_FILE
 from distrib.stop import EXIT_STOPPED, SignalRoute, StopRequest
 
 
