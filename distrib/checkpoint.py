@@ -84,6 +84,7 @@ _CHECKSUMS = {"crc32": _crc32, "sha256": _sha256}
 
 def begin(root: Path, step: int) -> Path:
     """Create a clean staging directory for `step` (rank 0, before a barrier)."""
+    check_root(root, mid_run=True)
     staging = staging_dir(root, step)
     if staging.exists():
         shutil.rmtree(staging)  # left by a crashed attempt
@@ -165,11 +166,28 @@ def _check_manifest(path: Path, manifest: Any) -> None:
                               "which a resume reads")
 
 
+def check_root(root: Path, *, mid_run: bool = False) -> None:
+    """Refuse a `checkpoints/` that is a link or not a directory: distrib never writes through what it did not make.
+
+    Before the run: bad input (ConfigError, exit 2). `mid_run`: something replaced it under the run (StorageError, exit 1).
+    """
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        from distrib.errors import ConfigError, StorageError
+
+        what = f"a symbolic link (to {os.readlink(root)!r}) that distrib did not create" if root.is_symlink() else "not a directory"
+        if mid_run:
+            raise StorageError(f"cannot write {root}: it is {what} any more; something replaced it under the run. "
+                               "HINT: leave run.dir alone while a run writes it.")
+        raise ConfigError(f"{root} is {what}; checkpoints are written only into a directory of the run's own. "
+                          "HINT: remove it, or pass another --run.dir.")
+
+
 def candidates(root: Path) -> list[Path]:
-    """Committed checkpoint directories, newest first (staging `.tmp` directories are not listed)."""
-    if not root.is_dir():
+    """Committed checkpoint directories, newest first (staging `.tmp` directories and links are not listed)."""
+    if not root.is_dir() or root.is_symlink():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if p.is_dir() and not p.is_symlink() and (m := _STEP_DIR.fullmatch(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -257,6 +275,7 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
 
     if resume == "never":
         return None
+    check_root(root)  # before anything is read through it
     try:
         if resume == "auto":
             found = newest_good(root)

@@ -65,8 +65,8 @@ def storage_error(path: Path, exc: OSError, needed: int | None = None) -> Storag
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(path)
         room = f"{'needed about ' + _mib(needed) + ', ' if needed else ''}{_mib(free) + ' free' if free is not None else 'free space unknown'}"
-        return StorageError(f"the disk is full writing {path} ({room}; {exc.strerror}). HINT: free space on that file system, "
-                            "lower --ckpt.keep, or point --run.dir at a larger disk.")
+        return StorageError(f"the disk is full writing {path} ({room}; {exc.strerror}). HINT: free space on that file system (older checkpoints "
+                            "in run.dir/checkpoints/ may go, but keep the last good one), or point --run.dir at a larger disk.")
     cause = exc.strerror or str(exc)
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         hint = "a directory of the run was removed or replaced while it ran. HINT: leave run.dir alone while a run writes it."

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from distrib.fileio import open_own, save_torch, storage_error, write_atomic
+from distrib.fileio import check_own, open_own, save_torch, storage_error, write_atomic
 
 log = logging.getLogger("distrib")
 
@@ -39,6 +39,7 @@ class RunWriter:
         self.tracker = tracker  # distrib.tracking.Tracker: wandb on rank 0, or None
         # Started at the first metrics line, so a run that never logs (only checkpoints) starts no tracker.
         self._start_tracker = start_tracker
+        check_own(self.dir / STOPPED_FILE, _HINT)  # removed below: only if it is distrib's own file
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / STOPPED_FILE).unlink(missing_ok=True)  # this run is under way again

@@ -31,9 +31,13 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """`{key: (checkpoint's, now)}` for every config key that differs (absent: None)."""
+    """`{key: (checkpoint's, now)}` for every config key that differs (gone now: None).
+
+    A key the checkpoint's config does not have (it predates the key) is not a change: the run that
+    wrote it had no such setting to differ from.
+    """
     a, b = flatten(old), flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in IGNORED_KEYS}
+    return {k: (a.get(k), b.get(k)) for k in sorted(a) if a.get(k) != b.get(k) and k not in IGNORED_KEYS}
 
 
 def describe_diff(diff: Mapping[str, tuple[Any, Any]]) -> str:

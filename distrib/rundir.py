@@ -133,6 +133,8 @@ class RunLock:
             return
         try:
             (self.dir / LOCK_FILE).unlink(missing_ok=True)  # while still locked: see acquire's inode check
+        except OSError:
+            pass  # a directory made read-only under the run: the kernel drops the lock anyway, and the next run takes the file over
         finally:
             os.close(fd)
         if self._created:

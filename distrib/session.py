@@ -140,6 +140,12 @@ class Session:
         if cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16":
             raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16 needs loss scaling of sharded gradients, "
                               "which distrib does not do. HINT: pass --train.precision bf16 (no scaling needed) or fp32.")
+        if cfg.dist.static_graph and cfg.dist.strategy == "ddp" and cfg.train.grad_accum > 1:
+            # DDP's static graph records its first backward, which must reduce: torch asserts inside the
+            # reducer (expect_autograd_hooks_) when that backward is an accumulating one.
+            raise ConfigError(f"dist.static_graph=true with train.grad_accum={cfg.train.grad_accum}: DDP's static graph cannot skip "
+                              "the all-reduce of an accumulating micro-batch in its first step. HINT: drop --dist.static_graph "
+                              "(the default DDP works with accumulation), or pass --train.grad_accum 1.")
         check_run_dir(cfg.run.dir)  # a file or a read-only path fails now, before anything is started or written
         signals = stack.enter_context(SignalRoute(self.stop))  # before the process group: it outlives the group's teardown
         self.rt: Runtime = stack.enter_context(
@@ -184,7 +190,10 @@ class Session:
     def _name_last_good(self, error: StorageError) -> None:
         """A failed write's message ends with the checkpoint a rerun resumes from (none: it starts afresh)."""
         if error.last_good is None:
-            found = checkpoint.newest_good(self.ckpt_root)
+            try:
+                found = checkpoint.newest_good(self.ckpt_root)
+            except OSError:  # the failure may have taken the checkpoints with it (unreadable): say nothing rather than mask it
+                return
             error.last_good = str(found[0]) if found else ""
 
     def defer(self, fn: Callable[[], Any]) -> None:

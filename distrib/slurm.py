@@ -272,6 +272,10 @@ def check_train_args(train_args: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Helpers the sbatch files call: `prologue -- ARGS` prints exports; `epilogue RUN_DIR STATUS` requeues."""
     args = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: python -m distrib.slurm prologue -- ARGS | epilogue RUN_DIR STATUS | submit ..."
+    if args[:1] != ["submit"] and any(a in ("-h", "--help") for a in args[:2]):
+        print(f"{usage}\n\n{main.__doc__}")
+        return 0
     if args[:1] == ["prologue"]:
         rest = args[2:] if args[1:2] == ["--"] else args[1:]
         try:
@@ -285,10 +289,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return epilogue(args[1], int(args[2]), os.environ)
     if args[:1] == ["submit"]:
         return submit_main(args[1:])
-    usage = "usage: python -m distrib.slurm prologue -- ARGS | epilogue RUN_DIR STATUS | submit ..."
-    if args[:1] in (["-h"], ["--help"]):
-        print(f"{usage}\n\n{main.__doc__}")
-        return 0
     print(usage, file=sys.stderr)
     return 2
 

@@ -37,7 +37,7 @@ SMALL = ["--data.train_size", "256", "--data.eval_size", "64", "--train.batch_si
 # ----------------------------------------------------------------------------- links distrib did not make
 
 
-@pytest.mark.parametrize("planted", ["metrics.jsonl", LOCK_FILE, "config.json", "summary.json"])
+@pytest.mark.parametrize("planted", ["metrics.jsonl", LOCK_FILE, "config.json", "summary.json", "stopped.json"])
 def test_a_planted_link_in_run_dir_is_refused_and_its_target_untouched(tmp_path, capsys, planted):
     run, victim = tmp_path / "run", tmp_path / "victim.txt"
     run.mkdir()
@@ -47,6 +47,16 @@ def test_a_planted_link_in_run_dir_is_refused_and_its_target_untouched(tmp_path,
     err = capsys.readouterr().err
     assert err.startswith("distrib: error: ") and f"{run / planted} is a symbolic link" in err and "HINT: remove it" in err
     assert victim.read_text() == "precious\n" and (run / planted).is_symlink()
+
+
+def test_a_planted_checkpoints_link_is_refused_before_anything_is_read_or_written(tmp_path, capsys):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere)
+    assert main([*SMALL, "--train.max_steps", "2", "--run.dir", str(run)]) == 2
+    assert f"{run / 'checkpoints'} is a symbolic link" in capsys.readouterr().err
+    assert not any(elsewhere.iterdir())
 
 
 def test_a_link_for_a_missing_lock_target_creates_nothing(tmp_path, capsys):
@@ -183,7 +193,9 @@ def small_disk(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode != 0:
         pytest.skip("needs root to mount a small tmpfs")
     yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    for _ in range(3):  # a test may have bound a read-only mount over it
+        if subprocess.run(["umount", "-l", str(mount)], capture_output=True).returncode != 0:
+            break
 
 
 def test_a_full_disk_mid_run_is_an_error_naming_space_and_the_last_good_checkpoint(small_disk, capsys):
@@ -220,9 +232,45 @@ def test_checkpoints_dir_replaced_mid_run_is_an_error_not_a_traceback(tmp_path, 
     run = tmp_path / "run"
     code = distrib_main(train, sections=SECTIONS, argv=[*SMALL, "--train.max_steps", "6", "--ckpt.every", "2", "--run.dir", str(run)])
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("distrib: error: cannot write ") and "Not a directory" in err, err
-    assert "a directory of the run was removed or replaced" in err
+    assert code == 1 and err.startswith("distrib: error: cannot write ") and "not a directory any more" in err, err
+    assert "something replaced it under the run" in err
     assert (run / "checkpoints").read_text() == "not a directory any more\n"  # what the user put there is left alone
+
+
+class _ReadOnlyAfterFirstCheckpoint(Callback):
+    """After the first checkpoint, remount the run's file system read-only: a disk that goes bad under a run."""
+
+    def __init__(self, mount: Path) -> None:
+        self.mount, self.done = mount, False
+
+    def on_checkpoint(self, trainer, step):
+        if not self.done:
+            self.done = True
+            trainer.session.wait_for_save()
+            # A read-only bind mount over it: a plain remount is refused while metrics.jsonl is open for writing.
+            subprocess.run(["mount", "--bind", str(self.mount), str(self.mount)], check=True)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(self.mount)], check=True)
+
+
+def test_a_run_dir_gone_read_only_mid_run_is_an_error_not_a_traceback(small_disk, capsys):
+    from distrib.task import SECTIONS, make_datasets, make_model
+
+    def train(cfg):
+        train_data, _ = make_datasets(cfg.task, train_size=cfg.data.train_size, eval_size=cfg.data.eval_size, seed=cfg.seed)
+        return fit(cfg, model=make_model(cfg.task, seed=cfg.seed), train_data=train_data,
+                   callbacks=[_ReadOnlyAfterFirstCheckpoint(small_disk)])
+
+    run = small_disk / "run"
+    code = distrib_main(train, sections=SECTIONS, argv=[*SMALL, "--train.max_steps", "6", "--ckpt.every", "2", "--run.dir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("distrib: error: cannot write ") and "Read-only file system" in err, err
+    assert f"The last good checkpoint is {run / 'checkpoints' / 'step-000000002'}" in err and "Traceback" not in err
+
+
+def test_static_graph_with_accumulation_is_refused_before_anything_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main([*SMALL, "--dist.static_graph", "true", "--train.grad_accum", "2", "--run.dir", str(run)]) == 2
+    assert "dist.static_graph=true with train.grad_accum=2" in capsys.readouterr().err and not run.exists()
 
 
 def test_a_leftover_temporary_that_is_a_link_is_refused(tmp_path):
@@ -336,10 +384,11 @@ def test_every_distrib_command_answers_help_without_doing_its_work(capsys, argv,
     assert "launcher  " not in out  # the doctor's report: --help must not run the checks
 
 
-def test_python_m_distrib_slurm_answers_help(capsys):
+@pytest.mark.parametrize("argv", [["--help"], ["prologue", "--help"], ["epilogue", "-h"]])
+def test_python_m_distrib_slurm_answers_help(capsys, argv):
     from distrib import slurm
 
-    assert slurm.main(["--help"]) == 0 and "usage: python -m distrib.slurm" in capsys.readouterr().out
+    assert slurm.main(argv) == 0 and "usage: python -m distrib.slurm" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script, says", [

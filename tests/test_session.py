@@ -174,8 +174,7 @@ parser = argparse.ArgumentParser(description="my script", epilog=distrib.config_
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data-path", default="data/")
 args, rest = parser.parse_known_args()   # the script's own flags; the rest are distrib's
-cfg = distrib.parse_config(rest)         # raises ConfigError: handled below as distrib.main does
-print("ok", args.data_path, cfg.train.epochs)
+sys.exit(distrib.main(lambda cfg: print("ok", args.data_path, cfg.train.epochs), argv=rest))
 """
 
 
@@ -198,4 +197,6 @@ def test_a_script_with_its_own_argparse_shares_help_and_flags(tmp_path):
     assert done.returncode == 0 and "--data-path" in done.stdout and "--train.epochs INT" in done.stdout
     done = subprocess.run([sys.executable, str(script), "--data-path", "d", "--train.epochs", "4"], env=child_env(),
                           capture_output=True, text=True, timeout=60)
-    assert done.stdout.strip() == "ok d 4", done.stderr
+    assert done.returncode == 0 and done.stdout.strip() == "ok d 4", done.stderr
+    done = subprocess.run([sys.executable, str(script), "--train.epoch", "4"], env=child_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "distrib: error: Unknown config key 'train.epoch'" in done.stderr and "Traceback" not in done.stderr
