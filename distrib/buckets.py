@@ -12,7 +12,8 @@ it does.
 `replay_rebuilt_buckets` registers a communication hook on a resumed model: its first reduction
 splits the one bucket into the buckets DDP is about to build (DDP's own assignment function, on the
 order the gradients arrived in) and all-reduces each alone, which is what the uninterrupted run does
-at every step. Later reductions are DDP's: scale by 1/world size, all-reduce the bucket. A fresh run
+at every step. Later reductions do what DDP's built-in one does (scale by 1/world size, all-reduce
+the bucket, no host sync): DDP cannot unregister a hook, so a resumed run keeps this one. A fresh run
 gets no hook, so it stays bitwise the plain DDP loop a user would write.
 """
 

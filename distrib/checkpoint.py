@@ -34,7 +34,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from distrib.fileio import crc32_hex, fsync_dir, storage_error, write_atomic
+from distrib.fileio import crc32_hex, foreign_dir, fsync_dir, storage_error, write_atomic
 from distrib.logs import log
 
 MANIFEST = "MANIFEST.json"
@@ -171,10 +171,10 @@ def check_root(root: Path, *, mid_run: bool = False) -> None:
 
     Before the run: bad input (ConfigError, exit 2). `mid_run`: something replaced it under the run (StorageError, exit 1).
     """
-    if root.is_symlink() or (root.exists() and not root.is_dir()):
+    what = foreign_dir(root)
+    if what is not None:
         from distrib.errors import ConfigError, StorageError
 
-        what = f"a symbolic link (to {os.readlink(root)!r}) that distrib did not create" if root.is_symlink() else "not a directory"
         if mid_run:
             raise StorageError(f"cannot write {root}: it is {what} any more; something replaced it under the run. "
                                "HINT: leave run.dir alone while a run writes it.")

@@ -44,6 +44,15 @@ def check_own(path: Path, hint: str = "HINT: remove it, or choose another path."
         raise ConfigError(f"{path} is {kind}, not a regular file; distrib writes only files it creates. {hint}")
 
 
+def foreign_dir(path: Path) -> str | None:
+    """What `path` is if it is not a plain directory distrib may write into (a link, a file), else None (absent too)."""
+    if path.is_symlink():
+        return f"a symbolic link (to {os.readlink(path)!r}) that distrib did not create"
+    if path.exists() and not path.is_dir():
+        return "not a directory"
+    return None
+
+
 def open_own(path: Path, *, append: bool, hint: str = "HINT: remove it, or choose another path.") -> Any:
     """Open `path` for unbuffered binary writing (append, or truncate), never through a link or into a non-file."""
     check_own(path, hint)

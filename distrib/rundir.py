@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from distrib.errors import ConfigError
-from distrib.fileio import check_own, storage_error
+from distrib.fileio import check_own, foreign_dir, storage_error
 from distrib.logs import STOPPED_FILE, log
 
 LOCK_FILE = ".distrib.lock"
@@ -170,9 +170,10 @@ def set_aside(run_dir: str | Path) -> Path | None:
     if not found:
         return None
     previous = Path(run_dir) / PREVIOUS_DIR
-    if previous.is_symlink() or (previous.exists() and not previous.is_dir()):
-        raise ConfigError(f"{previous} is {'a symbolic link' if previous.is_symlink() else 'not a directory'} that distrib did not create; "
-                          "the previous run's files go there, and distrib never writes through a link. HINT: remove it, or pass another --run.dir.")
+    what = foreign_dir(previous)
+    if what is not None:
+        raise ConfigError(f"{previous} is {what}; the previous run's files go there, and distrib never writes through a link. "
+                          "HINT: remove it, or pass another --run.dir.")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     target = Path(run_dir) / PREVIOUS_DIR / stamp
     n = 1
