@@ -162,26 +162,6 @@ def test_a_checkpoint_of_a_newer_format_is_refused_naming_both_versions(tmp_path
     assert "HINT: resume it with the distrib that wrote it" in err
 
 
-# A run of distrib as it was before checkpoints had a format version (format 1) or an `eval_step`:
-# 2 ranks, stopped by --train.max_steps 24 of 32 (tests/fixtures/ckpt-format1, made by git 4de7d21).
-FORMAT1 = ["--task.hidden", "16", "--data.train_size", "512", "--data.eval_size", "64", "--train.batch_size", "16",
-           "--train.epochs", "2", "--ckpt.every", "8", "--ckpt.keep", "1", "--wandb.mode", "disabled",
-           "--optim.schedule", "constant", "--train.log_every", "8"]
-
-
-@pytest.mark.slow
-def test_a_format1_checkpoint_resumes_bit_exact(tmp_path):
-    old, whole = tmp_path / "old", tmp_path / "whole"
-    shutil.copytree(REPO / "tests" / "fixtures" / "ckpt-format1", old)
-    assert "format" not in json.loads((old / "checkpoints" / "step-000000024" / ck.MANIFEST).read_text())
-    out = run_train([*FORMAT1, "--run.dir", str(old)], nproc=2)
-    assert "resumed from" in out.stdout and "step-000000024" in out.stdout
-    run_train([*FORMAT1, "--run.dir", str(whole)], nproc=2)
-    resumed, straight = read_summary(old), read_summary(whole)
-    assert resumed["optimizer_steps"] == straight["optimizer_steps"] == 32
-    assert resumed["params_sha256"] == straight["params_sha256"]
-
-
 # ----------------------------------------------------------------------------- I/O errors mid-run
 
 
