@@ -16,8 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import distrib
 from run import ALLOCATOR, FRAMEWORKS, RUNNERS, SCENARIOS, SMOKE, check_args, launch, rotated, spread
+
+import distrib
 
 
 def main(argv: list[str] | None = None) -> None:

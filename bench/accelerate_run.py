@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
-
 from workload import StepClock, dataset, model, parse_args, report, setup_threads
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
+from workload import StepClock, dataset, model, parse_args, report, setup_threads, shared_run_dir
 
 import distrib
-from workload import StepClock, dataset, model, parse_args, report, setup_threads, shared_run_dir
 
 
 def main() -> None:

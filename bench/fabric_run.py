@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from torch.utils.data import DataLoader
-
 from workload import StepClock, dataset, model, parse_args, report, setup_threads
 
 

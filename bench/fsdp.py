@@ -50,10 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_worker(args: argparse.Namespace) -> None:
     import torch
+    from gpt import GPT, GPTConfig
 
     import distrib
-    from distrib.model import state_bytes
-    from gpt import GPT, GPTConfig
+    from distrib.parallel.wrap import state_bytes
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as run_dir:

@@ -17,8 +17,7 @@ import statistics
 import time
 
 import torch
-
-from workload import StepClock, model, setup_threads, Synthetic
+from workload import StepClock, Synthetic, model, setup_threads
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

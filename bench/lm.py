@@ -57,10 +57,9 @@ def run_hand(args: argparse.Namespace) -> None:
     """nanoGPT's shape: DistributedSampler, DDP, AdamW, a LambdaLR schedule, loss.item() at the log interval."""
     import torch
     import torch.distributed as dist
+    from gpt import GPT, GPTConfig, datasets
     from torch.nn.parallel import DistributedDataParallel as DDP
     from torch.utils.data import DataLoader, DistributedSampler
-
-    from gpt import GPT, GPTConfig, datasets
     from workload import StepClock, report
 
     torch.set_num_threads(1)
@@ -94,10 +93,10 @@ def run_hand(args: argparse.Namespace) -> None:
 
 def run_distrib(args: argparse.Namespace) -> None:
     import torch
-
-    import distrib
     from gpt import GPT, GPTConfig, datasets
     from workload import StepClock, report, shared_run_dir
+
+    import distrib
 
     torch.set_num_threads(1)
     cfg_gpt = GPTConfig()

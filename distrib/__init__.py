@@ -4,22 +4,21 @@ Two ways to use one set of blocks: `fit(cfg, model=..., train_data=...)`, or you
 `Session` (`setup`, `train_loader`, `no_backward_sync`, `backward`, `step`, `save`/`load`, `log`).
 """
 
-from distrib.callbacks import Callback, EarlyStopping
-from distrib.argv import config_help, parse_config
-from distrib.config import Config, OptimConfig, config_class
-from distrib.data import EvalLoader, MicroBatch, TrainLoader
-from distrib.dist import Runtime, all_gather_object, all_reduce_sum, barrier, broadcast_object, distributed
-from distrib.env import DistEnv, detect
+from distrib.config import Config, OptimConfig, config_class, config_help, parse_config
+from distrib.data.loaders import EvalLoader, MicroBatch, TrainLoader
+from distrib.data.transfer import to_device
 from distrib.errors import BatchError, ConfigError, DistribError, EnvironmentConfigError, PeerError
-from distrib.loop import Trainer
-from distrib.metrics import Metrics
-from distrib.model import params_sha256, state_bytes, unwrap_model, wrap_model
-from distrib.run import fit, main
-from distrib.session import Session
-from distrib.shutdown import quick_exit
-from distrib.steps import label_tokens
-from distrib.stop import EXIT_STOPPED, StopRequest
-from distrib.transfer import to_device
+from distrib.loop.callbacks import Callback, EarlyStopping
+from distrib.loop.fit import fit, main
+from distrib.loop.loss import label_tokens
+from distrib.loop.session import Session
+from distrib.loop.trainer import Trainer
+from distrib.observe.metrics import Metrics
+from distrib.parallel.wrap import params_sha256, state_bytes, unwrap_model, wrap_model
+from distrib.runtime.env import DistEnv, detect
+from distrib.runtime.group import Runtime, all_gather_object, all_reduce_sum, barrier, broadcast_object, distributed
+from distrib.runtime.shutdown import quick_exit
+from distrib.runtime.stop import EXIT_STOPPED, StopRequest
 
 __all__ = [
     "BatchError",

@@ -20,8 +20,9 @@ import dataclasses
 import math
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 import distrib
-from distrib.logs import log
+from distrib.runtime.console import log
 
 
 @dataclasses.dataclass(kw_only=True)

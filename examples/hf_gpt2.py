@@ -17,9 +17,9 @@ import sys
 from typing import Any
 
 import torch
+from gpt import ByteWindows, split, stdlib_bytes  # the sibling example's data
 
 import distrib
-from gpt import ByteWindows, split, stdlib_bytes  # the sibling example's data
 
 
 @dataclasses.dataclass(kw_only=True)

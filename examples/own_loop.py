@@ -14,9 +14,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from digits import DEFAULTS, DigitsConfig, datasets, make_model
 
 import distrib
-from digits import DEFAULTS, DigitsConfig, datasets, make_model
 
 
 def train(cfg: distrib.Config) -> dict | int:

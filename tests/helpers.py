@@ -10,15 +10,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
 
-from distrib import checkpoint as ck
+from distrib.checkpoint import store as ck
+from distrib.cli.task import TaskConfig, TaskDataConfig
 from distrib.config import config_class
-from distrib.task import TaskConfig, TaskDataConfig
 
 TaskData = config_class({"task": TaskConfig, "data": TaskDataConfig})
 """The built-in task's model and data keys without its `optim` section: for tests that pass their own optimizer."""

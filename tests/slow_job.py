@@ -14,7 +14,7 @@ import time
 import torch
 
 import distrib
-from distrib.task import TaskConfig, TaskDataConfig, make_datasets, make_model
+from distrib.cli.task import TaskConfig, TaskDataConfig, make_datasets, make_model
 
 
 class SlowDataset(torch.utils.data.Dataset):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from distrib import Callback, EarlyStopping, fit
-from distrib.task import make_datasets, make_model
+from distrib.cli.task import make_datasets, make_model
 from tests.helpers import TaskData, read_metrics, rewind, spawn
 
 

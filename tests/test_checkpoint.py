@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 
-from distrib import checkpoint as ck
-from distrib import fileio
+from distrib.checkpoint import fileio
+from distrib.checkpoint import store as ck
+from distrib.checkpoint.fileio import save_torch, write_atomic
 from distrib.errors import StorageError
-from distrib.fileio import save_torch, write_atomic
 
 
 def _save(root, step: int, *, world: int = 2, keep: int = 3, value: float = 0.0):
@@ -132,9 +132,20 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from distrib.stop import EXIT_STOPPED  # noqa: E402
-from tests.helpers import (REPO, all_gone, child_env, descendants, kill_tree, read_metrics, read_summary, rewind,  # noqa: E402
-                           run_train, wait_for_checkpoints, wait_for_training)
+from distrib.runtime.stop import EXIT_STOPPED  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    REPO,
+    all_gone,
+    child_env,
+    descendants,
+    kill_tree,
+    read_metrics,
+    read_summary,
+    rewind,
+    run_train,
+    wait_for_checkpoints,
+    wait_for_training,
+)
 
 RESUME = ["--task.dropout", "0.1", "--train.grad_accum", "2", "--train.batch_size", "16", "--train.epochs", "2",
           "--data.train_size", "16384", "--data.eval_size", "256", "--ckpt.every", "37", "--train.log_every", "50"]
@@ -338,7 +349,7 @@ _LATE_SIGNAL = """
 import os, signal, sys, threading, time
 import torch
 import distrib
-from distrib.task import TaskConfig, make_datasets, make_model
+from distrib.cli.task import TaskConfig, make_datasets, make_model
 
 class LateSignal(distrib.Callback):
     # The run is over: rank 0 lingers 3 s, so rank 1 waits in the final barrier when, 1 s in, it takes a SIGTERM.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 import dataclasses
 import functools
 import os
@@ -12,11 +10,12 @@ import subprocess
 import sys
 import textwrap
 
-from distrib.argv import config_help
-from distrib.argv import parse_config as parse_core
-from distrib.config import Config, config_class
+import pytest
+
+from distrib.cli.task import SECTIONS, TaskRunConfig
+from distrib.config import Config, config_class, config_help
+from distrib.config import parse_config as parse_core
 from distrib.errors import ConfigError
-from distrib.task import SECTIONS, TaskRunConfig
 
 # The built-in task's keys (task.*, data.train_size, optim.*) are its own sections, as for any script.
 parse_config = functools.partial(parse_core, sections=SECTIONS)
@@ -247,7 +246,7 @@ def test_a_script_section_round_trips_through_flags_file_defaults_and_help(tmp_p
 
 
 def test_a_section_may_extend_distribs_own_but_not_replace_it():
-    from distrib.task import TaskDataConfig
+    from distrib.cli.task import TaskDataConfig
 
     assert parse_core(["--data.train_size", "7"], sections={"data": TaskDataConfig}).data.train_size == 7
     with pytest.raises(ConfigError, match="must subclass distrib's DataConfig"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from distrib.data import EvalSampler, LoaderOptions, TrainLoader, eval_loader
+from distrib.data.loaders import EvalSampler, LoaderOptions, TrainLoader, eval_loader
 from distrib.errors import ConfigError
 
 

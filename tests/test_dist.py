@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from distrib import dist
-from distrib.env import DistEnv
+from distrib.runtime import group as dist
+from distrib.runtime.env import DistEnv
 from tests.helpers import spawn
 
 

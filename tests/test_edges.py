@@ -20,15 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from distrib import checkpoint as ck
-from distrib import export, report
 from distrib import Callback, fit
 from distrib import main as distrib_main
+from distrib.checkpoint import store as ck
+from distrib.checkpoint.rundir import LOCK_FILE
+from distrib.cli import export
+from distrib.cli.train import main
 from distrib.errors import ConfigError
-from distrib.rundir import LOCK_FILE
-from distrib.stop import EXIT_STOPPED, LAUNCHER_SIGNALS, StopRequest
-from distrib.train import main
-from tests.helpers import REPO, child_env, read_summary, run_train, wait_for_training
+from distrib.observe import report
+from distrib.runtime.stop import LAUNCHER_SIGNALS, StopRequest
+from tests.helpers import REPO, child_env, read_summary
 
 SMALL = ["--data.train_size", "256", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1",
          "--wandb.mode", "disabled"]
@@ -203,7 +204,7 @@ class _ReplaceCheckpointsDir(Callback):
 
 
 def test_checkpoints_dir_replaced_mid_run_is_an_error_not_a_traceback(tmp_path, capsys):
-    from distrib.task import SECTIONS, make_datasets, make_model
+    from distrib.cli.task import SECTIONS, make_datasets, make_model
 
     def train(cfg):
         train_data, _ = make_datasets(cfg.task, train_size=cfg.data.train_size, eval_size=cfg.data.eval_size, seed=cfg.seed)
@@ -233,7 +234,7 @@ class _ReadOnlyAfterFirstCheckpoint(Callback):
 
 
 def test_a_run_dir_gone_read_only_mid_run_is_an_error_not_a_traceback(small_disk, capsys):
-    from distrib.task import SECTIONS, make_datasets, make_model
+    from distrib.cli.task import SECTIONS, make_datasets, make_model
 
     def train(cfg):
         train_data, _ = make_datasets(cfg.task, train_size=cfg.data.train_size, eval_size=cfg.data.eval_size, seed=cfg.seed)
@@ -254,7 +255,7 @@ def test_static_graph_with_accumulation_is_refused_before_anything_is_written(tm
 
 
 def test_a_leftover_temporary_that_is_a_link_is_refused(tmp_path):
-    from distrib.fileio import write_atomic
+    from distrib.checkpoint.fileio import write_atomic
 
     target = tmp_path / "f.json"
     write_atomic(target, b"old")
@@ -353,7 +354,7 @@ def test_debug_gets_a_run_dir_of_its_own_and_never_rewrites_a_real_run(tmp_path,
     (["train"], "usage: "),
 ])
 def test_every_distrib_command_answers_help_without_doing_its_work(capsys, argv, says):
-    from distrib import cli
+    from distrib.cli import main as cli
 
     try:
         code = cli.main([*argv, "--help"])
@@ -366,7 +367,7 @@ def test_every_distrib_command_answers_help_without_doing_its_work(capsys, argv,
 
 @pytest.mark.parametrize("argv", [["--help"], ["prologue", "--help"], ["epilogue", "-h"]])
 def test_python_m_distrib_slurm_answers_help(capsys, argv):
-    from distrib import slurm
+    from distrib.cli import slurm
 
     assert slurm.main(argv) == 0 and "usage: python -m distrib.slurm" in capsys.readouterr().out
 

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from distrib.env import DistEnv, check_visible_gpus, detect, expand_hostlist, slurm_port
 from distrib.errors import EnvironmentConfigError
+from distrib.runtime.env import DistEnv, check_visible_gpus, detect, expand_hostlist, slurm_port
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
             "MASTER_ADDR": "node7", "MASTER_PORT": "29511", "TORCHELASTIC_RUN_ID": "abc"}

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from distrib import checkpoint as ck
-from distrib.dist import distributed
+from distrib.checkpoint import store as ck
 from distrib.errors import PeerError
+from distrib.runtime.group import distributed
 from tests.helpers import REPO, child_env, free_port
 
 TIMEOUT_S = 5

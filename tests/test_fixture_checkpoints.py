@@ -18,7 +18,7 @@ import shutil
 
 import pytest
 
-from distrib import checkpoint as ck
+from distrib.checkpoint import store as ck
 from tests.helpers import REPO, read_summary, run_train
 
 ARGS = ["--task.hidden", "16", "--data.train_size", "512", "--data.eval_size", "64", "--train.batch_size", "16",

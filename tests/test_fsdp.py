@@ -16,12 +16,14 @@ import pytest
 import torch
 from torch import nn
 
-from distrib import Session, Trainer, checkpoint as ck
+from distrib import Session, Trainer
+from distrib.checkpoint import store as ck
+from distrib.cli.task import TaskConfig, make_datasets, make_model
 from distrib.errors import ConfigError
-from distrib.fsdp import SHARDED_DIR, find_blocks
-from distrib.model import state_bytes
-from distrib.stop import EXIT_STOPPED
-from distrib.task import TaskConfig, make_datasets, make_model
+from distrib.checkpoint.sharded import SHARDED_DIR
+from distrib.parallel.fsdp import find_blocks
+from distrib.parallel.wrap import state_bytes
+from distrib.runtime.stop import EXIT_STOPPED
 from tests.helpers import REPO, TaskData, child_env, read_metrics, read_summary, run_train, spawn, wait_for_checkpoints, wait_for_training
 
 # SGD (its update is linear in the gradient, so float sums agree closely), clipping that bites (the

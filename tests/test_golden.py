@@ -104,7 +104,7 @@ COMMANDS = {
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_golden_command_help(name, capsys, monkeypatch):
-    from distrib import cli
+    from distrib.cli import main as cli
 
     monkeypatch.setenv("COLUMNS", "100")  # argparse wraps to the terminal
     monkeypatch.setattr(sys, "argv", [name])  # and names the program after argv[0]
@@ -113,7 +113,7 @@ def test_golden_command_help(name, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv", [["--help"], ["prologue", "--help"], ["epilogue", "--help"]])
 def test_golden_slurm_module_help(argv, capsys, monkeypatch):
-    from distrib import slurm
+    from distrib.cli import slurm
 
     monkeypatch.setenv("COLUMNS", "100")
     monkeypatch.setattr(sys, "argv", ["slurm.py"])

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from distrib import fit
-from distrib.task import make_datasets, make_model
-from tests.helpers import TaskData, REPO, child_env, read_summary, rewind, run_train
+from distrib.cli.task import make_datasets, make_model
+from tests.helpers import REPO, TaskData, child_env, read_summary, rewind, run_train
 
 pytestmark = pytest.mark.gpu
 

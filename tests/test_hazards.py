@@ -21,12 +21,13 @@ import pytest
 import torch
 from torch import nn
 
-from distrib import doctor, report
-from distrib import checkpoint as ck
+from distrib.checkpoint import store as ck
+from distrib.checkpoint.rundir import LOCK_FILE, RunLock
+from distrib.cli import doctor
+from distrib.cli.slurm import submit_main
+from distrib.cli.train import main
 from distrib.errors import BatchError, ConfigError
-from distrib.rundir import LOCK_FILE, RunLock
-from distrib.slurm import submit_main
-from distrib.train import main
+from distrib.observe import report
 from tests.helpers import REPO, child_env, free_port, read_metrics, read_summary, rewind, run_train
 
 SMALL = ["--data.train_size", "512", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1", "--wandb.mode", "disabled"]
@@ -249,7 +250,7 @@ def test_a_foreign_higher_step_directory_never_pushes_good_checkpoints_out(tmp_p
 
 def test_a_second_run_on_a_live_run_dir_exits_2_naming_the_holder(tmp_path, capsys, finished):
     run = _copy(finished, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from distrib.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from distrib.checkpoint.rundir import RunLock; "
                                "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)", str(run)],
                               cwd=REPO, env=child_env(), stdout=subprocess.PIPE, text=True)
     try:
@@ -271,7 +272,7 @@ def test_a_second_run_on_a_live_run_dir_exits_2_naming_the_holder(tmp_path, caps
 
 def test_a_forked_child_that_outlives_the_holder_does_not_hold_the_lock(tmp_path):
     """DataLoader workers are forked from rank 0 and may outlive a killed rank for a moment."""
-    code = ("import os, sys, time; from distrib.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+    code = ("import os, sys, time; from distrib.checkpoint.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
             "child = os.fork()\nif child == 0: time.sleep(30); os._exit(0)\nprint(child, flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
@@ -394,7 +395,7 @@ def test_slurm_submit_refuses_unsafe_options_and_bad_training_args_before_submit
 
 
 def test_wandb_auto_looks_for_credentials_of_the_host_wandb_is_configured_for(tmp_path):
-    from distrib.tracking import has_credentials
+    from distrib.observe.tracking import has_credentials
 
     (tmp_path / "settings").write_text("[default]\nbase_url = https://wandb.example.org\n")
     (tmp_path / "netrc").write_text("machine wandb.example.org login user password secret\n")

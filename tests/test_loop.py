@@ -13,9 +13,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import Dataset
 
 from distrib import Session, Trainer, fit
+from distrib.cli.task import make_datasets, make_model
 from distrib.errors import BatchError
-from distrib.model import ddp_of
-from distrib.task import make_datasets, make_model
+from distrib.parallel.wrap import ddp_of
 from tests.helpers import TaskData, spawn
 
 

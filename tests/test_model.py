@@ -8,11 +8,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distrib import distributed, fit
+from distrib.cli.task import make_datasets, make_model
 from distrib.config import DistConfig
 from distrib.errors import ConfigError
-from distrib.model import unwrap_model, wrap_model
-from distrib.precision import Precision
-from distrib.task import make_datasets, make_model
+from distrib.parallel.precision import Precision
+from distrib.parallel.wrap import unwrap_model, wrap_model
 from tests.helpers import TaskData, spawn
 
 

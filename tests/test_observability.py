@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from distrib.monitor import Stragglers
-
-from distrib.tracking import has_credentials
+from distrib.observe.monitor import Stragglers
+from distrib.observe.tracking import has_credentials
 from tests.helpers import REPO, child_env, read_metrics, read_summary, rewind, run_train
 
 SMALL = ["--data.train_size", "2048", "--data.eval_size", "256", "--train.epochs", "2", "--train.log_every", "5", "--ckpt.every", "5"]
@@ -200,7 +199,7 @@ def test_report_writes_a_png_and_a_summary(tmp_path):
 
 
 def test_mfu_follows_from_the_declared_flops_and_the_peak(tmp_path):
-    from distrib.task import TaskConfig, make_model
+    from distrib.cli.task import TaskConfig, make_model
 
     run = tmp_path / "run"
     run_train([*SMALL, "--train.epochs", "1", "--train.peak_flops", "1e9", "--wandb.mode", "disabled", "--run.dir", str(run)], nproc=1)

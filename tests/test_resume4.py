@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from distrib import checkpoint as ck
+from distrib.checkpoint import store as ck
 from tests.helpers import REPO, child_env, read_summary, run_train
 
 pytestmark = pytest.mark.slow

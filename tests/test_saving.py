@@ -11,8 +11,8 @@ import textwrap
 
 import torch
 
-from distrib import checkpoint as ck
-from distrib.saving import Saver, snapshot
+from distrib.checkpoint import store as ck
+from distrib.checkpoint.background import Saver, snapshot
 from tests.helpers import REPO, child_env, read_summary, run_train
 
 
@@ -103,7 +103,7 @@ STOP_SCRIPT = textwrap.dedent("""
     import sys
     import torch
     import distrib
-    from distrib.task import TaskConfig, TaskDataConfig, make_datasets, make_model
+    from distrib.cli.task import TaskConfig, TaskDataConfig, make_datasets, make_model
 
     class StopAfterFirstSave(distrib.Callback):
         def on_checkpoint(self, trainer, step):

@@ -110,7 +110,7 @@ def test_a_planted_pickle_in_a_checkpoint_runs_nothing(tmp_path):
 
     torch.save({"objects": Evil()}, newest / "state.pt")
     manifest = json.loads((newest / "MANIFEST.json").read_text())
-    from distrib.checkpoint import _sha256
+    from distrib.checkpoint.store import _sha256
 
     manifest["files"]["state.pt"] = {"size": (newest / "state.pt").stat().st_size, "sha256": _sha256(newest / "state.pt")}
     (newest / "MANIFEST.json").write_text(json.dumps(manifest))  # whoever plants the file writes the manifest too

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from distrib.logs import STOPPED_FILE
+from distrib.runtime.stop import STOPPED_FILE
 from tests.helpers import REPO, child_env, read_summary, run_train
 
 pytestmark = pytest.mark.slurm

@@ -10,10 +10,9 @@ import sys
 
 import pytest
 
-from distrib import slurm
-from distrib.doctor import Probes, _port_in_use, diagnose
-from distrib.logs import STOPPED_FILE
-from distrib.stop import EXIT_STOPPED
+from distrib.cli import slurm
+from distrib.cli.doctor import Probes, _port_in_use, diagnose
+from distrib.runtime.stop import EXIT_STOPPED, STOPPED_FILE
 from tests.helpers import REPO, child_env, free_port, read_summary, run_train
 
 ALLOC = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_JOB_NUM_NODES": "2"}

@@ -3,7 +3,6 @@ token-exact losses over padded sequences, step functions with their own metrics,
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,7 +171,7 @@ def test_an_unknown_fit_argument_names_the_nearest_one(tmp_path):
 
 
 def test_an_optimizer_and_an_optim_section_together_are_refused(tmp_path):
-    from distrib.task import TaskRunConfig
+    from distrib.cli.task import TaskRunConfig
 
     model = nn.Linear(4, 1)
     cfg = TaskRunConfig().replace(**{"run.dir": str(tmp_path / "never"), "run.device": "cpu"})

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from distrib import Callback, Session, fit
+from distrib.cli.task import make_datasets, make_model
 from distrib.errors import BatchError, ConfigError
-from distrib.task import make_datasets, make_model
 from tests.helpers import TaskData, spawn
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from distrib.tracking import resolve_mode
+from distrib.observe.tracking import resolve_mode
 from tests.helpers import child_env, read_metrics, read_summary, run_train
 
 SMALL = ["--data.train_size", "1024", "--data.eval_size", "128", "--train.epochs", "1", "--train.log_every", "4"]
@@ -82,7 +82,7 @@ def test_the_wandb_process_and_its_service_run_only_in_idle_time_and_in_the_rank
     import select
 
     from distrib.config import WandbConfig
-    from distrib.tracking import start
+    from distrib.observe.tracking import start
 
     if not hasattr(os, "SCHED_IDLE"):
         pytest.skip("the idle scheduling policy is Linux's")
@@ -111,7 +111,7 @@ def test_the_wandb_process_skips_the_launch_inputs_look_that_only_a_users_own_pr
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, 'distrib'); import wandb_worker, wandb; "
+    code = ("import sys; sys.path.insert(0, 'distrib/observe'); import wandb_worker, wandb; "
             f"run = wandb_worker._start({{'mode': 'offline', 'dir': {str(tmp_path)!r}, 'id': 'skiplaunch', 'project': 'p', "
             "'config': {'a': 1}, 'init_timeout': 60}); run.log({'x': 1.0}, step=1); run.finish(); wandb.teardown(); "
             "print(sorted(m for m in sys.modules if m.startswith('wandb.sdk.launch')))")

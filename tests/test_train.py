@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-from distrib.model import params_sha256
-from distrib.task import TaskConfig, make_model
+from distrib.cli.task import TaskConfig, make_model
+from distrib.parallel.wrap import params_sha256
 from tests.helpers import REPO, child_env, read_metrics, read_summary, run_train
 
 # SGD, no dropout, 200 samples: 100 per rank at 2 processes, so each epoch ends on a short step
@@ -155,7 +155,7 @@ finally:
 def test_main_called_as_a_function_leaves_the_exit_alone(tmp_path):
     # Only the commands (`command()`) freeze at exit; `main(argv)` is also an API (tests call it).
     code = ("import atexit, gc; atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0)); "
-            "import distrib.cli, distrib.slurm, distrib.train as t; t.main(['--help'])")
+            "import distrib.cli.main, distrib.slurm, distrib.train as t; t.main(['--help'])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "frozen at exit: False" in proc.stdout

@@ -8,8 +8,8 @@ from collections import namedtuple
 import pytest
 import torch
 
+from distrib.data.transfer import CudaPrefetcher, describe, leading_dim, to_device
 from distrib.errors import BatchError
-from distrib.transfer import CudaPrefetcher, describe, leading_dim, to_device
 
 Pair = namedtuple("Pair", "x y")
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from distrib.logs import log
+from distrib.runtime.console import log
 
 
 def snapshot(obj: Any) -> Any:

@@ -11,7 +11,8 @@ keeping the schedule's position, and leaves alone what training itself changed (
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distrib.checkpoint.fileio import check_own, foreign_dir, storage_error
 from distrib.errors import ConfigError
-from distrib.fileio import check_own, foreign_dir, storage_error
-from distrib.logs import STOPPED_FILE, log
+from distrib.runtime.console import log
+from distrib.runtime.stop import STOPPED_FILE
 
 LOCK_FILE = ".distrib.lock"
 PREVIOUS_DIR = "previous"

@@ -34,8 +34,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from distrib.fileio import crc32_hex, foreign_dir, fsync_dir, storage_error, write_atomic
-from distrib.logs import log
+from distrib.checkpoint.fileio import crc32_hex, foreign_dir, fsync_dir, storage_error, write_atomic
+from distrib.runtime.console import log
 
 MANIFEST = "MANIFEST.json"
 FORMAT = 2
@@ -308,8 +308,8 @@ def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared
     """
     from functools import partial
 
-    from distrib.dist import barrier as barrier_on
-    from distrib.fileio import save_torch
+    from distrib.checkpoint.fileio import save_torch
+    from distrib.runtime.group import barrier as barrier_on
 
     barrier = partial(barrier_on, group)
 
@@ -323,7 +323,7 @@ def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared
     staging = staging_dir(root, step)
     digests = {rank_file(rank): save_torch(staging / rank_file(rank), per_rank)}
     if sharded:
-        from distrib.fsdp import SHARDED_DIR, save_sharded
+        from distrib.checkpoint.sharded import SHARDED_DIR, save_sharded
 
         save_sharded(staging / SHARDED_DIR, sharded, group)
     if leader:

@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import socket
 import sys
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from distrib.env import DistEnv, tasks_on_node, detect, expand_hostlist
 from distrib.errors import EnvironmentConfigError
+from distrib.runtime.env import DistEnv, detect, expand_hostlist, tasks_on_node
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from distrib import checkpoint, fsdp
+from distrib.checkpoint import sharded
+from distrib.checkpoint import store as checkpoint
+from distrib.checkpoint.fileio import check_own, save_torch
 from distrib.errors import ConfigError, DistribError
-from distrib.fileio import check_own, save_torch
 
 
 def resolve(path: Path) -> Path:
@@ -35,7 +37,7 @@ def model_state(path: Path, key: str = "model") -> dict[str, Any]:
     shared = checkpoint.load_file(path / "state.pt")
     layout = shared.get("sharded", {}).get(key)
     if layout is not None and "shapes" in layout:  # a module's shards (an optimizer's layout has param_groups)
-        return fsdp.convert(path, key)
+        return sharded.convert(path, key)
     objects = shared.get("objects", {})
     if key in objects and isinstance(objects[key], dict) and all(hasattr(v, "shape") for v in objects[key].values()):
         return objects[key]

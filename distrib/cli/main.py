@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from distrib import shutdown
+from distrib.runtime import shutdown
 
 USAGE = """usage: distrib <command> [args]
 
@@ -25,23 +25,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "train":
-        from distrib.train import main as train_main
+        from distrib.cli.train import main as train_main
 
         return train_main(rest)
     if command == "doctor":
-        from distrib.doctor import main as doctor_main
+        from distrib.cli.doctor import main as doctor_main
 
         return doctor_main(rest)
     if command == "export":
-        from distrib.export import main as export_main
+        from distrib.cli.export import main as export_main
 
         return export_main(rest)
     if command == "report":
-        from distrib.report import main as report_main
+        from distrib.observe.report import main as report_main
 
         return report_main(rest)
     if command == "slurm" and rest[:1] == ["submit"]:
-        from distrib.slurm import submit_main
+        from distrib.cli.slurm import submit_main
 
         return submit_main(rest[1:])
     print(f"distrib: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

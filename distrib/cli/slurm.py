@@ -17,17 +17,16 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
-from distrib import shutdown
-from distrib.env import expand_hostlist, slurm_port
 from distrib.errors import ConfigError, DistribError
-from distrib.logs import STOPPED_FILE
-from distrib.stop import EXIT_STOPPED, torchrun_signal_flag
+from distrib.runtime import shutdown
+from distrib.runtime.env import expand_hostlist, slurm_port
+from distrib.runtime.stop import EXIT_STOPPED, STOPPED_FILE, torchrun_signal_flag
 
 DEFAULT_MAX_REQUEUES = 20
-TEMPLATES = Path(__file__).resolve().parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 
 
 def run_dir_from(args: Sequence[str], job_id: str) -> str:
@@ -260,9 +259,9 @@ def submit_main(argv: Sequence[str]) -> int:
 
 def check_train_args(train_args: Sequence[str]) -> None:
     """The job's training arguments, checked now as the job will read them: a typo fails here, not in the queue."""
-    from distrib.argv import parse_config
-    from distrib.rundir import check_run_dir
-    from distrib.task import SECTIONS
+    from distrib.checkpoint.rundir import check_run_dir
+    from distrib.cli.task import SECTIONS
+    from distrib.config import parse_config
 
     cfg = parse_config(list(train_args), sections=SECTIONS)
     if "--run.dir" in train_args:

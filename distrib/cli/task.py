@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from distrib.config import DataConfig, OptimConfig, _positive, config_class
+from distrib.config import DataConfig, OptimConfig, config_class
+from distrib.config.schema import positive
 from distrib.errors import ConfigError
 
 
@@ -32,7 +33,7 @@ class TaskConfig:
     """Dropout after each hidden layer."""
 
     def __post_init__(self) -> None:
-        _positive("task", dim=self.dim, hidden=self.hidden, depth=self.depth)
+        positive("task", dim=self.dim, hidden=self.hidden, depth=self.depth)
         if self.classes < 2:
             raise ConfigError(f"task.classes={self.classes} must be >= 2. HINT: pass --task.classes 2 or more.")
         if not 0.0 <= self.dropout < 1.0:
@@ -50,7 +51,7 @@ class TaskDataConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("data", train_size=self.train_size, eval_size=self.eval_size)
+        positive("data", train_size=self.train_size, eval_size=self.eval_size)
 
 
 SECTIONS = {"task": TaskConfig, "data": TaskDataConfig, "optim": OptimConfig}

@@ -6,12 +6,14 @@ A script like any user's: its own sections (`distrib.task.SECTIONS`), a model an
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from distrib import shutdown
+from distrib.cli.task import SECTIONS, make_datasets, make_model
 from distrib.config import Config
-from distrib.run import fit, main as script_main
-from distrib.task import SECTIONS, make_datasets, make_model
+from distrib.loop.fit import fit
+from distrib.loop.fit import main as script_main
+from distrib.runtime import shutdown
 
 
 def run(cfg: Config) -> dict[str, Any]:

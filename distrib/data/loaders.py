@@ -17,17 +17,18 @@ import multiprocessing.context
 import random
 import signal
 import time
-from typing import Any, Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from distrib.dist import all_reduce_sum_async
+from distrib.data.stream import Position, PositionedCollate, StreamShard, declared_length, is_stream
+from distrib.data.transfer import device_batches, leading_dim
 from distrib.errors import BatchError, ConfigError
-from distrib.stop import ignore_stop_signals
-from distrib.stream import Position, PositionedCollate, StreamShard, declared_length, is_stream
-from distrib.transfer import device_batches, leading_dim
+from distrib.runtime.group import all_reduce_sum_async
+from distrib.runtime.stop import ignore_stop_signals
 
 
 def mix_seed(*parts: int) -> int:

@@ -30,13 +30,14 @@ Resume mid-epoch, two ways:
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from distrib.errors import BatchError
-from distrib.logs import log
+from distrib.runtime.console import log
 
 
 def is_stream(dataset: Any) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -92,7 +93,7 @@ class CudaPrefetcher:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self.stream)
             batch = nxt
-            map_tensors(batch, lambda t: (t.record_stream(compute), t)[1])
+            map_tensors(batch, lambda t: (t.record_stream(compute), t)[1])  # noqa: B023 (called at once)
             nxt = self._load(it)
             yield batch
 

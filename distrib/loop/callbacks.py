@@ -13,25 +13,25 @@ from typing import TYPE_CHECKING, Any
 from distrib.errors import ConfigError
 
 if TYPE_CHECKING:
-    from distrib.loop import Trainer
+    from distrib.loop.trainer import Trainer
 
 
 class Callback:
     """Override the hooks you need; the others do nothing."""
 
-    def on_log(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_log(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """After a training interval was all-reduced and logged (`record` is its metrics.jsonl line)."""
 
-    def on_eval(self, trainer: "Trainer", result: dict[str, Any]) -> None:
+    def on_eval(self, trainer: Trainer, result: dict[str, Any]) -> None:
         """After an evaluation (`result`: global means over every eval sample once, `count`)."""
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         """After epoch `epoch` finished and was evaluated, before its checkpoint."""
 
-    def on_checkpoint(self, trainer: "Trainer", step: int) -> None:
+    def on_checkpoint(self, trainer: Trainer, step: int) -> None:
         """After a checkpoint at optimizer step `step` was committed."""
 
-    def on_fit_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         """After training finished (not after a stop by signal), with the summary."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -58,7 +58,7 @@ class EarlyStopping(Callback):
         self.best: float | None = None
         self.bad_evals = 0
 
-    def on_eval(self, trainer: "Trainer", result: dict[str, Any]) -> None:
+    def on_eval(self, trainer: Trainer, result: dict[str, Any]) -> None:
         if self.monitor not in result:
             raise ConfigError(f"EarlyStopping monitors eval {self.monitor!r}, but evaluation reports {', '.join(sorted(result))}. HINT: EarlyStopping(monitor='loss').")
         value = float(result[self.monitor])

@@ -9,14 +9,14 @@ from __future__ import annotations
 import difflib
 import inspect
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from distrib.argv import config_help, parse_config
-from distrib.config import Config, config_class
+from distrib.config import Config, config_class, config_help, parse_config
 from distrib.errors import ConfigError, DistribError
-from distrib.loop import Trainer
-from distrib.session import Session
-from distrib.stop import EXIT_STOPPED
+from distrib.loop.session import Session
+from distrib.loop.trainer import Trainer
+from distrib.runtime.stop import EXIT_STOPPED
 
 
 def fit(cfg: Config, **trainer_args: Any) -> dict[str, Any]:

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distrib.errors import BatchError
-from distrib.metrics import count_correct
+from distrib.observe.metrics import count_correct
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 StepFn = Callable[..., Any]

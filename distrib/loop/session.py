@@ -20,33 +20,33 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import random
 import secrets
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from distrib import checkpoint, fsdp, tracking
-from distrib.buckets import replay_rebuilt_buckets
+from distrib.checkpoint.checkpointer import Checkpointer, hparams_of, step_of
+from distrib.checkpoint.rundir import RunLock, check_run_dir
 from distrib.config import Config, RunConfig
-from distrib.data import EvalLoader, ItemCounter, LoaderOptions, TrainLoader, mix_seed
-from distrib.dist import Runtime, all_reduce_sum, broadcast_object, distributed
+from distrib.data.loaders import EvalLoader, ItemCounter, LoaderOptions, TrainLoader, mix_seed
 from distrib.errors import ConfigError, StorageError
-from distrib.logs import STOPPED_FILE, RunWriter, log, setup_console, writer_for
-from distrib.model import ddp_of, set_grad_sync, unwrap_model, wrap_model
-from distrib.precision import Precision
-from distrib.resume import apply_hparams, config_diff, describe_diff, hparams, incompatibilities
-from distrib.rundir import RunLock, check_run_dir, set_aside
-from distrib.saving import Saver, snapshot
-from distrib.stop import EXIT_STOPPED, SignalRoute, StopRequest
-
+from distrib.observe import tracking
+from distrib.observe.run_files import RunWriter, writer_for
+from distrib.parallel import fsdp
+from distrib.parallel.buckets import replay_rebuilt_buckets
+from distrib.parallel.precision import Precision
+from distrib.parallel.wrap import ddp_of, set_grad_sync, unwrap_model, wrap_model
+from distrib.runtime.console import log, setup_console
+from distrib.runtime.group import Runtime, all_reduce_sum, distributed
+from distrib.runtime.stop import EXIT_STOPPED, STOPPED_FILE, SignalRoute, StopRequest
 
 DEBUG_SUFFIX = "-debug"
 
@@ -118,8 +118,6 @@ class Session:
         self._params: dict[int, list[torch.Tensor]] = {}
         self._run_id: str | None = None
         self._rewind: tuple[int | None, int] | None = None
-        self._saver = Saver()
-        self._ckpt_group: Any = None
         self._hparams: dict[str, Any] | None = None  # the optimizers' hyperparameters as this run's config set them
         self._lock = RunLock(self.cfg.run.dir)  # rank 0's, from the first touch of run.dir to the end
         self._train_loader: TrainLoader | None = None  # the latest: `log` takes its step
@@ -134,7 +132,7 @@ class Session:
     """75 (`EXIT_STOPPED`) when the latest session in this process ended in a graceful stop, else 0:
     `distrib.main` exits with it when the script's `train` returns nothing."""
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         Session.last_exit_status = None
         cfg, stack = self.cfg, contextlib.ExitStack()
         if cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16":
@@ -160,11 +158,14 @@ class Session:
             self.sharded = cfg.dist.strategy == "fsdp" and self.rt.env.distributed
             """Whether models from `setup` are FSDP2-sharded (dist.strategy=fsdp with more than one process)."""
             self.precision = Precision(cfg.train.precision, self.rt.device, sharded=self.sharded)
+            group = None
             if cfg.ckpt.async_ and self.world_size > 1:
                 # The background save's barriers get a group of their own, made now: making it needs the
                 # rendezvous store, which may be gone by the time a stop signal asks for the first save
                 # (torchrun's agent closes its store as it handles the signal).
-                self._ckpt_group = torch.distributed.new_group(backend="gloo")
+                group = torch.distributed.new_group(backend="gloo")
+            self.checkpointer = Checkpointer(cfg, rank=self.rank, world_size=self.world_size, sharded=self.sharded, group=group)
+            """Saves and restores checkpoints (`save`/`load` delegate to it)."""
             signals.install()
         except BaseException:
             stack.close()
@@ -181,20 +182,11 @@ class Session:
         try:
             return stack.__exit__(*exc)
         except StorageError as error:  # raised here by the save in flight, or passing through
-            self._name_last_good(error)
+            self.checkpointer.name_last_good(error)
             raise
         finally:
             if isinstance(exc[1], StorageError):
-                self._name_last_good(exc[1])
-
-    def _name_last_good(self, error: StorageError) -> None:
-        """A failed write's message ends with the checkpoint a rerun resumes from (none: it starts afresh)."""
-        if error.last_good is None:
-            try:
-                found = checkpoint.newest_good(self.ckpt_root)
-            except OSError:  # the failure may have taken the checkpoints with it (unreadable): say nothing rather than mask it
-                return
-            error.last_good = str(found[0]) if found else ""
+                self.checkpointer.name_last_good(exc[1])
 
     def defer(self, fn: Callable[[], Any]) -> None:
         """Call `fn` when the session ends (success or error), before the process group goes."""
@@ -212,7 +204,7 @@ class Session:
         try:
             # A stop or the end of training waits for the save in flight; after an error, not for long
             # (its peers may be gone): an unfinished save is only a .tmp directory, ignored on resume.
-            self._saver.wait(timeout=30.0 if failed else None)
+            self.checkpointer.wait(timeout=30.0 if failed else None)
         finally:
             try:
                 if self._writer is not None:
@@ -404,9 +396,13 @@ class Session:
 
     # ------------------------------------------------------------------ files (rank 0) and tracker
 
-    @property
-    def writer(self) -> RunWriter:
-        """Rank 0's run directory writer (a null writer elsewhere), opened at first use."""
+    def open_run_files(self) -> RunWriter:
+        """Open rank 0's run directory (a null writer on other ranks): take its lock, write config.json,
+        and get the tracker ready to start with the first metrics line. Idempotent.
+
+        `log`, `save`, `write_json` and `save_model` call it; call it yourself to create the run's
+        files before the first of those (`fit` does, once its checks have passed).
+        """
         if self._writer is None:
             cfg = self.cfg
             if self.is_rank_zero:
@@ -422,6 +418,11 @@ class Session:
             self._writer.json("config.json", cfg.to_dict())
         return self._writer
 
+    @property
+    def writer(self) -> RunWriter:
+        """`open_run_files()`, as a property (kept for scripts written against it)."""
+        return self.open_run_files()
+
     def log(self, record: Mapping[str, Any], *, step: int | None = None, kind: str = "train", echo: bool = True) -> None:
         """One line of metrics.jsonl (and the tracker) and, with `echo`, of the console, rank 0 only.
 
@@ -432,7 +433,7 @@ class Session:
             if self._train_loader is None:
                 raise ConfigError("Session.log(record) without step= and no train_loader to take it from. HINT: pass step=N.")
             step = self._train_loader.step
-        self.writer.metrics({"kind": kind, "step": step, **record})
+        self.open_run_files().metrics({"kind": kind, "step": step, **record})
         if echo:
             shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
                                if isinstance(v, (int, float, str)) and not isinstance(v, bool))
@@ -440,7 +441,7 @@ class Session:
 
     def write_json(self, name: str, obj: Any) -> None:
         """`run.dir/name`, written atomically by rank 0."""
-        self.writer.json(name, obj)
+        self.open_run_files().json(name, obj)
 
     def save_model(self, model: nn.Module) -> None:
         """`run.dir/model.pt`: the plain module's whole state_dict, its own keys, written by rank 0.
@@ -448,13 +449,13 @@ class Session:
         Every rank must call it: an FSDP model's shards are gathered to rank 0 first.
         """
         module = unwrap_model(model)
-        self.writer.save_model(fsdp.full_state_dict(module) if fsdp.is_sharded(module) else module.state_dict())
+        self.open_run_files().save_model(fsdp.full_state_dict(module) if fsdp.is_sharded(module) else module.state_dict())
 
     # ------------------------------------------------------------------ checkpoints
 
     @property
     def ckpt_root(self) -> Path:
-        return Path(self.cfg.run.dir) / "checkpoints"
+        return self.checkpointer.root
 
     def save(self, state: Mapping[str, Any], *, step: int | None = None) -> Path:
         """Checkpoint `state` (models, optimizers, schedulers, loaders, anything with a state_dict, plain data).
@@ -463,43 +464,18 @@ class Session:
         keeps the newest ckpt.keep. Every rank must call it. `step` defaults to a TrainLoader's step.
         With ckpt.async (the default) it returns once the state is copied to host memory; the
         write and commit finish in the background (`wait_for_save`; the session's end waits too).
+        What goes where: `distrib/checkpoint/protocols.py`.
         """
-        step = _step_of(state) if step is None else step
+        step = step_of(state) if step is None else step
         self._saved = (step, self._stop_agreed)
-        writer = self.writer  # opens rank 0's files (and the tracker) if this is the first effect
-        shared: dict[str, Any] | None = {"objects": {}, "world_size": self.world_size, "config": self.cfg.to_dict(),
-                                  "logger_run_id": self._run_id,
-                                  "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines,
-                                  "hparams": self._hparams if self._hparams is not None else _hparams_of(state)}
-        per_rank: dict[str, Any] = {"objects": {}, "rng": checkpoint.capture_rng()}
-        # dist.strategy=fsdp: models and optimizers go through DCP, each rank writing its shard.
-        to_shard = {k: _unwrapped(v) for k, v in state.items() if self.cfg.dist.strategy == "fsdp" and fsdp.is_sharded_state(v)}
-        sharded = fsdp.sharded_state(to_shard, self._unwrapped_models())
-        shared["sharded"] = {k: fsdp.layout(v) for k, v in to_shard.items()}
-        for key, value in state.items():
-            if key not in to_shard:
-                target = per_rank if getattr(value, "distrib_per_rank", False) else shared
-                target["objects"][key] = _state_of(value)
-            # A rank's own part of a replicated object (a TrainLoader's stream position) goes to its file.
-            rank_part = value.rank_state_dict() if callable(getattr(value, "rank_state_dict", None)) else None
-            if rank_part is not None:
-                per_rank.setdefault("rank_parts", {})[key] = rank_part
-        save = functools.partial(checkpoint.save, self.ckpt_root, step, rank=self.rank, world_size=self.world_size,
-                                 keep=self.cfg.ckpt.keep)
-        if not self.cfg.ckpt.async_:
-            self._saver.wait()
-            save(shared=shared, per_rank=per_rank, sharded=sharded)
-            return checkpoint.step_dir(self.ckpt_root, step)
-        # state_dicts alias the live tensors: copy them now, before the next step changes them. Only
-        # rank 0 writes the replicated state, so only rank 0 pays for its copy.
-        shared = snapshot(shared) if self.is_rank_zero else None
-        per_rank, sharded = snapshot(per_rank), snapshot(sharded)
-        self._saver.submit(functools.partial(save, shared=shared, per_rank=per_rank, sharded=sharded, group=self._ckpt_group))
-        return checkpoint.step_dir(self.ckpt_root, step)
+        writer = self.open_run_files()
+        job = {"logger_run_id": self._run_id, "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines,
+               "hparams": self._hparams if self._hparams is not None else hparams_of(state)}
+        return self.checkpointer.save(state, step=step, models=self._unwrapped_models(), job=job)
 
     def wait_for_save(self) -> None:
         """Block until the checkpoint in flight is committed (raises its error, if it failed)."""
-        self._saver.wait()
+        self.checkpointer.wait()
 
     def load(self, state: dict[str, Any]) -> Path | None:
         """Restore `state` in place from the checkpoint ckpt.resume picks (`auto`: the newest good one).
@@ -509,132 +485,19 @@ class Session:
         """
         if self._writer is not None:
             raise ConfigError("Session.load() after the run's files were opened (a log or save came first). HINT: call load() before training.")
-        path = self._resume_path()
-        self._hparams = _hparams_of(state)
+        path = self.checkpointer.choose(self._lock)
+        self._hparams = hparams_of(state)
         if path is None:
             return None
-        shared = checkpoint.load_file(path / "state.pt")
-        same_world = shared["world_size"] == self.world_size
-        per_rank = checkpoint.load_file(path / checkpoint.rank_file(self.rank)) if same_world else {"objects": {}}
-        layouts = shared.get("sharded", {})  # keys stored as DCP shards (dist.strategy=fsdp)
-        saved = {**shared["objects"], **{k: fsdp.saved_stub(v) for k, v in layouts.items()}, **per_rank["objects"]}
-        wanted = {k for k, v in state.items() if same_world or not getattr(v, "distrib_per_rank", False)}
-        missing = sorted(wanted - set(saved))
-        if missing:
-            raise ConfigError(f"checkpoint {path} holds no {', '.join(missing)} (it has {', '.join(sorted(saved))}). HINT: resume with the same state keys, or start fresh with --ckpt.resume never.")
-        # Everything is compared before anything is loaded: a refused resume changes nothing.
-        problems = [p for key in sorted(wanted) for p in incompatibilities(key, _unwrapped(state[key]), saved[key])]
-        diff = config_diff(shared.get("config", {}), self.cfg.to_dict())
-        whole = [k for k in sorted(wanted) if k not in layouts and self.sharded and fsdp.is_sharded_state(state[k])]
-        if whole:
-            raise ConfigError(f"cannot resume from {path}: its {', '.join(whole)} were saved whole (dist.strategy=ddp) and this run "
-                              "shards them (dist.strategy=fsdp). HINT: finish it with --dist.strategy ddp, or start fresh with --ckpt.resume never.")
-        if problems:
-            raise ConfigError(
-                f"cannot resume from {path}: this run's state does not match the checkpoint's: {'; '.join(problems)}. "
-                f"{'The config changed since: ' + describe_diff(diff) + '. ' if diff else ''}HINT: to train this config, "
-                "pass another --run.dir, or --ckpt.resume never (the previous run's files are moved to run.dir/previous/)."
-            )
-        if layouts:  # every rank reads what it needs from every shard: DCP reshards to this world size
-            fsdp.load_sharded(path / fsdp.SHARDED_DIR, {k: _unwrapped(state[k]) for k in layouts if k in wanted},
-                              self._unwrapped_models())
-        for key, value in state.items():
-            if key not in wanted or key in layouts:
-                continue  # this rank's share of a different world (start it fresh), or loaded from the shards
-            loaded = saved[key]
-            if isinstance(value, nn.Module):
-                unwrap_model(value).load_state_dict(loaded)
-            elif hasattr(value, "load_state_dict"):
-                value.load_state_dict(loaded)
-            else:
-                state[key] = loaded
-        for key, part in per_rank.get("rank_parts", {}).items():  # empty at another world size
-            if key in state and callable(getattr(state[key], "load_rank_state_dict", None)):
-                state[key].load_rank_state_dict(part)
-        changed = []
-        for key, value in state.items():
-            started = shared.get("hparams", {}).get(key)
-            if isinstance(value, torch.optim.Optimizer) and key in wanted and started:
-                schedulers = [v for v in state.values() if hasattr(v, "base_lrs")]
-                changed += [f"{key} {c}" for c in apply_hparams(value, started, self._hparams[key], schedulers)]
-        if diff:
-            log.info(f"resuming with a changed config: {describe_diff(diff)} (applied{'; ' + ', '.join(changed) if changed else ''})")
-        regrouped = [k for k in ("train.batch_size", "train.grad_accum") if k in diff]
-        if regrouped:
-            log.warning(f"resuming with another {' and '.join(regrouped)}: training continues at the same number of samples seen, "
-                        "but the result will not be bit-identical to an uninterrupted run")
-        self.precision.scaler.load_state_dict(shared["scaler"])
-        self._run_id = shared.get("logger_run_id")
-        if same_world:
-            checkpoint.restore_rng(per_rank["rng"])
-        else:
-            log.warning(
-                f"resuming a {shared['world_size']}-process checkpoint ({path}) on {self.world_size} processes: training "
-                "continues at the same number of samples seen, but the result will not be bit-identical to an uninterrupted run"
-            )
+        restored = self.checkpointer.restore(path, state, models=self._unwrapped_models(), started=self._hparams)
+        self.precision.scaler.load_state_dict(restored.scaler)
+        self._run_id = restored.logger_run_id
         self.resumed_from = path
         self._continue_reductions()
-        self._rewind = (shared.get("metrics_lines"), _manifest_step(path))
+        self._rewind = (restored.metrics_lines, restored.step)
         return path
 
     def _unwrapped_models(self) -> list[nn.Module]:
         return [unwrap_model(m) for m in self._models]
 
-    def _resume_path(self) -> Path | None:
-        """Rank 0 takes the run directory's lock and picks the checkpoint (so all ranks agree); errors reach every rank."""
-        choice: Any = None
-        if self.is_rank_zero:
-            try:
-                self._lock.acquire()
-                resume = self.cfg.ckpt.resume
-                if resume != "auto":
-                    # `never` and an explicit checkpoint both start a new line of checkpoints here: the
-                    # previous run's files go aside, so the two never mix (and its checkpoints never win).
-                    resume = _moved(resume, self.cfg.run.dir, set_aside(self.cfg.run.dir))
-                path = checkpoint.resolve_resume(resume, self.ckpt_root)
-                choice = str(path) if path is not None else None
-            except ConfigError as exc:
-                choice = exc
-        choice = broadcast_object(choice)
-        if isinstance(choice, ConfigError):
-            raise choice
-        return Path(choice) if choice is not None else None
-
-
-def _state_of(value: Any) -> Any:
-    if isinstance(value, nn.Module):
-        return unwrap_model(value).state_dict()
-    if hasattr(value, "state_dict"):
-        return value.state_dict()
-    return value
-
-
-def _moved(resume: str, run_dir: str, aside: Path | None) -> str:
-    """`ckpt.resume` after the run directory's files went `aside`: a checkpoint that was among them moved too."""
-    if aside is None or resume == "never":
-        return resume
-    try:
-        inside = Path(resume).resolve().relative_to(Path(run_dir).resolve())
-    except ValueError:
-        return resume
-    return str(aside / inside) if (aside / inside).exists() else resume
-
-
-def _unwrapped(value: Any) -> Any:
-    return unwrap_model(value) if isinstance(value, nn.Module) else value
-
-
-def _hparams_of(state: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: hparams(v) for k, v in state.items() if isinstance(v, torch.optim.Optimizer)}
-
-
-def _step_of(state: Mapping[str, Any]) -> int:
-    for value in state.values():
-        if isinstance(value, TrainLoader):
-            return value.step
-    raise ConfigError("Session.save(state) found no TrainLoader in state to take the step from. HINT: pass step=N.")
-
-
-def _manifest_step(path: Path) -> int:
-    return int(checkpoint.verify(path)["step"])
 

@@ -12,26 +12,26 @@ import json
 import math
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from distrib.callbacks import Callback
-from distrib.data import ItemCounter, MicroBatch
+from distrib.data.loaders import ItemCounter, MicroBatch
+from distrib.data.stream import is_stream
+from distrib.data.transfer import describe, leading_dim, map_tensors, to_device
 from distrib.errors import BatchError, ConfigError, DistribError
-from distrib.logs import STOPPED_FILE, log
-from distrib.metrics import Metrics
-from distrib.model import params_sha256, unwrap_model
-from distrib.stream import is_stream
-from distrib.monitor import IntervalTimes, Progress, Stragglers, Watchdog, interval_fields
-from distrib.optim import build_optimizer, build_scheduler
-from distrib.session import Session
-from distrib.stop import EXIT_STOPPED
-from distrib.steps import LossFn, Step, StepFn, default_items
-from distrib.transfer import describe, leading_dim, map_tensors, to_device
+from distrib.loop.callbacks import Callback
+from distrib.loop.loss import LossFn, Step, StepFn, default_items
+from distrib.loop.optim import build_optimizer, build_scheduler
+from distrib.loop.session import Session
+from distrib.observe.metrics import Metrics
+from distrib.observe.monitor import IntervalTimes, Progress, Stragglers, Watchdog, interval_fields
+from distrib.parallel.wrap import params_sha256, unwrap_model
+from distrib.runtime.console import log
 
 
 class Trainer:
@@ -148,7 +148,7 @@ class Trainer:
         self.progress = Progress(s.is_rank_zero and want_bar, total=self.total_steps, initial=self.train.step)
         s.defer(self.progress.close)
         if self._complete is None:  # a complete run writes nothing (see _finished_summary)
-            s.writer  # all checks passed: only now does rank 0 touch the file system (and wandb)
+            s.open_run_files()  # all checks passed: only now does rank 0 touch the file system (and wandb)
 
     def _finished_summary(self, resumed: Any) -> dict[str, Any] | None:
         """The summary of a run that is already complete at the checkpoint it resumed from, or None.

@@ -8,11 +8,12 @@ the batches.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-from distrib.dist import all_reduce_sum
+from distrib.runtime.group import all_reduce_sum
 
 Number = torch.Tensor | float | int
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distrib.logs import log
+from distrib.runtime.console import log
 
 
 @dataclasses.dataclass

@@ -9,16 +9,17 @@ import argparse
 import io
 import statistics
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from distrib.checkpoint.fileio import storage_error, write_atomic
 from distrib.errors import DistribError
-from distrib.fileio import storage_error, write_atomic
 
 
 def load(run_dir: Path) -> list[dict[str, Any]]:
     """The run's records; a torn or garbled line (a crash mid-write) is skipped with a warning."""
-    from distrib.logs import read_lines
+    from distrib.observe.run_files import read_lines
 
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

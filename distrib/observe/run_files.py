@@ -1,34 +1,17 @@
-"""Rank-0 effects behind one switch: the real writer on rank 0, a null one elsewhere.
-
-Other ranks print only warnings and errors, prefixed with their rank, so a Slurm log never shows
-eight copies of every line.
-"""
+"""Rank-0 effects behind one switch: the real writer of run.dir's files on rank 0, a null one elsewhere."""
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from distrib.fileio import check_own, open_own, save_torch, storage_error, write_atomic
-
-log = logging.getLogger("distrib")
+from distrib.checkpoint.fileio import check_own, open_own, save_torch, storage_error, write_atomic
+from distrib.runtime.console import log
+from distrib.runtime.stop import STOPPED_FILE
 
 _HINT = "HINT: remove it from run.dir, or pass another --run.dir."
-STOPPED_FILE = "stopped.json"
-"""Written by rank 0 when a run stops on a signal with a checkpoint (the Slurm epilogue requeues on it)."""
-
-
-def setup_console(rank: int, world_size: int) -> None:
-    """Rank 0 logs INFO; other ranks WARNING and up, each line prefixed with the rank."""
-    prefix = f"[rank{rank}] " if world_size > 1 else ""
-    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prefix}%(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    log.propagate = False
 
 
 class RunWriter:

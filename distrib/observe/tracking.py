@@ -22,11 +22,12 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from distrib.config import WandbConfig
-from distrib.logs import log
+from distrib.runtime.console import log
 
 
 def base_url(env: Mapping[str, str] = os.environ) -> str:

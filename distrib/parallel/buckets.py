@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distrib.logs import log
+from distrib.runtime.console import log
 
 
 def _will_rebuild(ddp: DDP) -> bool:

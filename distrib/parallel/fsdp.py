@@ -7,9 +7,7 @@ whose parameters are DTensors; the few places that must know live here:
 
 - `set_grad_sync`: accumulation turns the reduce-scatter off on all but the last micro-batch;
 - `full_state_dict` / `full_tensor`: `model.pt` and `params_sha256` gather the whole model;
-- `sharded_state` / `load_sharded`: checkpoints through `torch.distributed.checkpoint` (DCP), each
-  rank writing its own shard, at any world size on resume (DCP reshards);
-- `convert`: a sharded checkpoint into a plain `state_dict` file, no distrib needed to load it.
+- the sharded checkpoint format lives with the checkpoints, in `distrib/checkpoint/sharded.py`.
 
 In one process there is nothing to shard: the module stays plain (as with DDP) and only the
 checkpoint format (DCP) is FSDP's, so a run can move between 1 process and many.
@@ -17,18 +15,13 @@ checkpoint format (DCP) is FSDP's, so a run can move between 1 process and many.
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from distrib.errors import ConfigError
-
-SHARDED_DIR = "sharded"
-"""A checkpoint's DCP directory: `.metadata` and one `__<rank>_0.distcp` file per rank."""
 
 
 def _fsdp_module_class() -> type:
@@ -132,7 +125,6 @@ def _broadcast_buffers_like_ddp(model: nn.Module) -> None:
     running statistics drift apart, and an eval or a resume (DCP saves rank 0's) would differ from DDP's.
     """
     import torch.distributed as dist
-
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     buffers = [b for b in model.buffers() if b.is_floating_point() or b.dtype in (torch.int64, torch.int32)]
@@ -198,140 +190,6 @@ def full_state_dict(model: nn.Module) -> dict[str, Any]:
 
     reshard(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-# --------------------------------------------------------------------------- checkpoints (DCP)
-
-
-def _owner(optimizer: torch.optim.Optimizer, models: Iterable[nn.Module]) -> nn.Module:
-    params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    for model in models:
-        if any(id(p) in params for p in model.parameters()):
-            return model
-    raise ConfigError(
-        "with dist.strategy=fsdp an optimizer is checkpointed with its model, but this optimizer's parameters belong to "
-        "no model given to session.setup(). HINT: build the optimizer on model.parameters() and pass the model to setup()."
-    )
-
-
-def is_sharded_state(value: Any) -> bool:
-    """The state a checkpoint stores through DCP under FSDP: modules and optimizers (the rest goes to state.pt)."""
-    return isinstance(value, (nn.Module, torch.optim.Optimizer))
-
-
-def sharded_state(state: Mapping[str, Any], models: Sequence[nn.Module]) -> dict[str, Any]:
-    """`{key: state_dict}` for the modules and optimizers in `state`, as DTensor shards (FQN-keyed optimizer state)."""
-    if not state:  # DDP: importing DCP (~60 ms) would stall the step of the first checkpoint for nothing
-        return {}
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
-    out: dict[str, Any] = {}
-    for model in models:
-        if is_sharded(model):
-            reshard(model)
-    for key, value in state.items():
-        if isinstance(value, nn.Module):
-            out[key] = _rank0_buffers(get_model_state_dict(value))
-        elif isinstance(value, torch.optim.Optimizer):
-            out[key] = get_optimizer_state_dict(_owner(value, models), value)
-    return out
-
-
-def _rank0_buffers(state: dict[str, Any]) -> dict[str, Any]:
-    """The state with its unsharded tensors (buffers) as rank 0 has them, as DDP checkpoints them.
-
-    DCP writes one copy of a tensor every rank holds, from whichever rank it picks; BatchNorm's
-    running statistics differ per rank between forwards, so each rank takes rank 0's copy first.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return state
-    out = dict(state)
-    for k, v in state.items():
-        if isinstance(v, torch.Tensor) and not hasattr(v, "full_tensor"):
-            out[k] = v.detach().clone()
-            dist.broadcast(out[k], src=0)
-    return out
-
-
-def layout(value: Any) -> dict[str, Any]:
-    """What a resume compares before loading (`distrib.resume.incompatibilities`): shapes and groups, no data."""
-    if isinstance(value, nn.Module):
-        return {"shapes": {k: list(v.shape) for k, v in value.state_dict().items() if hasattr(v, "shape")}}
-    return {"param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(g["params"])))}
-                             for g in value.param_groups]}
-
-
-class _Shape:
-    def __init__(self, shape: Sequence[int]) -> None:
-        self.shape = torch.Size(shape)
-
-
-def saved_stub(saved_layout: Mapping[str, Any]) -> Any:
-    """A stand-in for a saved state_dict that `incompatibilities` can compare (names, shapes, groups)."""
-    if "shapes" in saved_layout:
-        return {k: _Shape(v) for k, v in saved_layout["shapes"].items()}
-    return {"param_groups": saved_layout["param_groups"], "state": {}}
-
-
-def save_sharded(path: Path, state: Mapping[str, Any], group: Any = None) -> None:
-    """Every rank writes its shard of `state` into `path` (DCP; rank 0 also `.metadata`), fsynced."""
-    import torch.distributed.checkpoint as dcp
-
-    path.mkdir(parents=True, exist_ok=True)
-    with _one_process_is_fine():
-        dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(path, sync_files=True), process_group=group)
-
-
-@contextlib.contextmanager
-def _one_process_is_fine() -> Iterator[None]:
-    """Silence DCP's "torch.distributed is disabled ... assuming ... a single process" warning: it is."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*", category=UserWarning)
-        yield
-
-
-def load_sharded(path: Path, state: Mapping[str, Any], models: Sequence[nn.Module]) -> None:
-    """Load `path`'s shards into the modules and optimizers of `state` (resharded to this world size)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
-    reader = dcp.FileSystemReader(path)
-    saved = set(reader.read_metadata().state_dict_metadata)
-    current = sharded_state(state, models)
-    with _one_process_is_fine():
-        # Partial: a fresh optimizer has state for every parameter (torch creates it to load into), the
-        # checkpoint only for those that had a gradient; the others are pruned again below.
-        dcp.load(current, storage_reader=reader, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
-    for key, value in state.items():
-        if isinstance(value, nn.Module):
-            set_model_state_dict(value, current[key])
-        elif isinstance(value, torch.optim.Optimizer):
-            owner = _owner(value, models)
-            set_optimizer_state_dict(owner, value, current[key])
-            for name, param in owner.named_parameters():
-                if not any(k.startswith(f"{key}.state.{name}.") for k in saved):
-                    value.state.pop(param, None)  # no state in the checkpoint: none now, as in the uninterrupted run
-
-
-def convert(checkpoint: Path, key: str = "model") -> dict[str, torch.Tensor]:
-    """The plain `state_dict` of `key` (a module) from a sharded checkpoint, in one process (no process group)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(checkpoint / SHARDED_DIR)
-    meta = reader.read_metadata().state_dict_metadata
-    prefix = f"{key}."
-    tensors = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-               if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
-    if not tensors:
-        keys = sorted({k.split(".", 1)[0] for k in meta})
-        raise ConfigError(f"{checkpoint} holds no sharded {key!r} (it has {', '.join(keys)}). HINT: pass --key with one of those.")
-    loaded = {key: tensors}
-    with _one_process_is_fine():
-        dcp.load(loaded, storage_reader=reader, no_dist=True)
-    return loaded[key]
 
 
 def local_bytes(tensors: Iterable[torch.Tensor | None]) -> int:

@@ -7,7 +7,8 @@ gradients reduced in fp32; `param_dtype` hands it to `fully_shard`), so there is
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterable
+from collections.abc import Iterable
+from contextlib import AbstractContextManager as ContextManager
 
 import torch
 

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from distrib import fsdp
 from distrib.config import DistConfig
-from distrib.dist import Runtime
 from distrib.errors import ConfigError
-from distrib.logs import log
+from distrib.parallel import fsdp
+from distrib.runtime.console import log
+from distrib.runtime.group import Runtime
 
 
 def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False,

@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 
-from distrib.env import DistEnv, check_visible_gpus, detect
 from distrib.errors import ConfigError, EnvironmentConfigError, PeerError, RendezvousError
+from distrib.runtime.env import DistEnv, check_visible_gpus, detect
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

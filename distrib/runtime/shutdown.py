@@ -27,7 +27,7 @@ import atexit
 import gc
 import io
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 _registered = False
 # Exact types (not isinstance): the scan visits every object alive, and an isinstance check reads

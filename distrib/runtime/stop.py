@@ -27,10 +27,13 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 EXIT_STOPPED = 75
 """Exit status of a run stopped by a signal after writing its checkpoint."""
+STOPPED_FILE = "stopped.json"
+"""Written by rank 0 when a run stops on a signal with a checkpoint (the Slurm epilogue requeues on it)."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
@@ -148,7 +151,7 @@ class SignalRoute:
         if threading.current_thread() is threading.main_thread() and not self._previous:
             self._previous = {s: signal.signal(s, self.request.handle) for s in self.signals}
 
-    def __enter__(self) -> "SignalRoute":
+    def __enter__(self) -> SignalRoute:
         return self
 
     def __exit__(self, *exc: object) -> None:
