@@ -5,7 +5,8 @@ Two ways to use one set of blocks: `fit(cfg, model=..., train_data=...)`, or you
 """
 
 from distrib.config import Config, OptimConfig, config_class, config_help, parse_config
-from distrib.data.loaders import EvalLoader, MicroBatch, TrainLoader
+from distrib.data.accumulate import MicroBatch
+from distrib.data.loaders import EvalLoader, TrainLoader
 from distrib.data.transfer import to_device
 from distrib.errors import BatchError, ConfigError, DistribError, EnvironmentConfigError, PeerError
 from distrib.loop.callbacks import Callback, EarlyStopping
@@ -15,8 +16,9 @@ from distrib.loop.session import Session
 from distrib.loop.trainer import Trainer
 from distrib.observe.metrics import Metrics
 from distrib.parallel.wrap import params_sha256, state_bytes, unwrap_model, wrap_model
+from distrib.runtime.collectives import all_gather_object, all_reduce_sum, barrier, broadcast_object
 from distrib.runtime.env import DistEnv, detect
-from distrib.runtime.group import Runtime, all_gather_object, all_reduce_sum, barrier, broadcast_object, distributed
+from distrib.runtime.group import Runtime, distributed
 from distrib.runtime.shutdown import quick_exit
 from distrib.runtime.stop import EXIT_STOPPED, StopRequest
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class DistribError(Exception):
     """Base class for errors raised by distrib."""
@@ -54,3 +56,15 @@ class StorageError(DistribError, RuntimeError):
         elif self.last_good == "":
             text += " No good checkpoint is left in run.dir: a rerun starts afresh."
         return text
+
+
+def error_exit(error: DistribError | str, exit_code: int | None = None) -> int:
+    """Print `distrib: error: <message>` on stderr and return the exit status for a command to return.
+
+    Every command reports bad input and faults this way: the message says what was set and the fix
+    (`HINT: ...`), never a traceback. The status is `exit_code`, else the error's own (2 for a string).
+    """
+    print(f"distrib: error: {error}", file=sys.stderr, flush=True)
+    if exit_code is not None:
+        return exit_code
+    return error.exit_code if isinstance(error, DistribError) else DistribError.exit_code

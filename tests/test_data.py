@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from distrib.data.loaders import EvalSampler, LoaderOptions, TrainLoader, eval_loader
+from distrib.data.loaders import LoaderOptions, TrainLoader, eval_loader
+from distrib.data.sampling import EvalSampler
 from distrib.errors import ConfigError
 
 

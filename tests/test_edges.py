@@ -24,10 +24,9 @@ from distrib import Callback, fit
 from distrib import main as distrib_main
 from distrib.checkpoint import store as ck
 from distrib.checkpoint.rundir import LOCK_FILE
-from distrib.cli import export
+from distrib.cli import export, report
 from distrib.cli.train import main
 from distrib.errors import ConfigError
-from distrib.observe import report
 from distrib.runtime.stop import LAUNCHER_SIGNALS, StopRequest
 from tests.helpers import REPO, child_env, read_summary
 

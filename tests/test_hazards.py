@@ -23,11 +23,10 @@ from torch import nn
 
 from distrib.checkpoint import store as ck
 from distrib.checkpoint.rundir import LOCK_FILE, RunLock
-from distrib.cli import doctor
+from distrib.cli import doctor, report
 from distrib.cli.slurm import submit_main
 from distrib.cli.train import main
 from distrib.errors import BatchError, ConfigError
-from distrib.observe import report
 from tests.helpers import REPO, child_env, free_port, read_metrics, read_summary, rewind, run_train
 
 SMALL = ["--data.train_size", "512", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1", "--wandb.mode", "disabled"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from distrib.observe.monitor import Stragglers
+from distrib.observe.interval import Stragglers
 from distrib.observe.tracking import has_credentials
 from tests.helpers import REPO, child_env, read_metrics, read_summary, rewind, run_train
 

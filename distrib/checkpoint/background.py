@@ -16,21 +16,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from distrib.runtime.console import log
 
 
 def snapshot(obj: Any) -> Any:
-    """A copy of `obj` that later steps cannot change: every tensor copied to host memory."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [snapshot(v) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(snapshot(v) for v in obj)
-    return obj
+    """A copy of `obj` that later steps cannot change: every tensor in its containers copied to host memory."""
+    return pytree.tree_map(lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v, obj)
 
 
 def _yield_cpu() -> None:

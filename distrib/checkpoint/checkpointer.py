@@ -30,8 +30,8 @@ from distrib.config import Config
 from distrib.data.loaders import TrainLoader
 from distrib.errors import ConfigError, StorageError
 from distrib.parallel.wrap import unwrap_model
+from distrib.runtime.collectives import broadcast_object
 from distrib.runtime.console import log
-from distrib.runtime.group import broadcast_object
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

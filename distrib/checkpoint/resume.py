@@ -17,18 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from distrib.config.keys import flatten
+
 IGNORED_KEYS = ("ckpt.resume", "run.dir")
 """Config keys that say where a run is, not what it trains."""
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -37,7 +29,7 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tup
     A key the checkpoint's config does not have (it predates the key) is not a change: the run that
     wrote it had no such setting to differ from.
     """
-    a, b = flatten(old), flatten(new)
+    a, b = flatten(dict(old)), flatten(dict(new))
     return {k: (a.get(k), b.get(k)) for k in sorted(a) if a.get(k) != b.get(k) and k not in IGNORED_KEYS}
 
 

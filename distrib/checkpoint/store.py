@@ -309,7 +309,7 @@ def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared
     from functools import partial
 
     from distrib.checkpoint.fileio import save_torch
-    from distrib.runtime.group import barrier as barrier_on
+    from distrib.runtime.collectives import barrier as barrier_on
 
     barrier = partial(barrier_on, group)
 

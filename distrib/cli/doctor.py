@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from distrib.errors import EnvironmentConfigError
-from distrib.runtime.env import DistEnv, detect, expand_hostlist, tasks_on_node
+from distrib.runtime.env import DistEnv, detect, expand_hostlist, resolves, tasks_on_node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ def real_probes() -> Probes:
         torch_version=torch.__version__,
         nccl_version=nccl,
         port_in_use=_port_in_use,
-        resolves=_resolves,
+        resolves=resolves,
         is_local=_is_local,
     )
 
@@ -94,14 +94,6 @@ def _port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def _resolves(host: str) -> bool:
-    try:
-        socket.getaddrinfo(host, None)
-    except OSError:
-        return False
-    return True
 
 
 def _is_local(host: str) -> bool:

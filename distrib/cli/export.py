@@ -16,7 +16,7 @@ from typing import Any
 from distrib.checkpoint import sharded
 from distrib.checkpoint import store as checkpoint
 from distrib.checkpoint.fileio import check_own, save_torch
-from distrib.errors import ConfigError, DistribError
+from distrib.errors import ConfigError, DistribError, error_exit
 
 
 def resolve(path: Path) -> Path:
@@ -53,16 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--key", default="model", help="the state key of the model in the checkpoint (fit's is `model`)")
     ns = p.parse_args(argv)
     if ns.out.is_dir():
-        print(f"distrib: error: --out {str(ns.out)!r} is a directory. HINT: pass a file path, e.g. --out {ns.out / 'model.pt'}.", file=sys.stderr)
-        return 2
+        return error_exit(f"--out {str(ns.out)!r} is a directory. HINT: pass a file path, e.g. --out {ns.out / 'model.pt'}.")
     try:
         check_own(ns.out, "HINT: pass --out a new file path, e.g. --out model.pt.")  # before the work: a device or a link is refused
         ns.checkpoint = resolve(ns.checkpoint)
         state = model_state(ns.checkpoint, ns.key)
         save_torch(ns.out, state)
     except DistribError as exc:
-        print(f"distrib: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return error_exit(exc)
     print(f"wrote {ns.out}: {len(state)} tensors of {ns.key!r} from {ns.checkpoint}")
     return 0
 

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return export_main(rest)
     if command == "report":
-        from distrib.observe.report import main as report_main
+        from distrib.cli.report import main as report_main
 
         return report_main(rest)
     if command == "slurm" and rest[:1] == ["submit"]:

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from distrib.errors import ConfigError, DistribError
+from distrib.errors import ConfigError, DistribError, error_exit
 from distrib.runtime import shutdown
 from distrib.runtime.env import expand_hostlist, slurm_port
 from distrib.runtime.stop import EXIT_STOPPED, STOPPED_FILE, torchrun_signal_flag
@@ -146,8 +146,7 @@ def epilogue(run_dir: str, status: int, env: Mapping[str, str], *, requeue: Sequ
     try:
         cap = max_requeues(env)
     except ConfigError as exc:
-        print(f"distrib: error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+        return error_exit(exc)
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
     job_id = env.get("SLURM_JOB_ID", "")
     if restarts >= cap:
@@ -252,8 +251,7 @@ def submit_main(argv: Sequence[str]) -> int:
         opts = SubmitOptions(nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, time=ns.time, partition=ns.partition, template=ns.template)
         check_train_args(train_args)
     except ConfigError as exc:
-        print(f"distrib: error: {exc}", file=sys.stderr)
-        return 2
+        return error_exit(exc)
     return submit(opts, train_args, dry_run=ns.dry_run)
 
 
@@ -280,8 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             exports = plan(rest, os.environ).exports()
         except DistribError as exc:  # e.g. run outside an allocation: the message and the fix, not a traceback
-            print(f"distrib: error: {exc}", file=sys.stderr)
-            return exc.exit_code
+            return error_exit(exc)
         sys.stdout.write(exports)
         return 0
     if args[:1] == ["epilogue"] and len(args) == 3 and args[2].isdigit():

@@ -18,7 +18,7 @@ from typing import Any
 from distrib.config.files import load_file
 from distrib.config.keys import check_file_value, check_key, field_types, flatten, from_flat, key_of, schema_of, type_name
 from distrib.config.schema import Config, config_class
-from distrib.errors import ConfigError
+from distrib.errors import ConfigError, error_exit
 
 
 def parse_flags(argv: Sequence[str], cls: type[Config] = Config) -> tuple[str | None, dict[str, Any]]:
@@ -74,8 +74,7 @@ def parse_config(
                 raise SystemExit(0)
             return parse_config(args, sections=sections, defaults=defaults)
         except ConfigError as exc:
-            print(f"distrib: error: {exc}", file=sys.stderr)
-            raise SystemExit(exc.exit_code) from None
+            raise SystemExit(error_exit(exc)) from None
     cls = config_class(sections)
     config_file, overrides = parse_flags(argv, cls)
     flat = flatten(cls().to_dict())

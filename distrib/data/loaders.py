@@ -1,10 +1,6 @@
-"""DataLoaders for data-parallel training and exact evaluation.
-
-Training: a `DistributedSampler` (rank r takes perm[r::W] of a seed+epoch permutation), so global
-batch b is perm[b*B*W:(b+1)*B*W] at any world size W: a 1-process run with the same global batch
-sees the same batches in the same order as an N-rank job. The framework calls `set_epoch`.
-
-Evaluation: a strided sampler with *no padding*, so every sample is evaluated exactly once.
+"""The train and eval loaders: DataLoaders over distrib's samplers (`sampling.py`) that yield
+device batches; the train loader groups them into optimizer steps with exact weights
+(`accumulate.py`) and keeps the position a checkpoint resumes from. It calls `set_epoch` itself.
 """
 
 from __future__ import annotations
@@ -12,108 +8,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import multiprocessing
-import multiprocessing.context
-import random
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
+from distrib.config import DataConfig
+from distrib.data.accumulate import ItemCounter, MicroBatch, StepCount
+from distrib.data.sampling import EvalSampler, TrainSampler, mix_seed
 from distrib.data.stream import Position, PositionedCollate, StreamShard, declared_length, is_stream
 from distrib.data.transfer import device_batches, leading_dim
+from distrib.data.workers import init_worker, worker_context
 from distrib.errors import BatchError, ConfigError
-from distrib.runtime.group import all_reduce_sum_async
-from distrib.runtime.stop import ignore_stop_signals
-
-
-def mix_seed(*parts: int) -> int:
-    """A stable 63-bit seed from several integers (seed, rank, epoch, ...)."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h ^= (p + 0x9E3779B97F4A7C15 + ((h << 6) & (2**64 - 1)) + (h >> 2)) & (2**64 - 1)
-    return h & (2**63 - 1)
-
-
-class TrainSampler(DistributedSampler):
-    """`DistributedSampler` that can start an epoch part-way, skipping consumed samples by index.
-
-    Resuming mid-epoch then never reads (or decodes) the batches already trained on.
-    """
-
-    def __init__(self, dataset: Sized, *, num_replicas: int, rank: int, shuffle: bool, seed: int, drop_last: bool) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's permutation and skip this rank's first `skip` samples of it."""
-        super().set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[int]:
-        it = super().__iter__()
-        for _ in range(self.skip):
-            next(it)
-        return it
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
-
-
-class EvalSampler(Sampler[int]):
-    """Rank r evaluates samples r, r+W, r+2W, ...: no padding, so each sample is counted once."""
-
-    def __init__(self, size: int, *, num_replicas: int, rank: int) -> None:
-        self.size, self.num_replicas, self.rank = size, num_replicas, rank
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.size, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.num_replicas))
-
-
-def init_worker(worker_id: int) -> None:
-    """A DataLoader worker's start: ignore the rank's stop signals, seed python/numpy from torch's seed.
-
-    A worker must not die of the SIGTERM/SIGUSR1/SIGINT meant for its rank (`distrib.stop`). torch gives each worker `base_seed + worker_id`, and the base seed comes from the loader's own
-    generator, which `TrainLoader.set_epoch` derives from (seed, rank, epoch): distinct per rank,
-    worker and epoch, and reproducible on resume.
-    """
-    ignore_stop_signals()
-    s = torch.initial_seed() % 2**32
-    random.seed(s)
-    np.random.seed(s)
-
-
-class _DeafForkProcess(multiprocessing.context.ForkProcess):
-    """A DataLoader worker forked with SIGTERM blocked, so it is deaf to it from its first instruction.
-
-    `init_worker` then takes SIGTERM in a thread that obeys only the parent; without this, a signal
-    in the moments between the fork and `init_worker` met torch's own handler, which exits on anyone's.
-    """
-
-    def start(self) -> None:
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            super().start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-class _DeafForkContext(multiprocessing.context.ForkContext):
-    Process = _DeafForkProcess  # type: ignore[assignment]
-
-
-def _worker_context() -> Any:
-    """The context DataLoader workers start from: the deaf fork where fork is the default, else the default."""
-    # allow_none=True: asking must not fix the start method for the user's own code.
-    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-    return _DeafForkContext() if method == "fork" else None
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -125,13 +33,20 @@ class LoaderOptions:
     pin_memory: bool = False
     collate_fn: Callable[[list[Any]], Any] | None = None
 
+    @classmethod
+    def of(cls, data: DataConfig, *, batch_size: int, collate_fn: Callable[[list[Any]], Any] | None, device: torch.device) -> LoaderOptions:
+        """The options `data.*` sets, for batches of `batch_size` bound for `device`."""
+        return cls(batch_size=batch_size, num_workers=data.num_workers, persistent_workers=data.persistent_workers,
+                   prefetch_factor=data.prefetch_factor, collate_fn=collate_fn,
+                   pin_memory=device.type == "cuda")  # pinned host memory only helps a CUDA copy
+
 
 def _dataloader(dataset: Dataset, sampler: Sampler[int] | None, opts: LoaderOptions, *, drop_last: bool, generator: torch.Generator,
                 collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if opts.num_workers > 0:
         kwargs["persistent_workers"] = opts.persistent_workers
-        kwargs["multiprocessing_context"] = _worker_context()
+        kwargs["multiprocessing_context"] = worker_context()
         if opts.prefetch_factor is not None:
             kwargs["prefetch_factor"] = opts.prefetch_factor
     return DataLoader(
@@ -178,74 +93,6 @@ def _check_size(dataset: Sized, what: str, world_size: int) -> int:
             f"would get no data. HINT: use at least {world_size} samples (data.{what}_size) or fewer processes."
         )
     return n
-
-
-ItemCounter = Callable[[Any], "torch.Tensor | int"]
-"""Counts what a batch's loss averages over (e.g. its label tokens); None: the samples."""
-
-
-class StepCount:
-    """A step's item count summed over ranks, all-reduced in the background while the forward computes.
-
-    The sum is needed only to weight the loss before backward, so the collective is started when the
-    step's micro-batches are loaded and waited for at first use (on NCCL the wait orders streams; no
-    host sync). Every rank starts it at the same point, so it never reorders with DDP's all-reduces.
-    """
-
-    def __init__(self, local: torch.Tensor) -> None:
-        self._total = local.clone()
-        self._work = all_reduce_sum_async(self._total)
-
-    @property
-    def total(self) -> torch.Tensor:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        return self._total
-
-
-@dataclasses.dataclass(frozen=True)
-class MicroBatch:
-    """One micro-batch of an optimizer step, on the device, with the weight that makes accumulation exact.
-
-    With `items` the local count of what the loss averages over (samples, or label tokens) and
-    `step_items` the same count summed over the step's micro-batches on every rank:
-    `loss * weight` (a mean over this micro-batch's items) makes the accumulated, DDP-averaged
-    gradient that of the whole step's mean, whatever the split. For a model that divides its loss by
-    `num_items_in_batch` (Hugging Face's convention): pass `local_step_items` (this rank's count, known
-    at once) and scale by `normalized_weight`; or pass `step_items` and scale by `world_size`.
-    """
-
-    batch: Any
-    """The batch, every tensor on the device."""
-    size: int
-    """Samples in this micro-batch (on this rank)."""
-    items: Any
-    """What the loss averages over in this micro-batch: `size`, or a device tensor of tokens."""
-    local_step_items: Any
-    """`items` summed over the optimizer step's micro-batches on this rank."""
-    world_size: int
-    last: bool
-    """The step's last micro-batch: its backward all-reduces the gradients; the optimizer steps after it."""
-    epoch: int
-    """The epoch this micro-batch belongs to."""
-    count: Any = dataclasses.field(default=None, repr=False)
-    """The step's global count: a number, or a `StepCount` whose all-reduce may still be running."""
-
-    @property
-    def step_items(self) -> Any:
-        """`items` summed over the optimizer step's micro-batches and every rank (waits for its all-reduce)."""
-        return self.count.total if isinstance(self.count, StepCount) else self.count
-
-    @property
-    def weight(self) -> Any:
-        """Scale for a loss that is the mean over this micro-batch's items."""
-        return self.items * self.world_size / self.step_items
-
-    @property
-    def normalized_weight(self) -> Any:
-        """Scale for a loss divided by `local_step_items` (passed as `num_items_in_batch`)."""
-        return self.local_step_items * self.world_size / self.step_items
 
 
 class TrainLoader:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from distrib.errors import BatchError
 
@@ -16,24 +17,35 @@ _PASSTHROUGH = (int, float, bool, str, bytes, type(None))
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor], path: str = "batch") -> Any:
     """Apply `fn` to every tensor in a nested batch (tensor, tuple, list, dict, namedtuple, dataclass)."""
-    if isinstance(batch, torch.Tensor):
-        return fn(batch)
-    if isinstance(batch, _PASSTHROUGH):
-        return batch
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(map_tensors(v, fn, f"{path}.{k}") for k, v in zip(batch._fields, batch)))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(map_tensors(v, fn, f"{path}[{i}]") for i, v in enumerate(batch))
-    if isinstance(batch, dict):
-        return type(batch)((k, map_tensors(v, fn, f"{path}[{k!r}]")) for k, v in batch.items())
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        changes = {f.name: map_tensors(getattr(batch, f.name), fn, f"{path}.{f.name}") for f in dataclasses.fields(batch) if f.init}
-        return dataclasses.replace(batch, **changes)
-    raise BatchError(
-        f"{path} is a {type(batch).__module__}.{type(batch).__qualname__}, not a tensor or a "
-        "tuple/list/dict/namedtuple/dataclass of tensors. HINT: return tensors from the Dataset "
-        "(torch.as_tensor(x)) or convert in a collate_fn."
-    )
+    return map_tensors_with_path(batch, lambda _, t: fn(t), path)
+
+
+def map_tensors_with_path(batch: Any, fn: Callable[[str, torch.Tensor], torch.Tensor], path: str = "batch") -> Any:
+    """`map_tensors`, with each tensor's place in the batch (`batch['x'][0]`) passed to `fn`.
+
+    torch's pytree walks the containers it knows (and those libraries register, like Hugging Face's
+    `ModelOutput`); the leaves it leaves are tensors, plain values passed through, and the two
+    containers it does not know: dataclasses and dict subclasses, walked here.
+    """
+
+    def leaf(key_path: Any, value: Any) -> Any:
+        where = path + pytree.keystr(key_path)
+        if isinstance(value, torch.Tensor):
+            return fn(where, value)
+        if isinstance(value, _PASSTHROUGH):
+            return value
+        if isinstance(value, dict):  # a dict subclass pytree does not know
+            return type(value)((k, map_tensors_with_path(v, fn, f"{where}[{k!r}]")) for k, v in value.items())
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            changes = {f.name: map_tensors_with_path(getattr(value, f.name), fn, f"{where}.{f.name}") for f in dataclasses.fields(value) if f.init}
+            return dataclasses.replace(value, **changes)
+        raise BatchError(
+            f"{where} is a {type(value).__module__}.{type(value).__qualname__}, not a tensor or a "
+            "tuple/list/dict/namedtuple/dataclass of tensors. HINT: return tensors from the Dataset "
+            "(torch.as_tensor(x)) or convert in a collate_fn."
+        )
+
+    return pytree.tree_map_with_path(leaf, batch)
 
 
 def to_device(batch: Any, device: torch.device, *, non_blocking: bool = True) -> Any:
@@ -112,21 +124,15 @@ def device_batches(loader: Iterable[Any], device: torch.device, *, prefetch: boo
 
 
 def describe(batch: Any) -> str:
-    """One line per tensor: where it sits in the batch, dtype and shape (printed by --debug)."""
+    """One line per tensor: where it sits in the batch, dtype and shape (printed by --debug and the pre-flight probe)."""
     lines: list[str] = []
 
-    def visit(obj: Any, path: str) -> None:
-        if isinstance(obj, torch.Tensor):
-            lines.append(f"{path}: {str(obj.dtype).removeprefix('torch.')}{list(obj.shape)} on {obj.device}")
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                visit(v, f"{path}[{k!r}]")
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                visit(v, f"{path}[{i}]")
-        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-            for f in dataclasses.fields(obj):
-                visit(getattr(obj, f.name), f"{path}.{f.name}")
+    def line(where: str, t: torch.Tensor) -> torch.Tensor:
+        lines.append(f"{where}: {str(t.dtype).removeprefix('torch.')}{list(t.shape)} on {t.device}")
+        return t
 
-    visit(batch, "batch")
+    try:
+        map_tensors_with_path(batch, line)
+    except BatchError as exc:  # describing a batch that cannot be walked: what was listed, and where it stopped
+        lines.append(str(exc).split(". HINT")[0])
     return "\n".join(lines)

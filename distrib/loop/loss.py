@@ -108,8 +108,8 @@ def _output_loss(out: Any) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) else None
 
 
-class Step:
-    """Computes a micro-batch's loss and metrics the way the user's model and batch expect."""
+class LossStep:
+    """Computes a micro-batch's loss and metrics the way the user's model and batch expect (no backward, no optimizer)."""
 
     def __init__(self, model: nn.Module, *, loss_fn: LossFn | None = None, step_fn: StepFn | None = None) -> None:
         if loss_fn is not None and step_fn is not None:

@@ -19,88 +19,32 @@ tracker starts until the first `log`, `save` or `write_json`; `load` must come b
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import os
-import random
-import secrets
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from distrib.checkpoint.checkpointer import Checkpointer, hparams_of, step_of
 from distrib.checkpoint.rundir import RunLock, check_run_dir
-from distrib.config import Config, RunConfig
-from distrib.data.loaders import EvalLoader, ItemCounter, LoaderOptions, TrainLoader, mix_seed
+from distrib.config import Config
+from distrib.data.accumulate import ItemCounter
+from distrib.data.loaders import EvalLoader, LoaderOptions, TrainLoader
+from distrib.data.sampling import mix_seed, seed_all
 from distrib.errors import ConfigError, StorageError
-from distrib.observe import tracking
-from distrib.observe.run_files import RunWriter, writer_for
+from distrib.loop.debug import debug_checks, prepare
+from distrib.loop.stopping import StopAgreement
+from distrib.observe.run_files import RunFiles, RunWriter
 from distrib.parallel import fsdp
 from distrib.parallel.buckets import replay_rebuilt_buckets
 from distrib.parallel.precision import Precision
 from distrib.parallel.wrap import ddp_of, set_grad_sync, unwrap_model, wrap_model
+from distrib.runtime.collectives import all_reduce_sum
 from distrib.runtime.console import log, setup_console
-from distrib.runtime.group import Runtime, all_reduce_sum, distributed
+from distrib.runtime.group import Runtime, distributed
 from distrib.runtime.stop import EXIT_STOPPED, STOPPED_FILE, SignalRoute, StopRequest
-
-DEBUG_SUFFIX = "-debug"
-
-
-def prepare(cfg: Config) -> Config:
-    """Apply --debug: a small step limit, in-process data loading (so breakpoint() works), and a run
-    directory of its own, so a debug run never rewrites a real run's summary, config or checkpoints."""
-    if not cfg.debug:
-        return cfg
-    run_dir = cfg.run.dir
-    if run_dir == RunConfig().dir:
-        run_dir += DEBUG_SUFFIX  # runs/distrib-debug
-    recorded = _recorded_config(Path(run_dir))
-    if recorded is not None and not recorded.get("debug", False):
-        raise ConfigError(
-            f"--debug with run.dir={run_dir!r}, which holds a run that was not a debug run: a 10-step debug run would "
-            f"rewrite its summary, config and checkpoints. HINT: pass --run.dir {run_dir.rstrip('/')}{DEBUG_SUFFIX} "
-            "(or any new directory), or drop --debug to continue that run."
-        )
-    limit = min(cfg.train.max_steps or cfg.train.debug_steps, cfg.train.debug_steps)
-    return dataclasses.replace(
-        cfg,
-        run=dataclasses.replace(cfg.run, dir=run_dir),
-        data=dataclasses.replace(cfg.data, num_workers=0, persistent_workers=False, prefetch_factor=None),
-        train=dataclasses.replace(cfg.train, max_steps=limit),
-    )
-
-
-def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
-    """The config.json a run left in `run_dir` (None: no run there, or not readable as one)."""
-    try:
-        recorded = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
-
-
-@contextlib.contextmanager
-def _debug_checks(device: torch.device) -> Iterator[None]:
-    """Anomaly detection and deterministic kernels (slow, but a NaN or a race names its source).
-
-    Both are process-global switches, so they are restored afterwards.
-    """
-    if device.type == "cuda":
-        # cuBLAS needs this before its first call to be deterministic; debug mode is single-process.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    anomaly, deterministic = torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled()
-    torch.autograd.set_detect_anomaly(True)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.autograd.set_detect_anomaly(anomaly)
-        torch.use_deterministic_algorithms(deterministic)
 
 
 class Session:
@@ -113,18 +57,13 @@ class Session:
         self.resumed_from: Path | None = None
         """The checkpoint `load` restored, if any."""
         self._stack: contextlib.ExitStack | None = None
-        self._writer: RunWriter | None = None
         self._models: list[nn.Module] = []
         self._params: dict[int, list[torch.Tensor]] = {}
-        self._run_id: str | None = None
-        self._rewind: tuple[int | None, int] | None = None
         self._hparams: dict[str, Any] | None = None  # the optimizers' hyperparameters as this run's config set them
         self._lock = RunLock(self.cfg.run.dir)  # rank 0's, from the first touch of run.dir to the end
+        self._files = RunFiles(self.cfg, self._lock)
         self._train_loader: TrainLoader | None = None  # the latest: `log` takes its step
-        self._stop_agreed = False  # should_stop() (or fit's log interval) found a stop request on some rank
-        self._saved: tuple[int, bool] | None = None  # the last save's step, and whether it came after the agreement
-        self.stopped_at: int | None = None
-        """The step a graceful stop checkpointed at (stopped.json written), else None."""
+        self._stopping = StopAgreement(self.stop)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -135,15 +74,6 @@ class Session:
     def __enter__(self) -> Session:
         Session.last_exit_status = None
         cfg, stack = self.cfg, contextlib.ExitStack()
-        if cfg.dist.strategy == "fsdp" and cfg.train.precision == "fp16":
-            raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16 needs loss scaling of sharded gradients, "
-                              "which distrib does not do. HINT: pass --train.precision bf16 (no scaling needed) or fp32.")
-        if cfg.dist.static_graph and cfg.dist.strategy == "ddp" and cfg.train.grad_accum > 1:
-            # DDP's static graph records its first backward, which must reduce: torch asserts inside the
-            # reducer (expect_autograd_hooks_) when that backward is an accumulating one.
-            raise ConfigError(f"dist.static_graph=true with train.grad_accum={cfg.train.grad_accum}: DDP's static graph cannot skip "
-                              "the all-reduce of an accumulating micro-batch in its first step. HINT: drop --dist.static_graph "
-                              "(the default DDP works with accumulation), or pass --train.grad_accum 1.")
         check_run_dir(cfg.run.dir)  # a file or a read-only path fails now, before anything is started or written
         signals = stack.enter_context(SignalRoute(self.stop))  # before the process group: it outlives the group's teardown
         self.rt: Runtime = stack.enter_context(
@@ -152,8 +82,9 @@ class Session:
         self._stack = stack
         try:
             setup_console(self.rt.rank, self.rt.world_size)
+            self._stopping.bind(self.rt.world_size, self.rt.device)
             if cfg.debug:
-                stack.enter_context(_debug_checks(self.rt.device))
+                stack.enter_context(debug_checks(self.rt.device))
                 log.info(f"debug mode: 1 process on {self.rt.device}, no process group, num_workers=0, max_steps={cfg.train.max_steps}")
             self.sharded = cfg.dist.strategy == "fsdp" and self.rt.env.distributed
             """Whether models from `setup` are FSDP2-sharded (dist.strategy=fsdp with more than one process)."""
@@ -177,7 +108,7 @@ class Session:
         if stack is None:
             raise RuntimeError("Session.__exit__ without __enter__")
         stack.callback(self.close, failed=exc[0] is not None)  # runs first (last in, first out), in the process group
-        if exc[0] is None and self._stop_agreed and self.stopped_at is None:
+        if exc[0] is None and self._stopping.agreed and self.stopped_at is None:
             stack.callback(self._end_stop)  # an own loop's stop: reported and marked as fit's is
         try:
             return stack.__exit__(*exc)
@@ -207,8 +138,7 @@ class Session:
             self.checkpointer.wait(timeout=30.0 if failed else None)
         finally:
             try:
-                if self._writer is not None:
-                    self._writer.close()
+                self._files.close()
             finally:
                 self._lock.release()
         for model in self._models:
@@ -247,10 +177,7 @@ class Session:
 
     def seed_everything(self, seed: int | None = None) -> None:
         """Seed python, numpy and torch from (`seed` or cfg.seed, rank): dropout differs per rank, reproducibly."""
-        s = mix_seed(self.cfg.seed if seed is None else seed, self.rank)
-        random.seed(s)
-        np.random.seed(s % 2**32)
-        torch.manual_seed(s)  # also seeds every CUDA device
+        seed_all(mix_seed(self.cfg.seed if seed is None else seed, self.rank))
 
     # ------------------------------------------------------------------ model and data
 
@@ -277,17 +204,6 @@ class Session:
             if ddp is not None:
                 replay_rebuilt_buckets(ddp)
 
-    def _loader_options(self, batch_size: int, collate_fn: Callable[[list[Any]], Any] | None) -> LoaderOptions:
-        dc = self.cfg.data
-        return LoaderOptions(
-            batch_size=batch_size,
-            num_workers=dc.num_workers,
-            persistent_workers=dc.persistent_workers,
-            prefetch_factor=dc.prefetch_factor,
-            pin_memory=self.device.type == "cuda",  # pinned host memory only helps a CUDA copy
-            collate_fn=collate_fn,
-        )
-
     def train_loader(self, dataset: Dataset, *, batch_size: int | None = None, grad_accum: int | None = None,
                      collate_fn: Callable[[list[Any]], Any] | None = None, items: ItemCounter | None = None) -> TrainLoader:
         """The distributed training loader (train.batch_size and train.grad_accum unless given).
@@ -300,7 +216,7 @@ class Session:
         tc = self.cfg.train
         self._train_loader = TrainLoader(
             dataset, world_size=self.world_size, rank=self.rank, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle,
-            drop_last=self.cfg.data.drop_last, opts=self._loader_options(batch_size or tc.batch_size, collate_fn),
+            drop_last=self.cfg.data.drop_last, opts=LoaderOptions.of(self.cfg.data, batch_size=batch_size or tc.batch_size, collate_fn=collate_fn, device=self.device),
             device=self.device, prefetch=self.cfg.data.prefetch, grad_accum=grad_accum or tc.grad_accum, items=items,
             max_steps=tc.max_steps,
         )
@@ -313,7 +229,7 @@ class Session:
         ranks may hold one batch fewer, and every rank must join each forward's parameter gather.
         """
         tc = self.cfg.train
-        opts = self._loader_options(batch_size or tc.eval_batch_size or tc.batch_size, collate_fn)
+        opts = LoaderOptions.of(self.cfg.data, batch_size=batch_size or tc.eval_batch_size or tc.batch_size, collate_fn=collate_fn, device=self.device)
         return EvalLoader(dataset, world_size=self.world_size, rank=self.rank, opts=opts, device=self.device, prefetch=self.cfg.data.prefetch,
                           even=self.sharded)
 
@@ -364,35 +280,28 @@ class Session:
         Once it says yes, `save` your state and leave the loop: the session then writes stopped.json,
         prints where to resume as `fit` does, and `distrib.main` exits 75.
         """
-        if self.world_size == 1:
-            votes = int(self.stop.requested)
-        else:
-            votes = self.stop.count(all_reduce_sum(torch.tensor(self.stop.ballot(), device=self.device)).tolist())
-        self.stopping(votes)
-        return votes > 0
+        return self._stopping.poll()
 
     def stopping(self, votes: int, where: str = "") -> None:
         """Note that `votes` ranks asked to stop (said once, on rank 0); `fit` calls it at its log interval."""
-        if votes and not self._stop_agreed:
-            self._stop_agreed = True
-            log.info(f"{self.stop.reason} received by {votes} of {self.world_size} ranks: stopping{' ' + where if where else ''} "
-                     "with a checkpoint")
+        self._stopping.agree(votes, where)
 
     def finish_stop(self, step: int, detail: str = "") -> None:
         """After a stop's checkpoint at `step`: wait for it, write stopped.json (the Slurm epilogue's cue), say how to resume."""
         self.wait_for_save()  # stopped.json promises a committed checkpoint at this step
-        self.write_json(STOPPED_FILE, {"step": step, "signal": self.stop.reason, "exit_status": EXIT_STOPPED})
-        self.stopped_at = step
-        log.info(f"stopped at step {step}{detail}; checkpoint saved in {self.ckpt_root}. Exit status {EXIT_STOPPED}: "
-                 "run the same command again to continue.")
+        self.write_json(STOPPED_FILE, self._stopping.record(step))
+        self._stopping.finished(step, detail, self.ckpt_root)
+
+    @property
+    def stopped_at(self) -> int | None:
+        """The step a graceful stop checkpointed at (stopped.json written), else None."""
+        return self._stopping.stopped_at
 
     def _end_stop(self) -> None:
-        if self._saved is not None and self._saved[1]:
-            self.finish_stop(self._saved[0])
+        step = self._stopping.saved_after_agreement()
+        if step is not None:
+            self.finish_stop(step)
             Session.last_exit_status = EXIT_STOPPED
-        else:
-            log.warning(f"{self.stop.reason}: the loop stopped without saving after the stop was agreed; a rerun resumes "
-                        "from the newest checkpoint before it. HINT: call session.save(state) when should_stop() says yes.")
 
     # ------------------------------------------------------------------ files (rank 0) and tracker
 
@@ -403,20 +312,7 @@ class Session:
         `log`, `save`, `write_json` and `save_model` call it; call it yourself to create the run's
         files before the first of those (`fit` does, once its checks have passed).
         """
-        if self._writer is None:
-            cfg = self.cfg
-            if self.is_rank_zero:
-                self._lock.acquire()  # already held when load() came first
-            # The tracker's run id is fixed now and checkpointed, though the tracker itself starts only
-            # with the first log line: a resumed run continues the same tracker run either way.
-            self._run_id = self._run_id or secrets.token_hex(4)
-            run_id = self._run_id
-            self._writer = writer_for(self.rank, cfg.run.dir, fresh=self.resumed_from is None,
-                                      start_tracker=lambda: tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=run_id))
-            if self._rewind is not None:
-                self._writer.rewind(lines=self._rewind[0], step=self._rewind[1])
-            self._writer.json("config.json", cfg.to_dict())
-        return self._writer
+        return self._files.open(self.rank, fresh=self.resumed_from is None)
 
     @property
     def writer(self) -> RunWriter:
@@ -467,9 +363,9 @@ class Session:
         What goes where: `distrib/checkpoint/protocols.py`.
         """
         step = step_of(state) if step is None else step
-        self._saved = (step, self._stop_agreed)
+        self._stopping.saved(step)
         writer = self.open_run_files()
-        job = {"logger_run_id": self._run_id, "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines,
+        job = {"logger_run_id": self._files.run_id, "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines,
                "hparams": self._hparams if self._hparams is not None else hparams_of(state)}
         return self.checkpointer.save(state, step=step, models=self._unwrapped_models(), job=job)
 
@@ -483,7 +379,7 @@ class Session:
         Objects with `load_state_dict` are loaded; plain values are replaced in `state`. Returns the
         checkpoint, or None for a fresh start. Call it before the first `log` or `save`.
         """
-        if self._writer is not None:
+        if self._files.opened:
             raise ConfigError("Session.load() after the run's files were opened (a log or save came first). HINT: call load() before training.")
         path = self.checkpointer.choose(self._lock)
         self._hparams = hparams_of(state)
@@ -491,10 +387,10 @@ class Session:
             return None
         restored = self.checkpointer.restore(path, state, models=self._unwrapped_models(), started=self._hparams)
         self.precision.scaler.load_state_dict(restored.scaler)
-        self._run_id = restored.logger_run_id
+        self._files.run_id = restored.logger_run_id
         self.resumed_from = path
         self._continue_reductions()
-        self._rewind = (restored.metrics_lines, restored.step)
+        self._files.rewind = (restored.metrics_lines, restored.step)
         return path
 
     def _unwrapped_models(self) -> list[nn.Module]:

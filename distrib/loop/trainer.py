@@ -7,8 +7,6 @@ all-reduce per optimizer step); the one metric all-reduce happens at the log int
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
 import sys
 import time
@@ -18,18 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from torch.utils.data._utils.collate import default_collate
 
-from distrib.data.loaders import ItemCounter, MicroBatch
-from distrib.data.stream import is_stream
-from distrib.data.transfer import describe, leading_dim, map_tensors, to_device
-from distrib.errors import BatchError, ConfigError, DistribError
+from distrib.data.accumulate import ItemCounter, MicroBatch
+from distrib.data.transfer import describe, leading_dim
 from distrib.loop.callbacks import Callback
-from distrib.loop.loss import LossFn, Step, StepFn, default_items
-from distrib.loop.optim import build_optimizer, build_scheduler
+from distrib.loop.loss import LossFn, LossStep, StepFn, default_items
+from distrib.loop.optim import build_optimizer_for, build_scheduler
+from distrib.loop.preflight import check_datasets, collate_probe, complete_run, probe, share
 from distrib.loop.session import Session
+from distrib.observe.interval import IntervalSums, IntervalTimes, Stragglers, interval_rates
 from distrib.observe.metrics import Metrics
-from distrib.observe.monitor import IntervalTimes, Progress, Stragglers, Watchdog, interval_fields
+from distrib.observe.monitor import Progress, Watchdog
 from distrib.parallel.wrap import params_sha256, unwrap_model
 from distrib.runtime.console import log
 
@@ -61,7 +58,7 @@ class Trainer:
         self.session, self.cfg = session, session.cfg
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
-        self.step_logic = Step(unwrap_model(model), loss_fn=loss_fn, step_fn=step_fn)
+        self.step_logic = LossStep(unwrap_model(model), loss_fn=loss_fn, step_fn=step_fn)
         self.items = items
         self.callbacks = list(callbacks)
         # Declared by the task, for tokens/s and MFU in the log (a model's FLOPs are not measurable cheaply).
@@ -89,17 +86,11 @@ class Trainer:
         self._prepared = True
         s, cfg = self.session, self.cfg
         world, tc = s.world_size, cfg.train
-        for what, data in (("train_data", self.train_data), ("eval_data", self.eval_data)):
-            if data is not None and not is_stream(data) and not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-                raise ConfigError(
-                    f"{what} is a {type(data).__name__}, neither a map-style Dataset (len() and indexing) nor an IterableDataset. "
-                    "HINT: pass a Dataset or a list; for a stream, an IterableDataset whose __iter__ starts a new pass each time "
-                    "(a generator can be read only once), with __len__ or --train.max_steps."
-                )
+        check_datasets(self.train_data, self.eval_data)
         # Probe batches as large as the real ones (a rank's share at most): a batch size that cannot fit
         # (memory, a model's fixed length) fails here, before anything is written, not after an epoch.
-        sample = _collate_probe(self.train_data, self.collate_fn, n=min(tc.batch_size, _share(self.train_data, world)))
-        eval_sample = (_collate_probe(self.eval_data, self.collate_fn, n=min(tc.eval_batch_size or tc.batch_size, _share(self.eval_data, world)))
+        sample = collate_probe(self.train_data, self.collate_fn, n=min(tc.batch_size, share(self.train_data, world)))
+        eval_sample = (collate_probe(self.eval_data, self.collate_fn, n=min(tc.eval_batch_size or tc.batch_size, share(self.eval_data, world)))
                        if self.eval_data is not None else None)
         if self.items is None and self.step_logic.step_fn is None and self.step_logic.loss_fn is None:
             # The Hugging Face convention (dict batch, labels, the model takes num_items_in_batch): token
@@ -108,9 +99,9 @@ class Trainer:
         self.train = s.train_loader(self.train_data, collate_fn=self.collate_fn, items=self.items)
         self.eval_loader = s.eval_loader(self.eval_data, collate_fn=self.collate_fn) if self.eval_data is not None else None
         self.total_steps = min(cfg.train.max_steps or 2**62, cfg.train.epochs * self.train.steps_per_epoch)
-        self._probe(sample, f"train.batch_size={tc.batch_size}")
+        probe(self.model, self.step_logic, self.items, sample, self.session, f"train.batch_size={tc.batch_size}")
         if eval_sample is not None:
-            self._probe(eval_sample, f"train.eval_batch_size={tc.eval_batch_size or tc.batch_size}")
+            probe(self.model, self.step_logic, self.items, eval_sample, self.session, f"train.eval_batch_size={tc.eval_batch_size or tc.batch_size}")
         self._build_optimizer()
         self.model, self.optimizer = s.setup(self.model, self.optimizer)
         s.seed_everything()
@@ -151,76 +142,16 @@ class Trainer:
             s.open_run_files()  # all checks passed: only now does rank 0 touch the file system (and wandb)
 
     def _finished_summary(self, resumed: Any) -> dict[str, Any] | None:
-        """The summary of a run that is already complete at the checkpoint it resumed from, or None.
-
-        A rerun of a finished run (the same command again, or the README's next command) trains
-        nothing; it says so and leaves every file as it was, rather than rewriting summary.json,
-        config.json and the last checkpoint with the records of a run that did nothing.
-        """
+        """The summary of a run already complete at the checkpoint it resumed from (see `preflight.complete_run`), or None."""
         if not self._done() or self._eval_due():
             return None
-        path = self.session.ckpt_root.parent / "summary.json"
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None  # the run died after its last checkpoint, before its summary: finish it
-        if not isinstance(summary, dict) or summary.get("optimizer_steps") != self.train.step:
-            return None
-        log.info(f"{self.session.ckpt_root.parent} is a complete run ({self.train.step} optimizer steps, its checkpoint "
-                 f"{resumed.name} and {path.name}): nothing to train, no file changed. HINT: raise --train.epochs or "
-                 "--train.max_steps to train on, or pass another --run.dir (or --ckpt.resume never) to train again.")
-        return summary
+        return complete_run(self.session.ckpt_root.parent, self.train.step, resumed)
 
     def _build_optimizer(self) -> None:
-        optim_cfg = getattr(self.cfg, "optim", None)
-        if self.optimizer is not None and optim_cfg is not None:
-            raise ConfigError(
-                "An optimizer was passed to fit, and the config has an `optim` section too, whose keys would be ignored. "
-                "HINT: drop optimizer= to build it from --optim.* , or drop the optim section from your script's sections."
-            )
-        if self.optimizer is None:
-            if optim_cfg is None:
-                raise ConfigError("fit needs an optimizer. HINT: pass optimizer=torch.optim.AdamW(model.parameters()), or add distrib.OptimConfig as the `optim` section.")
-            self.optimizer = build_optimizer(optim_cfg, self.model.parameters())
-            if self.scheduler is None:
-                self.scheduler = build_scheduler(optim_cfg, self.optimizer, self.total_steps)
-                self._own_scheduler = True
-
-    def _probe(self, sample: Any, size_key: str) -> None:
-        """Run the model on one batch before anything is written, so a call that cannot work fails now.
-
-        No gradient, eval mode (no BatchNorm statistics change) and a forked RNG: training is
-        bit-for-bit what it would have been without the probe.
-        """
-        module = unwrap_model(self.model).to(self.session.device)
-        batch = to_device(sample, self.session.device)
-        was_training = module.training
-        devices = [self.session.device.index or 0] if self.session.device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), self.session.autocast():
-                module.eval()
-                out = self.step_logic(module, batch, self.items(batch) if self.items is not None else None)
-        except DistribError:
-            raise
-        except torch.OutOfMemoryError as exc:
-            raise BatchError(
-                f"The pre-flight probe ran out of memory on one batch of {leading_dim(batch)} samples ({size_key}), before anything "
-                f"was written: {str(exc).strip().splitlines()[0][:300]}\nHINT: lower --{size_key.split('=')[0]} (train.grad_accum keeps the "
-                "optimizer's batch: batch_size x grad_accum x processes), or use train.precision bf16."
-            ) from None
-        except Exception as exc:  # the user's model or step: say where it failed, and what distrib called
-            how = ("step_fn(model, batch)" if self.step_logic.step_fn is not None
-                   else "model(**batch)" if isinstance(batch, dict) and self.step_logic.loss_fn is None else "loss_fn(model(inputs), labels)")
-            raise BatchError(
-                f"The pre-flight probe ({how} on one batch of {leading_dim(batch)} samples, {size_key}, before anything is written) failed: "
-                f"{type(exc).__name__}: {str(exc).strip()[:500]}\nThe batch:\n{describe(batch)}\nHINT: a dict batch is passed as keywords "
-                "and the output's .loss is the loss; (inputs, labels) batches use loss_fn (cross-entropy by default); for "
-                "anything else pass step_fn=lambda model, batch: loss."
-            ) from exc
-        finally:
-            module.train(was_training)
-        if not torch.isfinite(out.loss.detach()).all():
-            log.warning(f"the pre-flight probe's loss is {out.loss.item()}: check the model's initialisation and the data")
+        self.optimizer, built = build_optimizer_for(getattr(self.cfg, "optim", None), self.model, self.optimizer)
+        if built and self.scheduler is None:
+            self.scheduler = build_scheduler(self.cfg.optim, self.optimizer, self.total_steps)  # type: ignore[attr-defined]
+            self._own_scheduler = True
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -345,30 +276,21 @@ class Trainer:
         s, loader, world = self.session, self.train, self.session.world_size
         self.times.data_wait, loader.wait_s = loader.wait_s, 0.0
         ballot = self.stop.ballot()
-        extras = [*ballot, *self.times.extras(s.rank, world, s.device, self._interval_steps)]
-        r = self.metrics.compute(extras)
+        r = self.metrics.compute(IntervalSums.local(ballot=ballot, times=self.times, rank=s.rank, world_size=world, device=s.device,
+                                                    steps=self._interval_steps))
         self.metrics.reset()
-        extra = r.pop("extra")
-        votes, reduced = self.stop.count(extra[:len(ballot)]), extra[len(ballot):]
+        sums = IntervalSums.unpack(r.pop("extra"), ballot_len=len(ballot), world_size=world)
+        votes = self.stop.count(sums.stop_ballot)
         if votes and not self._stopping:
             self._stopping = True
             s.stopping(votes, f"at step {loader.step}")
-        elapsed = reduced[1] / world  # the interval's wall time, averaged over ranks
         samples = r.pop("samples", 0)
         items = r.pop("items", None)
-        samples_per_s = samples / elapsed if elapsed > 0 else 0.0
-        record: dict[str, Any] = {"epoch": loader.current_epoch, **self._named(r),
-                                  "lr": self._lr, "samples": loader.samples_seen,
-                                  "interval_samples": samples, "samples_per_s": samples_per_s,
-                                  "step_time_s": elapsed / max(self._interval_steps, 1),
-                                  **interval_fields(reduced, world, self.stragglers, warn=s.is_rank_zero)}
-        if items is not None:
-            record["tokens"] = items
-            record["tokens_per_s"] = items / elapsed if elapsed > 0 else 0.0
-        elif self.tokens_per_sample:
-            record["tokens_per_s"] = samples_per_s * self.tokens_per_sample
-        if self.flops_per_sample and self.cfg.train.peak_flops:
-            record["mfu"] = samples_per_s * self.flops_per_sample / (self.cfg.train.peak_flops * world)
+        record: dict[str, Any] = {"epoch": loader.current_epoch, **self._named(r), "lr": self._lr, "samples": loader.samples_seen,
+                                  **interval_rates(sums, samples=samples, items=items, steps=self._interval_steps,
+                                                   tokens_per_sample=self.tokens_per_sample, flops_per_sample=self.flops_per_sample,
+                                                   peak_flops=self.cfg.train.peak_flops, stragglers=self.stragglers, warn=s.is_rank_zero)}
+        samples_per_s = record["samples_per_s"]
         s.log(record, step=loader.step, echo=False)  # fit prints its own line (or the progress bar)
         if self.progress.active:
             self.progress.show(epoch=record["epoch"], loss=f"{record.get('loss', float('nan')):.4f}", samples_s=f"{samples_per_s:.0f}")
@@ -475,29 +397,3 @@ class Trainer:
 
 def _fmt(metrics: dict[str, Any]) -> str:
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("count", "epoch") and isinstance(v, float))
-
-
-def _share(dataset: Dataset, world_size: int) -> int:
-    try:
-        return max(1, math.ceil(len(dataset) / world_size))  # type: ignore[arg-type]
-    except TypeError:  # no len(): the loader says so, with the fix
-        return 1
-
-
-def _collate_probe(dataset: Dataset, collate_fn: Callable[[list[Any]], Any] | None, n: int) -> Any:
-    """A batch of the first `n` samples, collated as the loader will, so a malformed batch fails before anything is written."""
-    if is_stream(dataset):  # its first samples, read in this process (the rank's workers start later)
-        samples = list(itertools.islice(iter(dataset), n))
-        if not samples:
-            raise BatchError(f"The training stream ({type(dataset).__name__}) yielded no sample. HINT: check its __iter__.")
-    else:
-        samples = [dataset[i] for i in range(min(n, len(dataset)))]  # type: ignore[arg-type]
-    try:
-        batch = (collate_fn or default_collate)(samples)
-    except (TypeError, RuntimeError) as exc:
-        raise BatchError(
-            f"Cannot collate a sample of type {type(samples[0]).__name__} into a batch ({exc}). HINT: have the "
-            "Dataset return tensors (or numbers/arrays default_collate understands), or pass collate_fn."
-        ) from None
-    map_tensors(batch, lambda t: t)
-    return batch

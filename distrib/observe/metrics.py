@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from distrib.runtime.group import all_reduce_sum
+from distrib.runtime.collectives import all_reduce_sum
 
 Number = torch.Tensor | float | int
 

@@ -1,13 +1,8 @@
-"""What a user watches: interval timings, stragglers, peak memory, a progress bar, and a hang watchdog.
-
-Timings are host clocks read around the data wait and the synchronising backward; reading a
-clock is not a device sync, so the hot path stays free of them. They are summed per interval and
-travel in the log interval's one all-reduce.
-"""
+"""What a user watches besides the metrics: peak memory, a progress bar, and a hang watchdog.
+Interval timings and stragglers are in `interval.py`."""
 
 from __future__ import annotations
 
-import dataclasses
 import resource
 import sys
 import threading
@@ -18,78 +13,6 @@ from typing import Any
 import torch
 
 from distrib.runtime.console import log
-
-
-@dataclasses.dataclass
-class IntervalTimes:
-    """This rank's clocks for the current log interval."""
-
-    start: float = dataclasses.field(default_factory=time.perf_counter)
-    data_wait: float = 0.0
-    """Seconds spent waiting for the next batch (the input pipeline)."""
-    sync: float = 0.0
-    """Seconds in the backward passes that all-reduce: where a fast rank waits for a slow one."""
-
-    def extras(self, rank: int, world_size: int, device: torch.device, steps: int) -> list[float]:
-        """[data_wait, elapsed, own step time per rank (one-hot), peak memory per rank (one-hot)]."""
-        elapsed = time.perf_counter() - self.start
-        own = [0.0] * world_size
-        own[rank] = max(elapsed - self.sync, 0.0) / max(steps, 1)
-        mem = [0.0] * world_size
-        mem[rank] = float(peak_memory_bytes(device))
-        return [self.data_wait, elapsed, *own, *mem]
-
-
-class Stragglers:
-    """Names a slow rank only when it matters: a spread above the threshold, sustained, on steps long enough.
-
-    One interval's spread is noise on a busy machine (tiny steps, a scheduler's hiccup, a save in
-    the background), so a rank is named only after `intervals` log intervals in a row in which it was
-    the slowest by more than `threshold` *and* by at least `min_gap_s` per step, the time the others
-    actually wait for it. It stays named while that holds; one interval without resets the count.
-    """
-
-    def __init__(self, threshold: float, *, intervals: int = 3, min_gap_s: float = 0.005) -> None:
-        self.threshold, self.intervals, self.min_gap_s = threshold, intervals, min_gap_s
-        self._rank: int | None = None
-        self._streak = 0
-
-    def check(self, own: list[float]) -> int | None:
-        """The rank named a straggler for this interval (`own`: each rank's step time), or None."""
-        slow, fast = max(range(len(own)), key=own.__getitem__), min(range(len(own)), key=own.__getitem__)
-        gap = own[slow] - own[fast]
-        if len(own) > 1 and own[slow] > 0 and gap / own[slow] > self.threshold and gap >= self.min_gap_s:
-            self._streak = self._streak + 1 if slow == self._rank else 1
-            self._rank = slow
-        else:
-            self._rank, self._streak = None, 0
-        return self._rank if self._streak >= self.intervals else None
-
-
-def interval_fields(reduced: list[float], world_size: int, stragglers: Stragglers, *, warn: bool) -> dict[str, Any]:
-    """Turn the all-reduced extras into metrics.jsonl fields; warn (if `warn`: rank 0) about a sustained straggler."""
-    data_wait, elapsed = reduced[0], reduced[1]
-    own = reduced[2 : 2 + world_size]
-    mem = reduced[2 + world_size : 2 + 2 * world_size]
-    slow, fast = max(range(world_size), key=own.__getitem__), min(range(world_size), key=own.__getitem__)
-    fields: dict[str, Any] = {
-        "data_wait_frac": data_wait / elapsed if elapsed > 0 else 0.0,
-        "peak_mem_bytes": int(max(mem)),
-        "rank_step_time_max_s": own[slow],
-        "rank_step_time_min_s": own[fast],
-        "slowest_rank": slow,
-        "fastest_rank": fast,
-    }
-    named = stragglers.check(own)
-    if named is not None:
-        fields["straggler"] = named
-        if warn:
-            log.warning(
-                f"straggler: rank {slow} takes {own[slow] * 1e3:.1f} ms per step, rank {fast} {own[fast] * 1e3:.1f} ms "
-                f"(over {stragglers.threshold:.0%} slower, train.straggler_threshold, for {stragglers.intervals}+ log intervals "
-                "in a row); the others wait for it at every all-reduce"
-            )
-    return fields
 
 
 def peak_memory_bytes(device: torch.device) -> int:

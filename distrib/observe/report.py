@@ -5,16 +5,13 @@ Works for offline runs and finished or killed jobs: nothing but the file rank 0 
 
 from __future__ import annotations
 
-import argparse
 import io
 import statistics
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from distrib.checkpoint.fileio import storage_error, write_atomic
-from distrib.errors import DistribError
 
 
 def load(run_dir: Path) -> list[dict[str, Any]]:
@@ -93,38 +90,3 @@ def plot(records: list[dict[str, Any]], out: Path, title: str) -> None:
     except OSError as exc:
         raise storage_error(out.parent, exc) from None
     write_atomic(out, image.getvalue())  # never through a planted link, never half a file
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="distrib report", description="Plot a run's metrics.jsonl to a PNG and print a summary.")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", type=Path, help="PNG, PDF or SVG path, or a directory for report.png (default: RUN_DIR/report.png)")
-    ns = p.parse_args(argv)
-    try:
-        records = load(ns.run_dir)
-    except FileNotFoundError as exc:
-        print(f"distrib: error: {exc}", file=sys.stderr)
-        return 2
-    out = ns.out or ns.run_dir / "report.png"
-    if out.is_dir() or not out.suffix:  # a directory, or a path that names one: report.png inside
-        out = out / "report.png"
-    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
-        print(f"distrib: error: --out {str(out)!r}: the plot is written as PNG, PDF or SVG. HINT: end the path with .png.", file=sys.stderr)
-        return 2
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:  # bad input, not a failing disk: say so before plotting
-        print(f"distrib: error: cannot write the plot to {str(out)!r}: {str(blocker)!r} is a file, not a directory. "
-              "HINT: pass --out a writable .png path.", file=sys.stderr)
-        return 2
-    try:
-        plot(records, out, title=str(ns.run_dir))
-    except DistribError as exc:
-        print(f"distrib: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print("\n".join(summarize(records)))
-    print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

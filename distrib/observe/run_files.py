@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from distrib.checkpoint.fileio import check_own, open_own, save_torch, storage_error, write_atomic
+from distrib.checkpoint.rundir import RunLock
+from distrib.config import Config
+from distrib.observe import tracking
 from distrib.runtime.console import log
 from distrib.runtime.stop import STOPPED_FILE
 
@@ -117,3 +121,42 @@ def read_lines(path: Path) -> list[dict[str, Any] | None]:
 
 def writer_for(rank: int, run_dir: str | Path, *, fresh: bool, start_tracker: Callable[[], Any] | None = None) -> RunWriter:
     return RunWriter(run_dir, fresh=fresh, start_tracker=start_tracker) if rank == 0 else NullWriter()
+
+
+class RunFiles:
+    """A session's run directory: opened at its first effect (`Session.open_run_files`), closed at its end.
+
+    Opening takes rank 0's lock on run.dir, writes config.json, rewinds metrics.jsonl to a resumed
+    checkpoint, and fixes the tracker's run id; the tracker itself starts with the first metrics line.
+    """
+
+    def __init__(self, cfg: Config, lock: RunLock) -> None:
+        self.cfg, self._lock = cfg, lock
+        self._writer: RunWriter | None = None
+        self.run_id: str | None = None
+        """The tracker's run id: fixed at open (or by a resume) and checkpointed, so a resumed run continues it."""
+        self.rewind: tuple[int | None, int] | None = None
+        """(metrics lines, step) of the checkpoint a resume restored: metrics.jsonl is cut back to it at open."""
+
+    @property
+    def opened(self) -> bool:
+        return self._writer is not None
+
+    def open(self, rank: int, *, fresh: bool) -> RunWriter:
+        """The writer (a null one on ranks other than 0), opened on the first call."""
+        if self._writer is None:
+            cfg = self.cfg
+            if rank == 0:
+                self._lock.acquire()  # already held when a resume came first
+            self.run_id = self.run_id or secrets.token_hex(4)
+            run_id = self.run_id
+            self._writer = writer_for(rank, cfg.run.dir, fresh=fresh,
+                                      start_tracker=lambda: tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=run_id))
+            if self.rewind is not None:
+                self._writer.rewind(lines=self.rewind[0], step=self.rewind[1])
+            self._writer.json("config.json", cfg.to_dict())
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Mapping
 
 from distrib.errors import EnvironmentConfigError
@@ -247,3 +248,12 @@ def check_visible_gpus(denv: DistEnv, visible: int) -> None:
             f"HINT: start at most {visible} processes per node (torchrun --nproc_per_node={visible}, "
             f"or sbatch --ntasks-per-node={visible}), or set run.device=cpu."
         )
+
+
+def resolves(host: str) -> bool:
+    """Whether `host` resolves to an address here (a typo in MASTER_ADDR does not; torch reports it only as a timeout)."""
+    try:
+        socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return True

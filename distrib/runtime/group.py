@@ -1,7 +1,6 @@
-"""Process group lifecycle and collectives that are no-ops in a single process.
+"""The process group's lifecycle: device and backend, rendezvous with clear errors, teardown.
 
-Single-process debugging then runs the very same code path as an N-rank job (torchtitan's
-`dist_sum` returns its input; Fabric's `barrier` returns early).
+Its collectives, no-ops in one process, are in `collectives.py`.
 """
 
 from __future__ import annotations
@@ -10,13 +9,12 @@ import contextlib
 import dataclasses
 import datetime
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.distributed as tdist
 
 from distrib.errors import ConfigError, EnvironmentConfigError, PeerError, RendezvousError
-from distrib.runtime.env import DistEnv, check_visible_gpus, detect
+from distrib.runtime.env import DistEnv, check_visible_gpus, detect, resolves
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,7 +131,7 @@ def _rendezvous_error(exc: BaseException, denv: DistEnv, timeout_s: float) -> Re
     lowered = text.lower()
     if "address already in use" in lowered or "eaddrinuse" in lowered:
         hint = f"MASTER_PORT={denv.master_port} is taken on this host: pick a free port (or let torchrun --standalone pick one)."
-    elif not _resolves(denv.master_addr):  # torch reports it only as a connect timeout
+    elif not resolves(denv.master_addr):  # torch reports it only as a connect timeout
         hint = f"MASTER_ADDR={denv.master_addr} does not resolve here: use a hostname or IP every node can reach (`distrib doctor` checks it)."
     elif "timed out" in lowered or "timeout" in lowered:
         hint = (f"not every one of the {denv.world_size} processes arrived within dist.timeout_s={timeout_s:g}: check that all were "
@@ -142,16 +140,6 @@ def _rendezvous_error(exc: BaseException, denv: DistEnv, timeout_s: float) -> Re
         hint = f"check that {where} is reachable from every node and that all {denv.world_size} processes were started (`distrib doctor`)."
     return RendezvousError(f"rank {denv.rank} of {denv.world_size} could not join the process group at {where} "
                            f"({denv.launcher}): {text[:300]}. HINT: {hint}")
-
-
-def _resolves(host: str) -> bool:
-    import socket
-
-    try:
-        socket.getaddrinfo(host, None)
-        return True
-    except OSError:
-        return False
 
 
 def _round_store(denv: DistEnv, timeout: datetime.timedelta) -> tdist.Store | None:
@@ -176,51 +164,3 @@ def _is_collective_failure(exc: BaseException) -> bool:
 
 def _url_host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
-
-
-def _active() -> bool:
-    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over ranks in place and return it; returns it unchanged in a single process."""
-    if _active():
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_sum_async(tensor: torch.Tensor) -> Any:
-    """Start summing `tensor` over ranks in place; returns the work to `wait()` on (None in a single process)."""
-    if _active():
-        return tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, async_op=True)
-    return None
-
-
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if _active():
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
-    return tensor
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order; `[obj]` in a single process."""
-    if not _active():
-        return [obj]
-    out: list[Any] = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank `src`'s `obj` on every rank; `obj` itself in a single process."""
-    if not _active():
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def barrier(group: Any = None) -> None:
-    if _active():
-        tdist.barrier(group=group)
-
