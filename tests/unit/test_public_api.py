@@ -17,7 +17,7 @@ import pytest
 
 import distrib
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 UPDATE = os.environ.get("DISTRIB_UPDATE_GOLDEN") == "1"
 
 

@@ -10,11 +10,9 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from torch.utils.data import Dataset
 
 from distrib import Session, Trainer, fit
 from distrib.cli.task import make_datasets, make_model
-from distrib.errors import BatchError
 from distrib.parallel.wrap import ddp_of
 from tests.helpers import TaskData, spawn
 
@@ -133,19 +131,3 @@ def test_debug_mode_has_no_process_group(tmp_path):
     assert summary["optimizer_steps"] == 3 and summary["world_size"] == 1 and summary["launcher"] == "single"
     assert seen and set(seen) == {(False, True, True)}
     assert not torch.is_anomaly_enabled() and not torch.are_deterministic_algorithms_enabled()  # restored
-
-
-class NotTensors(Dataset):
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, i: int):
-        return object(), 1
-
-
-def test_batch_that_is_not_tensors_fails_before_anything_is_written(tmp_path):
-    cfg = _cfg(tmp_path / "never")
-    model = make_model(cfg.task, seed=0)
-    with pytest.raises(BatchError, match="Cannot collate a sample of type tuple.*HINT"):
-        fit(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=NotTensors())
-    assert not (tmp_path / "never").exists()

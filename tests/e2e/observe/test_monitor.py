@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from distrib.observe.interval import Stragglers
 from distrib.observe.tracking import has_credentials
 from tests.helpers import REPO, child_env, read_metrics, read_summary, rewind, run_train
 
@@ -147,18 +146,6 @@ def test_data_wait_rises_with_a_slow_dataset(tmp_path):
     f = [r["data_wait_frac"] for r in read_metrics(tmp_path / "fast" / "run") if r["kind"] == "train"]
     s = [r["data_wait_frac"] for r in read_metrics(tmp_path / "slow" / "run") if r["kind"] == "train"]
     assert min(s) > 0.6 and sorted(f)[len(f) // 2] < 0.4, (f, s)
-
-
-@pytest.mark.parametrize("own, threshold, expected", [
-    ([[0.010, 0.020]] * 3, 0.3, [None, None, 1]),                       # sustained and 10 ms a step: named at the third
-    ([[0.010, 0.020]] * 2 + [[0.020, 0.010]], 0.3, [None, None, None]),  # the slow rank changes: noise
-    ([[0.010, 0.020], [0.020, 0.020], [0.010, 0.020]], 0.3, [None] * 3),  # one even interval resets the count
-    ([[0.001, 0.002]] * 5, 0.3, [None] * 5),                             # 1 ms a step: too short to matter
-    ([[0.010, 0.012]] * 5, 0.3, [None] * 5),                             # 17% spread: under the threshold
-])
-def test_a_straggler_is_named_only_when_sustained_and_long_enough(own, threshold, expected):
-    watch = Stragglers(threshold)
-    assert [watch.check(o) for o in own] == expected
 
 
 def test_a_slow_rank_is_named_as_the_straggler(tmp_path):

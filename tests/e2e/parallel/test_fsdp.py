@@ -18,10 +18,8 @@ from torch import nn
 
 from distrib import Session, Trainer
 from distrib.checkpoint import store as ck
-from distrib.cli.task import TaskConfig, make_datasets, make_model
-from distrib.errors import ConfigError
 from distrib.checkpoint.sharded import SHARDED_DIR
-from distrib.parallel.fsdp import find_blocks
+from distrib.cli.task import TaskConfig, make_datasets, make_model
 from distrib.parallel.wrap import state_bytes
 from distrib.runtime.stop import EXIT_STOPPED
 from tests.helpers import REPO, TaskData, child_env, read_metrics, read_summary, run_train, spawn, wait_for_checkpoints, wait_for_training
@@ -255,19 +253,6 @@ def test_fsdp_with_buffers_an_unused_layer_and_no_reshard_ends_at_max_steps_resu
 
 
 # ----------------------------------------------------------------------------- configuration
-
-
-def test_blocks_are_the_repeated_children_of_containers_or_the_named_classes():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
-    assert [type(b).__name__ for b in find_blocks(gpt2)] == ["GPT2Block"] * 3
-    assert find_blocks(gpt2, ["GPT2Block"]) == list(gpt2.transformer.h)
-    mlp = make_model(TaskConfig(depth=2), seed=0)
-    assert find_blocks(mlp) == [mlp[0], mlp[2], mlp[4]]
-    assert find_blocks(nn.Linear(2, 2)) == []  # nothing repeated: the root alone is sharded
-    with pytest.raises(ConfigError, match=r"dist.fsdp_blocks=Nope matches no submodule .* found automatically first: GPT2Block, "):
-        find_blocks(gpt2, ["Nope"])
 
 
 def test_fsdp_refuses_fp16_and_unknown_blocks_before_writing_anything(tmp_path):
