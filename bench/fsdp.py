@@ -6,7 +6,7 @@
 
 Each launch is `torchrun --nproc_per_node=N bench/fsdp.py --runner ddp|fsdp ...`: a loop on distrib's
 blocks (Session.setup, backward, step) with AdamW on random bytes. Rank 0 reports, for its own rank:
-the bytes of parameters, gradients and optimizer state it holds (`distrib.model.state_bytes`, after
+the bytes of parameters, gradients and optimizer state it holds (`distrib.state_bytes`, after
 a backward, before zero_grad), the process's peak RSS, the median step time after the warm-up, and
 on CUDA the peak allocated memory. At 1 process nothing is wrapped: DDP and FSDP are the same plain
 module there, so the 1-process figure is measured once. 2-rank runs alternate (ddp fsdp ddp ...).

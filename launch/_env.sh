@@ -5,7 +5,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 # (Slurm's warning signal, or yours) kills the agent itself and orphans the workers. Newer torch
 # reads the --signals-to-handle flag ($TORCHRUN_SIGNALS), older the variable. distrib stops
 # gracefully on SIGTERM, SIGUSR1 and SIGINT; torchrun SIGKILLs the workers 30 s after a signal.
-# gc.freeze() last: Python's exit then skips collecting torch's objects (0.3-0.7 s here; distrib/shutdown.py).
+# gc.freeze() last: Python's exit then skips collecting torch's objects (0.3-0.7 s here; distrib/runtime/shutdown.py).
 read -r GPUS TORCHRUN_SIGNALS < <("$PYTHON" -c 'import gc, torch; from distrib.runtime.stop import torchrun_signal_flag as f; print(torch.cuda.device_count() if torch.cuda.is_available() else 0, f() or "-"); gc.freeze()')
 [[ $TORCHRUN_SIGNALS == - ]] && TORCHRUN_SIGNALS=
 export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1

@@ -78,7 +78,7 @@ def _rank0_buffers(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def layout(value: Any) -> dict[str, Any]:
-    """What a resume compares before loading (`distrib.resume.incompatibilities`): shapes and groups, no data."""
+    """What a resume compares before loading (`distrib.checkpoint.resume.incompatibilities`): shapes and groups, no data."""
     if isinstance(value, nn.Module):
         return {"shapes": {k: list(v.shape) for k, v in value.state_dict().items() if hasattr(v, "shape")}}
     return {"param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(g["params"])))}

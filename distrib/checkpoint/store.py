@@ -41,7 +41,7 @@ MANIFEST = "MANIFEST.json"
 FORMAT = 2
 """The checkpoint format this distrib writes (see the module doc for what each version holds)."""
 _STEP_DIR = re.compile(r"step-(\d{9})")
-_PART = re.compile(r"\..+\.part\d+")  # distrib.fileio.write_atomic's temporary names
+_PART = re.compile(r"\..+\.part\d+")  # distrib.checkpoint.fileio.write_atomic's temporary names
 
 
 class CheckpointError(RuntimeError):

@@ -1,6 +1,6 @@
 """`python -m distrib.train [--config FILE] [--debug] [--section.key value ...]` on the built-in task.
 
-A script like any user's: its own sections (`distrib.task.SECTIONS`), a model and data, `fit`.
+A script like any user's: its own sections (`distrib.cli.task.SECTIONS`), a model and data, `fit`.
 """
 
 from __future__ import annotations

@@ -238,7 +238,7 @@ class WandbConfig:
 @dataclasses.dataclass(kw_only=True)
 class Config:
     """distrib's own keys. A script adds its sections with `config_class(sections)` (or `sections=` to
-    `parse_config`/`main`); the built-in task is such a script (`distrib.task.SECTIONS`)."""
+    `parse_config`/`main`); the built-in task is such a script (`distrib.cli.task.SECTIONS`)."""
 
     seed: int = 0
     """Seeds shuffling, dropout and whatever the script seeds from it."""

@@ -125,7 +125,7 @@ class TrainLoader:
         self.device, self.prefetch = device, prefetch
         self.generator = torch.Generator()
         self.stream: StreamShard | None = None
-        """For an IterableDataset: the share of the stream this rank's workers read (`distrib.stream`)."""
+        """For an IterableDataset: the share of the stream this rank's workers read (`distrib.data.stream`)."""
         if is_stream(dataset):
             n = _check_size(range(_stream_length(dataset, max_steps, opts.batch_size * grad_accum * world_size, opts)), "train", world_size)
             # The sampler only does the arithmetic (samples per rank, padding, skip); the stream is read in its order.

@@ -12,7 +12,7 @@
                 if mb.last:
                     session.step(optimizer)
 
-`fit` is a loop written on these very blocks (`distrib.loop.Trainer`). Nothing is written and no
+`fit` is a loop written on these very blocks (`distrib.Trainer`, in `trainer.py`). Nothing is written and no
 tracker starts until the first `log`, `save` or `write_json`; `load` must come before those.
 """
 
@@ -198,7 +198,7 @@ class Session:
         return (wrapped, *optimizers) if optimizers else wrapped
 
     def _continue_reductions(self) -> None:
-        """A resumed DDP model adds its ranks' gradients in the order the run it continues did (`distrib.buckets`)."""
+        """A resumed DDP model adds its ranks' gradients in the order the run it continues did (`distrib.parallel.buckets`)."""
         for model in self._models:
             ddp = ddp_of(model)
             if ddp is not None:
@@ -210,7 +210,7 @@ class Session:
 
         `items` counts what the loss averages over in a batch (e.g. `distrib.label_tokens(shift=True)`);
         without it, the samples. Micro-batches are then weighted by the step's global count.
-        An `IterableDataset` is read as a stream, each rank's workers keeping their share (`distrib.stream`):
+        An `IterableDataset` is read as a stream, each rank's workers keeping their share (`distrib.data.stream`):
         its epoch is its `len()`, or train.max_steps of it; it is read in its own order (shuffle it yourself).
         """
         tc = self.cfg.train

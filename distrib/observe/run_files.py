@@ -23,7 +23,7 @@ class RunWriter:
 
     def __init__(self, run_dir: str | Path, *, fresh: bool, tracker: Any = None, start_tracker: Callable[[], Any] | None = None) -> None:
         self.dir = Path(run_dir)
-        self.tracker = tracker  # distrib.tracking.Tracker: wandb on rank 0, or None
+        self.tracker = tracker  # distrib.observe.tracking.Tracker: wandb on rank 0, or None
         # Started at the first metrics line, so a run that never logs (only checkpoints) starts no tracker.
         self._start_tracker = start_tracker
         check_own(self.dir / STOPPED_FILE, _HINT)  # removed below: only if it is distrib's own file

@@ -45,7 +45,7 @@ def _skip_launch_inputs(wandb: Any) -> None:
 
 
 END = '"end"'
-"""The line that ends the stream (distrib.tracking sends it)."""
+"""The line that ends the stream (distrib.observe.tracking sends it)."""
 
 
 def lowest_priority() -> None:
