@@ -19,7 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         records = load(ns.run_dir)
     except FileNotFoundError as exc:
-        return error_exit(exc)
+        return error_exit(str(exc))
     out = ns.out or ns.run_dir / "report.png"
     if out.is_dir() or not out.suffix:  # a directory, or a path that names one: report.png inside
         out = out / "report.png"

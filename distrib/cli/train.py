@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
-from distrib.cli.task import SECTIONS, make_datasets, make_model
+from distrib.cli.task import SECTIONS, TaskConfig, TaskDataConfig, make_datasets, make_model
 from distrib.config import Config
 from distrib.loop.fit import fit
 from distrib.loop.fit import main as script_main
@@ -18,8 +18,10 @@ from distrib.runtime import shutdown
 
 def run(cfg: Config) -> dict[str, Any]:
     """Build the built-in task from `cfg` and train it (the optimizer and schedule come from `optim.*`)."""
-    train_data, eval_data = make_datasets(cfg.task, train_size=cfg.data.train_size, eval_size=cfg.data.eval_size, seed=cfg.seed)
-    model = make_model(cfg.task, seed=cfg.seed)
+    # The sections SECTIONS adds, typed (config_class makes the class at run time, where a checker cannot see them).
+    task, data = cast(TaskConfig, getattr(cfg, "task")), cast(TaskDataConfig, cfg.data)  # noqa: B009
+    train_data, eval_data = make_datasets(task, train_size=data.train_size, eval_size=data.eval_size, seed=cfg.seed)
+    model = make_model(task, seed=cfg.seed)
     # Forward + backward of an MLP: 2 FLOPs per multiply-add, 3 passes' worth (forward, two backward matmuls).
     flops = 6 * sum(p.numel() for p in model.parameters())
     return fit(cfg, model=model, train_data=train_data, eval_data=eval_data, flops_per_sample=flops)

@@ -46,7 +46,7 @@ def schema_of(cls: type) -> dict[str, Any]:
     """Dotted key -> type, for every leaf field."""
     schema: dict[str, Any] = {}
     for name, tp in field_types(cls).items():
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             for sub, subtp in field_types(tp).items():
                 schema[f"{name}.{sub}"] = subtp
         else:
@@ -197,10 +197,10 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            number = float(value)
-            if not math.isfinite(number):  # nan passes every range check; inf is no setting either
+            real = float(value)
+            if not math.isfinite(real):  # nan passes every range check; inf is no setting either
                 raise ConfigError(f"{key}={value!r} is not a finite number. HINT: pass --{key} with a finite value, or none where the key allows it.")
-            return number
+            return real
         if tp is str:
             return str(value)
     except ConfigError:

@@ -122,7 +122,7 @@ def config_help(cls: type[Config] = Config, *, prog: str | None = None, defaults
     ]
     top_docs = field_docs(cls)
     for name, tp in field_types(cls).items():
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             lines += ["", f"[{name}]" + (f"  {top_docs[name]}" if name in top_docs else "")]
             docs = field_docs(tp)
             entries = [(f"{name}.{sub}", subtp, docs.get(sub, "")) for sub, subtp in field_types(tp).items()]

@@ -20,6 +20,7 @@ from typing import Any
 from distrib.config.keys import field_types, flatten, type_name
 from distrib.config.parse import field_docs
 from distrib.config.schema import Config, OptimConfig, config_class
+from distrib.errors import error_exit
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 """Where the reference lives in a checkout."""
@@ -148,14 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             current = path.read_text(encoding="utf-8")
         except OSError as exc:
-            print(f"distrib: error: {path} cannot be read ({exc.strerror}). HINT: run `{COMMAND}` to write it.", file=sys.stderr)
-            return 1
+            return error_exit(f"{path} cannot be read ({exc.strerror}). HINT: run `{COMMAND}` to write it.", 1)
         if current != text:
-            print(
-                f"distrib: error: {path} differs from what the config dataclasses (distrib/config/schema.py) render. HINT: run `{COMMAND}` and commit the result.",
-                file=sys.stderr,
-            )
-            return 1
+            return error_exit(f"{path} differs from what the config dataclasses (distrib/config/schema.py) render. "
+                              f"HINT: run `{COMMAND}` and commit the result.", 1)
         print(f"{path} is current")
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,8 @@ import collections
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sized
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
@@ -82,7 +82,7 @@ def _stream_length(dataset: Any, max_steps: int | None, step_samples: int, opts:
     return n
 
 
-def _check_size(dataset: Sized, what: str, world_size: int) -> int:
+def _check_size(dataset: Any, what: str, world_size: int) -> int:
     try:
         n = len(dataset)
     except TypeError:
@@ -130,7 +130,7 @@ class TrainLoader:
             n = _check_size(range(_stream_length(dataset, max_steps, opts.batch_size * grad_accum * world_size, opts)), "train", world_size)
             # The sampler only does the arithmetic (samples per rank, padding, skip); the stream is read in its order.
             self.sampler = TrainSampler(range(n), num_replicas=world_size, rank=rank, shuffle=False, seed=seed, drop_last=drop_last)
-            self.stream = StreamShard(dataset, length=n, rank=rank, world_size=world_size, batch_size=opts.batch_size)
+            self.stream = StreamShard(cast(Iterable[Any], dataset), length=n, rank=rank, world_size=world_size, batch_size=opts.batch_size)
             collate = PositionedCollate(opts.collate_fn or default_collate, self.stream) if self.stream.stateful else None
             self.loader = _dataloader(self.stream, None, opts, drop_last=drop_last, generator=self.generator, collate_fn=collate)
         else:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sized
+from typing import cast
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 def mix_seed(*parts: int) -> int:
@@ -37,8 +38,8 @@ class TrainSampler(DistributedSampler):
     Resuming mid-epoch then never reads (or decodes) the batches already trained on.
     """
 
-    def __init__(self, dataset: Sized, *, num_replicas: int, rank: int, shuffle: bool, seed: int, drop_last: bool) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    def __init__(self, dataset: Sized | Dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int, drop_last: bool) -> None:
+        super().__init__(cast(Dataset, dataset), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.skip = 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:

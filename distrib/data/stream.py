@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -75,7 +75,7 @@ class PositionedCollate:
 
     def __call__(self, samples: list[Any]) -> Positioned:
         info = get_worker_info()
-        shard = info.dataset if info is not None else self.shard  # a worker's own copy of the shard
+        shard = cast(StreamShard, info.dataset) if info is not None else self.shard  # a worker's own copy of the shard
         return Positioned(self.collate(samples), shard.position)
 
 
@@ -183,7 +183,7 @@ class StreamShard(IterableDataset):
                 return self.stream, 0
         state, index = self.resume
         try:
-            stream.load_state_dict(state)
+            stream.load_state_dict(state)  # type: ignore[attr-defined]  # self.stateful: it has one
         except Exception as exc:
             raise BatchError(
                 f"Resuming the training stream ({type(self.stream).__name__}) from the state its state_dict() gave, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -78,6 +79,12 @@ def leading_dim(batch: Any) -> int:
     return sizes[0]
 
 
+def _recorded(t: torch.Tensor, *, stream: torch.cuda.Stream) -> torch.Tensor:
+    """`t`, marked as used on `stream`: its memory is not reused before that stream's work on it is done."""
+    t.record_stream(stream)
+    return t
+
+
 class CudaPrefetcher:
     """Copy batch n+1 to the GPU on a side stream while batch n computes.
 
@@ -105,7 +112,7 @@ class CudaPrefetcher:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_stream(self.stream)
             batch = nxt
-            map_tensors(batch, lambda t: (t.record_stream(compute), t)[1])  # noqa: B023 (called at once)
+            map_tensors(batch, functools.partial(_recorded, stream=compute))
             nxt = self._load(it)
             yield batch
 

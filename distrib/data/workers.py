@@ -45,7 +45,7 @@ class _DeafForkProcess(multiprocessing.context.ForkProcess):
 
 
 class _DeafForkContext(multiprocessing.context.ForkContext):
-    Process = _DeafForkProcess  # type: ignore[assignment]
+    Process = _DeafForkProcess
 
 
 def worker_context() -> Any:

@@ -135,7 +135,7 @@ class LossStep:
         inputs, labels = split_inputs_labels(batch)
         out = model(inputs)
         loss = (self.loss_fn or F.cross_entropy)(out, labels)
-        metrics = {"loss": loss}
+        metrics: dict[str, Any] = {"loss": loss}
         correct = count_correct(out, labels)
         if correct is not None:
             metrics["accuracy"] = (correct, labels.shape[0])  # a count, so the global mean is exact

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from distrib.config import OptimConfig
 from distrib.data.accumulate import ItemCounter, MicroBatch
 from distrib.data.transfer import describe, leading_dim
 from distrib.loop.callbacks import Callback
@@ -75,6 +76,7 @@ class Trainer:
         self._prepared = False
         self._complete: dict[str, Any] | None = None  # the summary of a run found complete on resume
         self._own_scheduler = False  # built from optim.* by fit (not the user's)
+        self._optim_cfg: OptimConfig | None = getattr(self.cfg, "optim", None)  # a script's `optim` section, if it has one
         self._lr = 0.0
 
     # ------------------------------------------------------------------ set-up
@@ -102,8 +104,8 @@ class Trainer:
         probe(self.model, self.step_logic, self.items, sample, self.session, f"train.batch_size={tc.batch_size}")
         if eval_sample is not None:
             probe(self.model, self.step_logic, self.items, eval_sample, self.session, f"train.eval_batch_size={tc.eval_batch_size or tc.batch_size}")
-        self._build_optimizer()
-        self.model, self.optimizer = s.setup(self.model, self.optimizer)
+        optimizer = self._build_optimizer()
+        self.model, self.optimizer = s.setup(self.model, optimizer)
         s.seed_everything()
         self.metrics = Metrics(s.device)
         self.times = IntervalTimes()
@@ -127,7 +129,8 @@ class Trainer:
             if total != self.total_steps and self._own_scheduler:
                 # fit's own schedule must end at the run's real last step: same position, new length.
                 position, rates = self.scheduler.state_dict(), [g["lr"] for g in self.optimizer.param_groups]
-                self.scheduler = build_scheduler(cfg.optim, self.optimizer, total)  # (construction resets the rates)
+                assert self._optim_cfg is not None  # fit built this schedule from it
+                self.scheduler = build_scheduler(self._optim_cfg, self.optimizer, total)  # (construction resets the rates)
                 self.scheduler.load_state_dict(position)
                 for group, rate in zip(self.optimizer.param_groups, rates):
                     group["lr"] = rate
@@ -147,11 +150,12 @@ class Trainer:
             return None
         return complete_run(self.session.ckpt_root.parent, self.train.step, resumed)
 
-    def _build_optimizer(self) -> None:
-        self.optimizer, built = build_optimizer_for(getattr(self.cfg, "optim", None), self.model, self.optimizer)
-        if built and self.scheduler is None:
-            self.scheduler = build_scheduler(self.cfg.optim, self.optimizer, self.total_steps)  # type: ignore[attr-defined]
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        optimizer, built = build_optimizer_for(self._optim_cfg, self.model, self.optimizer)
+        if built and self.scheduler is None and self._optim_cfg is not None:
+            self.scheduler = build_scheduler(self._optim_cfg, optimizer, self.total_steps)
             self._own_scheduler = True
+        return optimizer
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -260,8 +264,10 @@ class Trainer:
             self.metrics.add_total("items", mb.items)
 
     def _optimizer_step(self) -> None:
-        self._lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule moves on after it)
-        self.session.step(self.optimizer, self.scheduler)
+        optimizer = self.optimizer
+        assert optimizer is not None  # prepare() set it
+        self._lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule moves on after it)
+        self.session.step(optimizer, self.scheduler)
         self._interval_steps += 1
         self.watchdog.beat()
         self.progress.step()

@@ -40,7 +40,7 @@ def _skip_launch_inputs(wandb: Any) -> None:
     cores the ranks are using. A wandb without that method is left as it is.
     """
     run_class = getattr(getattr(getattr(wandb, "sdk", None), "wandb_run", None), "Run", None)
-    if hasattr(run_class, "_detect_and_apply_job_inputs"):
+    if run_class is not None and hasattr(run_class, "_detect_and_apply_job_inputs"):
         run_class._detect_and_apply_job_inputs = lambda self: None
 
 

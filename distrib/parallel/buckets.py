@@ -115,5 +115,5 @@ class _ReplayHook:
 def replay_rebuilt_buckets(model: DDP) -> None:
     """Register the hook on a resumed DDP model, before its first backward (a no-op where DDP keeps its buckets)."""
     if _will_rebuild(model) and model.process_group.size() > 2 and not getattr(model, "_distrib_replay", False):
-        model._distrib_replay = True  # type: ignore[attr-defined]
+        setattr(model, "_distrib_replay", True)  # noqa: B010 (DDP declares no such attribute)
         model.register_comm_hook(None, _ReplayHook(model).hook)

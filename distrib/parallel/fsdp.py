@@ -150,7 +150,7 @@ def reshard(model: nn.Module) -> None:
     """Free parameters an eval left gathered (`reshard_after_forward=false` keeps them until a backward)."""
     for m in getattr(model, "_orig_mod", model).modules():
         if isinstance(m, _fsdp_module_class()):
-            m.reshard()
+            m.reshard()  # type: ignore[attr-defined]  # FSDPModule's, mixed into the class
 
 
 def rebind(optimizers: Iterable[torch.optim.Optimizer], names: Mapping[int, str], sharded: Mapping[str, nn.Parameter]) -> None:
@@ -175,8 +175,8 @@ def set_grad_sync(model: nn.Module, enabled: bool) -> None:
     """
     root = getattr(model, "_orig_mod", model)
     if getattr(root, "_distrib_grad_sync", None) != enabled:
-        root.set_requires_gradient_sync(enabled)
-        root._distrib_grad_sync = enabled
+        root.set_requires_gradient_sync(enabled)  # type: ignore[operator]  # FSDPModule's method
+        setattr(root, "_distrib_grad_sync", enabled)  # noqa: B010 (FSDP declares no such attribute)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

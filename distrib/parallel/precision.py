@@ -46,7 +46,7 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], clip_norm: float | None) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], clip_norm: float | None) -> None:
         """Unscale, clip (on true gradients), step, update the scale.
 
         The returned norm is not read: reading it would force a host sync every step.

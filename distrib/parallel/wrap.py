@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
         model = fsdp.shard(model, device=rt.device, world_size=rt.world_size, blocks=cfg.fsdp_blocks,
                            reshard_after_forward=cfg.reshard_after_forward, param_dtype=param_dtype)
     elif rt.env.distributed:
+        bucket: dict[str, Any] = {} if cfg.bucket_cap_mb is None else {"bucket_cap_mb": cfg.bucket_cap_mb}
         model = DDP(
             model,
             device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
@@ -49,10 +51,10 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
             gradient_as_bucket_view=cfg.gradient_as_bucket_view,
             # Only when set: any explicit value, even DDP's own 25, also sizes the first bucket
             # (default 1 MiB), which delays the first all-reduce and its overlap with backward.
-            **({} if cfg.bucket_cap_mb is None else {"bucket_cap_mb": cfg.bucket_cap_mb}),
+            **bucket,
         )
     if compile:
-        model = torch.compile(model)
+        model = cast(nn.Module, torch.compile(model))  # an OptimizedModule
     return model
 
 

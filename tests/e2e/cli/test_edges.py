@@ -140,6 +140,7 @@ def test_a_second_ctrl_c_under_torchrun_aborts(tmp_path):
     ("scripts/setup.sh", "Create .venv"),
     ("scripts/test.sh", "run the test suite"),
     ("scripts/slurm-cluster.sh", "two-node Slurm"),
+    ("scripts/lint.sh", "Lint, format check and type check"),
 ])
 def test_every_script_answers_help_without_doing_its_work(script, says):
     done = subprocess.run(["bash", script, "--help"], cwd=REPO, env=child_env(PYTHON=sys.executable), capture_output=True,
