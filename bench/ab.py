@@ -54,9 +54,16 @@ def main(argv: list[str] | None = None) -> None:
                 received[name] = record.get("distrib_set", [])
                 print(f"{ns.scenario} round {r + 1}/{rounds} {name:16s} {record['steps_per_s']:8.2f} steps/s  {wall:5.1f} s", flush=True)
     base = statistics.median(results["hand"]) if "hand" in results else None
-    summary = {name: {"median": statistics.median(v), "spread": spread(v), "ratio_to_hand": statistics.median(v) / base if base else None,
-                      "runs": v, "distrib_set": received[name]}
-               for name, v in results.items()}
+    summary = {
+        name: {
+            "median": statistics.median(v),
+            "spread": spread(v),
+            "ratio_to_hand": statistics.median(v) / base if base else None,
+            "runs": v,
+            "distrib_set": received[name],
+        }
+        for name, v in results.items()
+    }
     for name, s in summary.items():
         ratio = f"{s['ratio_to_hand']:.3f}" if s["ratio_to_hand"] else "-"
         print(f"{name:16s} median {s['median']:7.2f}  spread {s['spread']:6.1%}  ratio to hand {ratio}")

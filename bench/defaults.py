@@ -46,8 +46,7 @@ SMOKE_VARIANTS = ("hand", "distrib", "ckpt10_async", "ckpt10_sync", "distrib_qui
 
 def launch(nproc: int, variant: str, job_args: list[str], out: Path) -> tuple[dict, float]:
     framework, sets, flags = VARIANTS[variant]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **ALLOCATOR, "BENCH_RESULT": str(out),
-           "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **ALLOCATOR, "BENCH_RESULT": str(out), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("WANDB_API_KEY", None)  # the default a CI machine or a laptop without `wandb login` sees: offline
     head = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     run_dir = tempfile.mkdtemp(dir=out.parent)  # fresh for every launch: nothing to resume
@@ -70,32 +69,43 @@ def tables(results: dict, meta: dict) -> str:
     out = []
     for world, per in results.items():
         hand = per["hand"]
-        rows = [f"### {world} process{'es' if world != '1' else ''}", "",
-                "| variant | whole process s (median) | spread | ratio to hand | paired ratio | launch to first step s | minus hand's | loop s "
-                "| loop / distrib_quiet | tail s (last step to exit) | minus hand's |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = [
+            f"### {world} process{'es' if world != '1' else ''}",
+            "",
+            "| variant | whole process s (median) | spread | ratio to hand | paired ratio | launch to first step s | minus hand's | loop s "
+            "| loop / distrib_quiet | tail s (last step to exit) | minus hand's |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         quiet = statistics.median(per["distrib_quiet"]["loop_s"]) if "distrib_quiet" in per else None
         for name, r in per.items():
             wall, first, loop, tail = (statistics.median(r[k]) for k in ("wall_s", "first_step_s", "loop_s", "tail_s"))
             # Each round's run over the same round's hand run, then the median: the runs of a round are
             # minutes apart, so the VM's slower drift cancels in the pair.
             paired = statistics.median(a / b for a, b in zip(r["wall_s"], hand["wall_s"]))
-            rows.append(f"| {name} | {wall:.2f} | {spread(r['wall_s']):.1%} | {wall / statistics.median(hand['wall_s']):.3f} | {paired:.3f} | {first:.2f} | "
-                        f"{first - statistics.median(hand['first_step_s']):+.2f} | {loop:.2f} | {loop / quiet if quiet else float('nan'):.3f} | "
-                        f"{tail:.2f} | {tail - statistics.median(hand['tail_s']):+.2f} |")
+            rows.append(
+                f"| {name} | {wall:.2f} | {spread(r['wall_s']):.1%} | {wall / statistics.median(hand['wall_s']):.3f} | {paired:.3f} | {first:.2f} | "
+                f"{first - statistics.median(hand['first_step_s']):+.2f} | {loop:.2f} | {loop / quiet if quiet else float('nan'):.3f} | "
+                f"{tail:.2f} | {tail - statistics.median(hand['tail_s']):+.2f} |"
+            )
         if quiet and "ckpt10_sync" in per and "ckpt10_async" in per:
             n = checkpoints(meta["steps"][world], meta["epochs"], 10)
             base_excess = statistics.median(per["distrib_quiet"]["excess_s"])
-            rows += ["", f"Step stall per checkpoint, {n} checkpoints. Across runs: loop time above distrib_quiet's, over n. "
-                     "Within runs: the steps' time beyond the run's own median step, above distrib_quiet's, over n "
-                     "(the VM's run-to-run drift cancels).", "",
-                     "| variant | across runs ms | within runs ms | loop / distrib_quiet |", "|---|---|---|---|"]
+            rows += [
+                "",
+                f"Step stall per checkpoint, {n} checkpoints. Across runs: loop time above distrib_quiet's, over n. "
+                "Within runs: the steps' time beyond the run's own median step, above distrib_quiet's, over n "
+                "(the VM's run-to-run drift cancels).",
+                "",
+                "| variant | across runs ms | within runs ms | loop / distrib_quiet |",
+                "|---|---|---|---|",
+            ]
             for name in ("ckpt10_sync", "ckpt10_async"):
                 loop = statistics.median(per[name]["loop_s"])
                 within = (statistics.median(per[name]["excess_s"]) - base_excess) / n * 1e3
                 # Within-run cost relative to the loop: what the stall adds to a quiet loop of this run's speed.
-                rows.append(f"| {name} | {(loop - quiet) / n * 1e3:.1f} | {within:.1f} | {loop / quiet:.3f} "
-                            f"(within runs: {1 + within * n / 1e3 / quiet:.3f}) |")
+                rows.append(
+                    f"| {name} | {(loop - quiet) / n * 1e3:.1f} | {within:.1f} | {loop / quiet:.3f} (within runs: {1 + within * n / 1e3 / quiet:.3f}) |"
+                )
         out.append("\n".join(rows))
     return "\n\n".join(out)
 
@@ -158,10 +168,19 @@ def main(argv: list[str] | None = None) -> int:
                     slot["loop_s"].append(record["loop_s"])
                     slot["excess_s"].append(record["excess_s"])
                     slot["tail_s"].append(wall - record["last_step_s"])
-                    print(f"round {r + 1} {world}p {variant}: {wall:.2f} s, first step {record['first_step_s']:.2f} s, loop {record['loop_s']:.2f} s, "
-                          f"tail {wall - record['last_step_s']:.2f} s", flush=True)
-    meta = {"rounds": rounds, "epochs": epochs, "steps": {w: epochs * per_epoch for w in worlds}, "cpus": os.cpu_count(),
-            "python": sys.version.split()[0], "date": str(datetime.datetime.now())}
+                    print(
+                        f"round {r + 1} {world}p {variant}: {wall:.2f} s, first step {record['first_step_s']:.2f} s, loop {record['loop_s']:.2f} s, "
+                        f"tail {wall - record['last_step_s']:.2f} s",
+                        flush=True,
+                    )
+    meta = {
+        "rounds": rounds,
+        "epochs": epochs,
+        "steps": {w: epochs * per_epoch for w in worlds},
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "date": str(datetime.datetime.now()),
+    }
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))

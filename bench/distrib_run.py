@@ -18,12 +18,26 @@ def main() -> None:
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
     clock = StepClock(opt)
     with shared_run_dir() as run_dir:  # one for all ranks: fit checkpoints the last step
-        cfg = distrib.Config().replace(**{
-            "seed": args.seed, "run.dir": run_dir, "run.device": "cpu", "data.num_workers": args.workers,
-            "train.batch_size": args.batch, "train.grad_accum": args.accum, "train.epochs": 1,
-            "train.max_steps": args.warmup + args.steps, "train.log_every": args.log_every,
-            "ckpt.every": None, "ckpt.resume": "never", "wandb.mode": "disabled",
-        }).replace(**dict(kv.split("=", 1) for kv in args.distrib_set))
+        cfg = (
+            distrib.Config()
+            .replace(
+                **{
+                    "seed": args.seed,
+                    "run.dir": run_dir,
+                    "run.device": "cpu",
+                    "data.num_workers": args.workers,
+                    "train.batch_size": args.batch,
+                    "train.grad_accum": args.accum,
+                    "train.epochs": 1,
+                    "train.max_steps": args.warmup + args.steps,
+                    "train.log_every": args.log_every,
+                    "ckpt.every": None,
+                    "ckpt.resume": "never",
+                    "wandb.mode": "disabled",
+                }
+            )
+            .replace(**dict(kv.split("=", 1) for kv in args.distrib_set))
+        )
         summary = distrib.fit(cfg, model=net, optimizer=opt, train_data=dataset(args, world))
     report("distrib", args, clock, int(os.environ.get("RANK", "0")), world, summary["eval"].get("loss"))
 

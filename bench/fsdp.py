@@ -57,8 +57,9 @@ def run_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = distrib.Config().replace(**{"run.dir": run_dir, "run.device": args.device, "dist.strategy": args.runner,
-                                          "ckpt.resume": "never", "wandb.mode": "disabled"})
+        cfg = distrib.Config().replace(
+            **{"run.dir": run_dir, "run.device": args.device, "dist.strategy": args.runner, "ckpt.resume": "never", "wandb.mode": "disabled"}
+        )
         with distrib.Session(cfg) as session:
             torch.manual_seed(0)
             model = GPT(GPTConfig(layers=args.layers, dim=args.dim, context=args.context, heads=max(1, args.dim // 64)))
@@ -80,25 +81,58 @@ def run_worker(args: argparse.Namespace) -> None:
                 times.append(time.perf_counter() - t0)
             peak_cuda = torch.cuda.max_memory_allocated() if session.device.type == "cuda" else None
             if session.is_rank_zero:
-                steady = times[args.warmup:]
-                print("RESULT " + json.dumps({
-                    "strategy": args.runner, "world_size": session.world_size, "params": n_params, "state_bytes": held,
-                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak_cuda_bytes": peak_cuda,
-                    "step_s_median": statistics.median(steady), "step_s_spread": max(steady) - min(steady),
-                    "loss": loss.item(), "device": str(session.device) if session.device.type != "cuda" else torch.cuda.get_device_name(),
-                }), flush=True)
+                steady = times[args.warmup :]
+                print(
+                    "RESULT "
+                    + json.dumps(
+                        {
+                            "strategy": args.runner,
+                            "world_size": session.world_size,
+                            "params": n_params,
+                            "state_bytes": held,
+                            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                            "peak_cuda_bytes": peak_cuda,
+                            "step_s_median": statistics.median(steady),
+                            "step_s_spread": max(steady) - min(steady),
+                            "loss": loss.item(),
+                            "device": str(session.device) if session.device.type != "cuda" else torch.cuda.get_device_name(),
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 def launch(args: argparse.Namespace, runner: str, nproc: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__, "--runner", runner,
-           "--layers", str(args.layers), "--dim", str(args.dim), "--context", str(args.context), "--batch", str(args.batch),
-           "--warmup", str(args.warmup), "--steps", str(args.steps), "--device", args.device]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        __file__,
+        "--runner",
+        runner,
+        "--layers",
+        str(args.layers),
+        "--dim",
+        str(args.dim),
+        "--context",
+        str(args.context),
+        "--batch",
+        str(args.batch),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _mib(n: float | None) -> str:
@@ -106,17 +140,23 @@ def _mib(n: float | None) -> str:
 
 
 def table(one: dict, two: dict[str, list[dict]]) -> list[str]:
-    rows = ["| strategy | ranks | params MiB | grads MiB | optimizer MiB | total MiB | vs 1 rank | peak RSS MiB | step ms (median of rounds) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| strategy | ranks | params MiB | grads MiB | optimizer MiB | total MiB | vs 1 rank | peak RSS MiB | step ms (median of rounds) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     b = one["state_bytes"]
-    rows.append(f"| either | 1 | {_mib(b['params'])} | {_mib(b['grads'])} | {_mib(b['optimizer'])} | {_mib(b['total'])} | 1.00 | "
-                f"{_mib(one['peak_rss_bytes'])} | {one['step_s_median'] * 1e3:.1f} |")
+    rows.append(
+        f"| either | 1 | {_mib(b['params'])} | {_mib(b['grads'])} | {_mib(b['optimizer'])} | {_mib(b['total'])} | 1.00 | "
+        f"{_mib(one['peak_rss_bytes'])} | {one['step_s_median'] * 1e3:.1f} |"
+    )
     for strategy, results in two.items():
         b = results[0]["state_bytes"]
         ms = [r["step_s_median"] * 1e3 for r in results]
-        rows.append(f"| {strategy} | 2 | {_mib(b['params'])} | {_mib(b['grads'])} | {_mib(b['optimizer'])} | {_mib(b['total'])} | "
-                    f"{b['total'] / one['state_bytes']['total']:.2f} | {_mib(statistics.median(r['peak_rss_bytes'] for r in results))} | "
-                    f"{statistics.median(ms):.1f} (rounds: {', '.join(f'{m:.1f}' for m in ms)}) |")
+        rows.append(
+            f"| {strategy} | 2 | {_mib(b['params'])} | {_mib(b['grads'])} | {_mib(b['optimizer'])} | {_mib(b['total'])} | "
+            f"{b['total'] / one['state_bytes']['total']:.2f} | {_mib(statistics.median(r['peak_rss_bytes'] for r in results))} | "
+            f"{statistics.median(ms):.1f} (rounds: {', '.join(f'{m:.1f}' for m in ms)}) |"
+        )
     return rows
 
 
@@ -147,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(
         f"# DDP vs FSDP, {stamp}\n\n`python bench/fsdp.py {' '.join(sys.argv[1:])}` on {meta['machine']} ({meta['cpus']} CPUs), {one['device']}.\n\n"
         f"{one['params']:,} parameters ({args.layers} layers x {args.dim}), AdamW, batch {args.batch} x {args.context} bytes per rank.\n\n"
-        + "\n".join(rows) + f"\n\nFSDP / DDP step time at 2 ranks: {ratio:.2f}x\n")
+        + "\n".join(rows)
+        + f"\n\nFSDP / DDP step time at 2 ranks: {ratio:.2f}x\n"
+    )
     print(f"wrote {out.with_suffix('.md')}")
     return 0
 

@@ -186,17 +186,29 @@ def fit_distrib(variant: str, p: dict, device: torch.device, data: Images, model
     if variant.startswith("synccheck"):
         guard_syncs(model, opt, start=2, log_every=log_every, total=total)
     if variant == "synccheck_selftest":
+
         def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: F811 - a host sync on purpose
             loss = F.cross_entropy(out, y)
             loss.item()
             return loss
+
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = distrib.Config().replace(**{
-            "run.dir": run_dir, "run.device": str(device), "data.num_workers": p["workers"],
-            "data.prefetch": variant != "distrib_no_prefetch", "train.batch_size": p["batch"], "train.epochs": 1,
-            "train.max_steps": total, "train.log_every": log_every, "ckpt.every": None, "ckpt.resume": "never",
-            "wandb.mode": "disabled", "train.progress": "lines",
-        })
+        cfg = distrib.Config().replace(
+            **{
+                "run.dir": run_dir,
+                "run.device": str(device),
+                "data.num_workers": p["workers"],
+                "data.prefetch": variant != "distrib_no_prefetch",
+                "train.batch_size": p["batch"],
+                "train.epochs": 1,
+                "train.max_steps": total,
+                "train.log_every": log_every,
+                "ckpt.every": None,
+                "ckpt.resume": "never",
+                "wandb.mode": "disabled",
+                "train.progress": "lines",
+            }
+        )
         distrib.fit(cfg, model=model, optimizer=opt, train_data=data, loss_fn=loss_fn)
 
 
@@ -240,9 +252,13 @@ def copy_bandwidth(p: dict, device: str) -> dict:
 
 def report(results: dict, sync: dict, meta: dict) -> str:
     base = statistics.median(results["resident"])
-    rows = [f"Device: {meta['device']}; torch {meta['torch']}; {meta['rounds']} rounds; params {json.dumps(meta['params'])}",
-            f"Host-to-device copy of one batch: {json.dumps(meta['h2d']) if meta['h2d'] else 'not measured (no CUDA)'}", "",
-            "| variant | steps/s (median) | spread | feed efficiency (vs resident) |", "|---|---|---|---|"]
+    rows = [
+        f"Device: {meta['device']}; torch {meta['torch']}; {meta['rounds']} rounds; params {json.dumps(meta['params'])}",
+        f"Host-to-device copy of one batch: {json.dumps(meta['h2d']) if meta['h2d'] else 'not measured (no CUDA)'}",
+        "",
+        "| variant | steps/s (median) | spread | feed efficiency (vs resident) |",
+        "|---|---|---|---|",
+    ]
     for v, sps in results.items():
         med = statistics.median(sps)
         label = "loader alone (no GPU work; headroom)" if v == "loader" else v
@@ -250,8 +266,11 @@ def report(results: dict, sync: dict, meta: dict) -> str:
     if "skipped" in sync:
         rows += ["", f"Sync check: skipped ({sync['skipped']})."]
     else:
-        rows += ["", f"Sync check (set_sync_debug_mode('error') on non-logging steps): clean run {'passed' if sync['clean_steps_ok'] else 'FAILED'}; "
-                 f"self-test with a planted .item() {'caught' if sync['selftest_caught'] else 'NOT caught'}."]
+        rows += [
+            "",
+            f"Sync check (set_sync_debug_mode('error') on non-logging steps): clean run {'passed' if sync['clean_steps_ok'] else 'FAILED'}; "
+            f"self-test with a planted .item() {'caught' if sync['selftest_caught'] else 'NOT caught'}.",
+        ]
     return "\n".join(rows)
 
 
@@ -289,9 +308,15 @@ def main(argv: list[str] | None = None) -> int:
             results[v].append(rec["steps_per_s"])
             print(f"round {r + 1}/{rounds} {v:20s} {rec['steps_per_s']:8.2f} steps/s", flush=True)
     sync = sync_check(p, ns.device)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__, "rounds": rounds, "params": p,
-            "device": torch.cuda.get_device_name() if ns.device == "cuda" else f"cpu ({os.cpu_count()} cores)",
-            "host_cpus": os.cpu_count(), "h2d": copy_bandwidth(p, ns.device)}
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "rounds": rounds,
+        "params": p,
+        "device": torch.cuda.get_device_name() if ns.device == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "host_cpus": os.cpu_count(),
+        "h2d": copy_bandwidth(p, ns.device),
+    }
     name = ns.name or ("gpu-smoke" if ns.smoke else f"gpu-{datetime.date.today().isoformat()}")
     ns.results.mkdir(parents=True, exist_ok=True)
     eff = {v: statistics.median(s) / statistics.median(results["resident"]) for v, s in results.items()}

@@ -87,8 +87,16 @@ def run_distrib(args: argparse.Namespace, data: Synthetic, net: torch.nn.Module,
     CLOCK = StepClock(opt)
     # distrib's defaults (wandb auto: offline without credentials, a checkpoint every 100 steps and at
     # each epoch end, async); only what the job itself fixes is set.
-    cfg = distrib.Config().replace(**{"seed": args.seed, "run.dir": run_dir, "run.device": "cpu", "train.batch_size": args.batch,
-                                      "train.epochs": args.epochs, **dict(kv.split("=", 1) for kv in args.set)})
+    cfg = distrib.Config().replace(
+        **{
+            "seed": args.seed,
+            "run.dir": run_dir,
+            "run.device": "cpu",
+            "train.batch_size": args.batch,
+            "train.epochs": args.epochs,
+            **dict(kv.split("=", 1) for kv in args.set),
+        }
+    )
     return distrib.fit(cfg, model=net, optimizer=opt, train_data=data)["wall_time_s"]
 
 
@@ -117,10 +125,17 @@ def main() -> None:
     assert CLOCK is not None
     if int(os.environ.get("RANK", "0")) == 0 and args.out:
         t0 = float(os.environ.get("BENCH_LAUNCH_T0", "nan"))
-        record = {"framework": args.framework, "set": args.set, "world_size": world, "steps": len(CLOCK.times),
-                  "first_step_s": CLOCK.first_wall - t0,
-                  "last_step_s": CLOCK.first_wall - t0 + CLOCK.times[-1] - CLOCK.times[0], "loop_s": loop_s, "excess_s": excess(CLOCK.times),
-                  "median_step_s": statistics.median(b - a for a, b in zip(CLOCK.times, CLOCK.times[1:]))}
+        record = {
+            "framework": args.framework,
+            "set": args.set,
+            "world_size": world,
+            "steps": len(CLOCK.times),
+            "first_step_s": CLOCK.first_wall - t0,
+            "last_step_s": CLOCK.first_wall - t0 + CLOCK.times[-1] - CLOCK.times[0],
+            "loop_s": loop_s,
+            "excess_s": excess(CLOCK.times),
+            "median_step_s": statistics.median(b - a for a, b in zip(CLOCK.times, CLOCK.times[1:])),
+        }
         with open(args.out, "a") as f:
             f.write(json.dumps(record) + "\n")
 

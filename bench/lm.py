@@ -42,8 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log_every", type=int, default=25)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=os.environ.get("BENCH_RESULT", ""))
-    p.add_argument("--distrib_set", action="append", default=[], metavar="KEY=VALUE",
-                   help="distrib loops only: a config override, to find what a default costs (e.g. ckpt.async=false)")
+    p.add_argument(
+        "--distrib_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="distrib loops only: a config override, to find what a default costs (e.g. ckpt.async=false)",
+    )
     return p.parse_args(argv)
 
 
@@ -108,14 +113,35 @@ def run_distrib(args: argparse.Namespace) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, 30, total))
     clock = StepClock(opt)
     with shared_run_dir() as run_dir:  # one for all ranks: fit checkpoints the last step
-        cfg = distrib.Config().replace(**{
-            "run.dir": run_dir, "run.device": "cpu", "train.batch_size": args.batch, "train.epochs": 1, "train.max_steps": total,
-            "train.log_every": args.log_every, "data.drop_last": True, "ckpt.every": None, "ckpt.resume": "never", "wandb.mode": "disabled",
-        }).replace(**dict(kv.split("=", 1) for kv in args.distrib_set))
+        cfg = (
+            distrib.Config()
+            .replace(
+                **{
+                    "run.dir": run_dir,
+                    "run.device": "cpu",
+                    "train.batch_size": args.batch,
+                    "train.epochs": 1,
+                    "train.max_steps": total,
+                    "train.log_every": args.log_every,
+                    "data.drop_last": True,
+                    "ckpt.every": None,
+                    "ckpt.resume": "never",
+                    "wandb.mode": "disabled",
+                }
+            )
+            .replace(**dict(kv.split("=", 1) for kv in args.distrib_set))
+        )
         # distrib_mean: each micro-batch's own mean loss, as the hand loop has it (no token count, no extra all-reduce).
         items = None if args.runner == "distrib_mean" else distrib.label_tokens(shift=False)
-        summary = distrib.fit(cfg, model=model, optimizer=opt, scheduler=sched, train_data=train_set, items=items,
-                              step_fn=(lambda m, b: m(**b)["loss"]) if items is None else None)
+        summary = distrib.fit(
+            cfg,
+            model=model,
+            optimizer=opt,
+            scheduler=sched,
+            train_data=train_set,
+            items=items,
+            step_fn=(lambda m, b: m(**b)["loss"]) if items is None else None,
+        )
     report(args.runner, args, clock, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), summary["eval"].get("loss"))
 
 
@@ -123,9 +149,25 @@ def launch(runner: str, args: argparse.Namespace, out: Path) -> dict:
     from run import check
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", **ALLOCATOR, "BENCH_RESULT": str(out)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(Path(__file__).resolve()),
-           "--runner", runner, "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps), "--log_every", str(args.log_every),
-           *[f"--distrib_set={kv}" for kv in args.distrib_set]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(Path(__file__).resolve()),
+        "--runner",
+        runner,
+        "--batch",
+        str(args.batch),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--log_every",
+        str(args.log_every),
+        *[f"--distrib_set={kv}" for kv in args.distrib_set],
+    ]
     out.unlink(missing_ok=True)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     check(done, out, runner, peer=runner == "hand")
@@ -156,16 +198,28 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [d / h for d, h in zip(step_s[head], step_s["hand"])]
     others = {name: [x / h for x, h in zip(v, step_s["hand"])] for name, v in step_s.items() if name not in ("hand", head)}
     result = {
-        "date": datetime.date.today().isoformat(), "host": platform.node(), "cpus": os.cpu_count(), "processes": 2, "backend": "gloo",
-        "batch_per_process": args.batch, "warmup": args.warmup, "steps": args.steps, "step_s": step_s, "ratio_per_round": ratios,
+        "date": datetime.date.today().isoformat(),
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "processes": 2,
+        "backend": "gloo",
+        "batch_per_process": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "step_s": step_s,
+        "ratio_per_round": ratios,
         "median_ms": {k: 1000 * statistics.median(v) for k, v in step_s.items()},
-        "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
         "other_ratios_median": {k: statistics.median(v) for k, v in others.items()},
     }
-    table = ("| loop | median ms/step | min | max |\n|---|---|---|---|\n" + "".join(
-        f"| {k} | {1000 * statistics.median(v):.2f} | {1000 * min(v):.2f} | {1000 * max(v):.2f} |\n" for k, v in step_s.items())
+    table = (
+        "| loop | median ms/step | min | max |\n|---|---|---|---|\n"
+        + "".join(f"| {k} | {1000 * statistics.median(v):.2f} | {1000 * min(v):.2f} | {1000 * max(v):.2f} |\n" for k, v in step_s.items())
         + f"\n{head} / hand step time: median {result['ratio_median']:.3f} (rounds: {', '.join(f'{x:.3f}' for x in ratios)})\n"
-        + "".join(f"{k} / hand step time: median {statistics.median(v):.3f} (rounds: {', '.join(f'{x:.3f}' for x in v)})\n" for k, v in others.items()))
+        + "".join(f"{k} / hand step time: median {statistics.median(v):.3f} (rounds: {', '.join(f'{x:.3f}' for x in v)})\n" for k, v in others.items())
+    )
     print(table)
     if args.smoke:
         return 0

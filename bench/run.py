@@ -76,7 +76,7 @@ def check(done: subprocess.CompletedProcess, out: Path, name: str, *, peer: bool
 def rotated(order: list, r: int) -> list:
     """Round r's order. Runs alternate, and the order rotates each round: with a fixed order a
     machine that slows down during the run would always penalise the frameworks that go last."""
-    return order[r % len(order):] + order[: r % len(order)]
+    return order[r % len(order) :] + order[: r % len(order)]
 
 
 def check_args(p: argparse.ArgumentParser, flag: str, names: str, known, rounds: int) -> None:
@@ -99,7 +99,9 @@ def table(results: dict) -> str:
         base = statistics.median(per["hand"]["steps_per_s"])
         for fw in per:
             sps = per[fw]["steps_per_s"]
-            rows.append(f"| {name} | {fw} | {statistics.median(sps):.2f} | {spread(sps):.1%} | {statistics.median(sps) / base:.3f} | {statistics.median(per[fw]['wall_s']):.1f} |")
+            rows.append(
+                f"| {name} | {fw} | {statistics.median(sps):.2f} | {spread(sps):.1%} | {statistics.median(sps) / base:.3f} | {statistics.median(per[fw]['wall_s']):.1f} |"
+            )
     return "\n".join(rows)
 
 
@@ -163,8 +165,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{n} round {r + 1}/{rounds} {fw:10s} {record['steps_per_s']:8.2f} steps/s  {wall:5.1f} s", flush=True)
     dest = ns.results
     dest.mkdir(parents=True, exist_ok=True)
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "rounds": rounds, "allocator_env": allocator, "scenarios": {n: {"nproc": s[0], "args": s[1]} for n, s in scenarios.items()}}
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "rounds": rounds,
+        "allocator_env": allocator,
+        "scenarios": {n: {"nproc": s[0], "args": s[1]} for n, s in scenarios.items()},
+    }
     try:
         import torch
 

@@ -62,8 +62,16 @@ class GPTConfig:
 
 SECTIONS = {"gpt": GPTConfig, "optim": distrib.OptimConfig}
 DEFAULTS: dict[str, Any] = {
-    "train.batch_size": 16, "train.max_steps": 300, "train.log_every": 25, "train.eval_batch_size": 64, "run.dir": "runs/gpt",
-    "optim.name": "adamw", "optim.lr": 3e-3, "optim.weight_decay": 0.1, "optim.schedule": "cosine", "optim.warmup_steps": 30,
+    "train.batch_size": 16,
+    "train.max_steps": 300,
+    "train.log_every": 25,
+    "train.eval_batch_size": 64,
+    "run.dir": "runs/gpt",
+    "optim.name": "adamw",
+    "optim.lr": 3e-3,
+    "optim.weight_decay": 0.1,
+    "optim.schedule": "cosine",
+    "optim.warmup_steps": 30,
 }
 if torch.cuda.is_available():
     DEFAULTS |= {"train.precision": "bf16", "train.compile": True}
@@ -210,12 +218,21 @@ def train(cfg: distrib.Config) -> dict[str, Any]:
     train_set, eval_set = datasets(cfg.gpt)
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.gpt)
-    summary = distrib.fit(cfg, model=model, train_data=train_set, eval_data=eval_set, items=distrib.label_tokens(shift=False),
-                          tokens_per_sample=cfg.gpt.context, flops_per_sample=model.flops_per_token() * cfg.gpt.context)
+    summary = distrib.fit(
+        cfg,
+        model=model,
+        train_data=train_set,
+        eval_data=eval_set,
+        items=distrib.label_tokens(shift=False),
+        tokens_per_sample=cfg.gpt.context,
+        flops_per_sample=model.flops_per_token() * cfg.gpt.context,
+    )
     if not summary.get("stopped") and summary["eval"]:
         baseline = unigram_nats(split(stdlib_bytes(cfg.gpt.corpus_mb), cfg.gpt.eval_fraction)[0])
-        log.info(f"eval loss {summary['eval']['loss']:.3f} nats/byte ({summary['eval']['loss'] / math.log(2):.3f} bits/byte); "
-                         f"a byte-unigram model: {baseline:.3f} nats/byte")
+        log.info(
+            f"eval loss {summary['eval']['loss']:.3f} nats/byte ({summary['eval']['loss'] / math.log(2):.3f} bits/byte); "
+            f"a byte-unigram model: {baseline:.3f} nats/byte"
+        )
     return summary
 
 

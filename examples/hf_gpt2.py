@@ -38,16 +38,21 @@ class HFGPT2Config:
 
 SECTIONS = {"gpt2": HFGPT2Config, "optim": distrib.OptimConfig}
 DEFAULTS: dict[str, Any] = {
-    "train.batch_size": 16, "train.max_steps": 100, "train.log_every": 25, "run.dir": "runs/hf_gpt2",
-    "optim.name": "adamw", "optim.lr": 1e-3, "optim.schedule": "cosine", "optim.warmup_steps": 10,
+    "train.batch_size": 16,
+    "train.max_steps": 100,
+    "train.log_every": 25,
+    "run.dir": "runs/hf_gpt2",
+    "optim.name": "adamw",
+    "optim.lr": 1e-3,
+    "optim.schedule": "cosine",
+    "optim.warmup_steps": 10,
 }
 
 
 def gpt2_config(cfg: HFGPT2Config) -> Any:
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=256, n_positions=cfg.context, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                      bos_token_id=0, eos_token_id=0)
+    return GPT2Config(vocab_size=256, n_positions=cfg.context, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=0, eos_token_id=0)
 
 
 class CausalWindows(ByteWindows):

@@ -65,8 +65,7 @@ def train(cfg: distrib.Config) -> dict | int:
             session.save(state)  # distrib: atomic, verified checkpoint
 
         result = result or evaluate()  # a rerun of a finished run trains nothing: evaluate what it has
-        summary = {"eval": result, "optimizer_steps": train_loader.step, "world_size": session.world_size,
-                   "params_sha256": distrib.params_sha256(model)}
+        summary = {"eval": result, "optimizer_steps": train_loader.step, "world_size": session.world_size, "params_sha256": distrib.params_sha256(model)}
         session.save_model(model)  # model.pt: the plain module's keys
         session.write_json("summary.json", summary)
         if session.is_main_process:  # also session.rank, session.world_size

@@ -36,8 +36,13 @@ def free_port() -> int:
 def _child(rank: int, fn: Callable[..., Any], world_size: int, port: int, out: str, args: tuple) -> None:
     # Only the child's environment: the parent (pytest) is never touched.
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
     result = fn(rank, world_size, *args)
@@ -59,7 +64,9 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], *, nproc: int = 1, cwd: Path | None = None, check: bool = True, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_train(
+    args: list[str], *, nproc: int = 1, cwd: Path | None = None, check: bool = True, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`python -m distrib.train ARGS` (nproc=1) or `torchrun --nproc_per_node=N -m distrib.train ARGS`."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "distrib.train", *args]

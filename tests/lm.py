@@ -13,8 +13,9 @@ def tiny_gpt2(seed: int = 0):
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=CONTEXT, bos_token_id=0, eos_token_id=0,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=CONTEXT, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(config)
 

@@ -164,21 +164,31 @@ class Checkpointer:
                 f"resuming a {shared['world_size']}-process checkpoint ({path}) on {self.world_size} processes: training "
                 "continues at the same number of samples seen, but the result will not be bit-identical to an uninterrupted run"
             )
-        return Restored(path=path, step=int(checkpoint.verify(path)["step"]), scaler=shared["scaler"],
-                        logger_run_id=shared.get("logger_run_id"), metrics_lines=shared.get("metrics_lines"))
+        return Restored(
+            path=path,
+            step=int(checkpoint.verify(path)["step"]),
+            scaler=shared["scaler"],
+            logger_run_id=shared.get("logger_run_id"),
+            metrics_lines=shared.get("metrics_lines"),
+        )
 
-    def _check(self, path: Path, state: Mapping[str, Any], saved: Mapping[str, Any], wanted: set[str], layouts: Mapping[str, Any],
-               config: Mapping[str, Any]) -> None:
+    def _check(
+        self, path: Path, state: Mapping[str, Any], saved: Mapping[str, Any], wanted: set[str], layouts: Mapping[str, Any], config: Mapping[str, Any]
+    ) -> None:
         """Everything is compared before anything is loaded: a refused resume changes nothing."""
         missing = sorted(wanted - set(saved))
         if missing:
-            raise ConfigError(f"checkpoint {path} holds no {', '.join(missing)} (it has {', '.join(sorted(saved))}). HINT: resume with the "
-                              "same state keys, or start fresh with --ckpt.resume never.")
+            raise ConfigError(
+                f"checkpoint {path} holds no {', '.join(missing)} (it has {', '.join(sorted(saved))}). HINT: resume with the "
+                "same state keys, or start fresh with --ckpt.resume never."
+            )
         problems = [p for key in sorted(wanted) for p in incompatibilities(key, _unwrapped(state[key]), saved[key])]
         whole = [k for k in sorted(wanted) if k not in layouts and self.sharded and sharded.is_sharded_state(state[k])]
         if whole:
-            raise ConfigError(f"cannot resume from {path}: its {', '.join(whole)} were saved whole (dist.strategy=ddp) and this run "
-                              "shards them (dist.strategy=fsdp). HINT: finish it with --dist.strategy ddp, or start fresh with --ckpt.resume never.")
+            raise ConfigError(
+                f"cannot resume from {path}: its {', '.join(whole)} were saved whole (dist.strategy=ddp) and this run "
+                "shards them (dist.strategy=fsdp). HINT: finish it with --dist.strategy ddp, or start fresh with --ckpt.resume never."
+            )
         if problems:
             diff = config_diff(dict(config), self.cfg.to_dict())
             raise ConfigError(
@@ -200,8 +210,10 @@ class Checkpointer:
             log.info(f"resuming with a changed config: {describe_diff(diff)} (applied{'; ' + ', '.join(changed) if changed else ''})")
         regrouped = [k for k in ("train.batch_size", "train.grad_accum") if k in diff]
         if regrouped:
-            log.warning(f"resuming with another {' and '.join(regrouped)}: training continues at the same number of samples seen, "
-                        "but the result will not be bit-identical to an uninterrupted run")
+            log.warning(
+                f"resuming with another {' and '.join(regrouped)}: training continues at the same number of samples seen, "
+                "but the result will not be bit-identical to an uninterrupted run"
+            )
 
 
 def _state_of(value: Any) -> Any:
@@ -238,4 +250,3 @@ def step_of(state: Mapping[str, Any]) -> int:
         if isinstance(value, TrainLoader):
             return value.step
     raise ConfigError("Session.save(state) found no TrainLoader in state to take the step from. HINT: pass step=N.")
-

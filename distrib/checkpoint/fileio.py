@@ -21,8 +21,7 @@ import torch
 
 from distrib.errors import ConfigError, StorageError
 
-_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
 
 
 def check_own(path: Path, hint: str = "HINT: remove it, or choose another path.") -> None:
@@ -38,8 +37,9 @@ def check_own(path: Path, hint: str = "HINT: remove it, or choose another path."
     except OSError as exc:
         raise storage_error(path, exc) from None
     if stat.S_ISLNK(st.st_mode):
-        raise ConfigError(f"{path} is a symbolic link (to {os.readlink(path)!r}) that distrib did not create; distrib never "
-                          f"writes through or over a link. {hint}")
+        raise ConfigError(
+            f"{path} is a symbolic link (to {os.readlink(path)!r}) that distrib did not create; distrib never writes through or over a link. {hint}"
+        )
     if not stat.S_ISREG(st.st_mode):
         kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
         raise ConfigError(f"{path} is {kind}, not a regular file; distrib writes only files it creates. {hint}")
@@ -75,8 +75,10 @@ def storage_error(path: Path, exc: OSError, needed: int | None = None) -> Storag
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         free = _free_bytes(path)
         room = f"{'needed about ' + _mib(needed) + ', ' if needed else ''}{_mib(free) + ' free' if free is not None else 'free space unknown'}"
-        return StorageError(f"the disk is full writing {path} ({room}; {exc.strerror}). HINT: free space on that file system (older checkpoints "
-                            "in run.dir/checkpoints/ may go, but keep the last good one), or point --run.dir at a larger disk.")
+        return StorageError(
+            f"the disk is full writing {path} ({room}; {exc.strerror}). HINT: free space on that file system (older checkpoints "
+            "in run.dir/checkpoints/ may go, but keep the last good one), or point --run.dir at a larger disk."
+        )
     cause = exc.strerror or str(exc)
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         hint = "a directory of the run was removed or replaced while it ran. HINT: leave run.dir alone while a run writes it."

@@ -60,8 +60,11 @@ def _module_mismatch(name: str, now: Mapping[str, Any], saved: Any) -> list[str]
         out.append(f"{name}: {len(missing)} parameter(s) not in the checkpoint ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
     if extra:
         out.append(f"{name}: {len(extra)} checkpoint parameter(s) this model lacks ({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''})")
-    shapes = [f"{k} {list(saved[k].shape)} -> {list(v.shape)}" for k, v in now.items()
-              if k in saved and hasattr(v, "shape") and hasattr(saved[k], "shape") and saved[k].shape != v.shape]
+    shapes = [
+        f"{k} {list(saved[k].shape)} -> {list(v.shape)}"
+        for k, v in now.items()
+        if k in saved and hasattr(v, "shape") and hasattr(saved[k], "shape") and saved[k].shape != v.shape
+    ]
     if shapes:
         out.append(f"{name}: shapes differ: {', '.join(shapes[:4])}{', ...' if len(shapes) > 4 else ''}")
     return out
@@ -79,13 +82,11 @@ def _optimizer_mismatch(name: str, now: Mapping[str, Any], saved: Any) -> list[s
             out.append(f"{name}: group {i} has {len(ga['params'])} parameters in the checkpoint, {len(gb['params'])} now")
         ka, kb = set(ga) - {"params", "initial_lr"}, set(gb) - {"params", "initial_lr"}
         if ka != kb:
-            out.append(f"{name}: another kind of optimizer (the checkpoint's has {', '.join(sorted(ka - kb))}; this one "
-                       f"{', '.join(sorted(kb - ka))})")
+            out.append(f"{name}: another kind of optimizer (the checkpoint's has {', '.join(sorted(ka - kb))}; this one {', '.join(sorted(kb - ka))})")
     return out
 
 
-def apply_hparams(optimizer: torch.optim.Optimizer, started: list[dict[str, Any]], fresh: list[dict[str, Any]],
-                  schedulers: list[Any]) -> list[str]:
+def apply_hparams(optimizer: torch.optim.Optimizer, started: list[dict[str, Any]], fresh: list[dict[str, Any]], schedulers: list[Any]) -> list[str]:
     """After loading: re-apply what the config changed since the checkpoint's run started. Returns what changed.
 
     `started`: the checkpoint run's hyperparameters at its start; `fresh`: this run's, from its

@@ -49,8 +49,9 @@ def check_run_dir(run_dir: str | Path) -> None:
     limit = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
     length = len(os.fsencode(os.path.abspath(path)))
     if length + 100 > limit:
-        raise ConfigError(f"run.dir is {length} bytes long as an absolute path; with the files a run writes inside it, that passes "
-                          f"the system's limit of {limit}. {hint}")
+        raise ConfigError(
+            f"run.dir is {length} bytes long as an absolute path; with the files a run writes inside it, that passes the system's limit of {limit}. {hint}"
+        )
     if path.is_symlink() and not path.exists():
         raise ConfigError(f"run.dir={str(run_dir)!r} is a symbolic link to {os.readlink(path)!r}, which does not exist. {hint}")
     if path.exists() and not path.is_dir():
@@ -100,7 +101,9 @@ class RunLock:
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     check_own(path, "HINT: remove it, or pass another --run.dir.")
-                raise ConfigError(f"run.dir={str(self.dir)!r}: cannot create its lock file: {exc.strerror}. HINT: pass --run.dir a writable directory.") from None
+                raise ConfigError(
+                    f"run.dir={str(self.dir)!r}: cannot create its lock file: {exc.strerror}. HINT: pass --run.dir a writable directory."
+                ) from None
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -173,8 +176,9 @@ def set_aside(run_dir: str | Path) -> Path | None:
     previous = Path(run_dir) / PREVIOUS_DIR
     what = foreign_dir(previous)
     if what is not None:
-        raise ConfigError(f"{previous} is {what}; the previous run's files go there, and distrib never writes through a link. "
-                          "HINT: remove it, or pass another --run.dir.")
+        raise ConfigError(
+            f"{previous} is {what}; the previous run's files go there, and distrib never writes through a link. HINT: remove it, or pass another --run.dir."
+        )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     target = Path(run_dir) / PREVIOUS_DIR / stamp
     n = 1
@@ -187,8 +191,10 @@ def set_aside(run_dir: str | Path) -> Path | None:
             os.replace(f, target / f.name)
     except OSError as exc:
         if exc.errno == errno.EXDEV:
-            raise ConfigError(f"{previous} is on another file system than {run_dir}, so the previous run's files cannot be moved "
-                              "there by a rename (and distrib does not copy them). HINT: unmount or remove it, or pass another --run.dir.") from None
+            raise ConfigError(
+                f"{previous} is on another file system than {run_dir}, so the previous run's files cannot be moved "
+                "there by a rename (and distrib does not copy them). HINT: unmount or remove it, or pass another --run.dir."
+            ) from None
         raise storage_error(target, exc) from None
     log.warning(f"ckpt.resume=never: the previous run's {', '.join(f.name for f in found)} moved to {target} (nothing deleted)")
     return target

@@ -81,8 +81,7 @@ def layout(value: Any) -> dict[str, Any]:
     """What a resume compares before loading (`distrib.checkpoint.resume.incompatibilities`): shapes and groups, no data."""
     if isinstance(value, nn.Module):
         return {"shapes": {k: list(v.shape) for k, v in value.state_dict().items() if hasattr(v, "shape")}}
-    return {"param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(g["params"])))}
-                             for g in value.param_groups]}
+    return {"param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": list(range(len(g["params"])))} for g in value.param_groups]}
 
 
 class _Shape:
@@ -145,8 +144,11 @@ def convert(checkpoint: Path, key: str = "model") -> dict[str, torch.Tensor]:
     reader = dcp.FileSystemReader(checkpoint / SHARDED_DIR)
     meta = reader.read_metadata().state_dict_metadata
     prefix = f"{key}."
-    tensors = {k[len(prefix):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
-               if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    tensors = {
+        k[len(prefix) :]: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)
+    }
     if not tensors:
         keys = sorted({k.split(".", 1)[0] for k in meta})
         raise ConfigError(f"{checkpoint} holds no sharded {key!r} (it has {', '.join(keys)}). HINT: pass --key with one of those.")

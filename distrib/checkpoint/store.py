@@ -92,8 +92,7 @@ def begin(root: Path, step: int) -> Path:
     return staging
 
 
-def commit(root: Path, step: int, *, world_size: int, keep: int, meta: dict[str, Any] | None = None,
-           digests: dict[str, str] | None = None) -> Path:
+def commit(root: Path, step: int, *, world_size: int, keep: int, meta: dict[str, Any] | None = None, digests: dict[str, str] | None = None) -> Path:
     """Write the manifest last, rename the staging directory into place, prune to the last `keep`.
 
     Rank 0 only, after every rank has written its files (a barrier). `digests` are CRC-32s already
@@ -151,8 +150,7 @@ def _check_manifest(path: Path, manifest: Any) -> None:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(f"{path}: {MANIFEST} gives format {version!r}, not a version number")
     if version > FORMAT:
-        raise NewerFormatError(f"{path} is in checkpoint format {version}, written by a newer distrib; this one reads "
-                               f"formats 1 to {FORMAT}")
+        raise NewerFormatError(f"{path} is in checkpoint format {version}, written by a newer distrib; this one reads formats 1 to {FORMAT}")
     for key in ("step", "world_size"):
         if not isinstance(manifest.get(key), int) or isinstance(manifest.get(key), bool) or manifest[key] < 0:
             raise CheckpointError(f"{path}: {MANIFEST} gives no {key}")
@@ -162,8 +160,7 @@ def _check_manifest(path: Path, manifest: Any) -> None:
     needed = ["state.pt", *(rank_file(r) for r in range(manifest["world_size"]))]
     missing = [name for name in needed if name not in files]
     if missing:
-        raise CheckpointError(f"{path}: {MANIFEST} does not list {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, "
-                              "which a resume reads")
+        raise CheckpointError(f"{path}: {MANIFEST} does not list {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, which a resume reads")
 
 
 def check_root(root: Path, *, mid_run: bool = False) -> None:
@@ -176,18 +173,17 @@ def check_root(root: Path, *, mid_run: bool = False) -> None:
         from distrib.errors import ConfigError, StorageError
 
         if mid_run:
-            raise StorageError(f"cannot write {root}: it is {what} any more; something replaced it under the run. "
-                               "HINT: leave run.dir alone while a run writes it.")
-        raise ConfigError(f"{root} is {what}; checkpoints are written only into a directory of the run's own. "
-                          "HINT: remove it, or pass another --run.dir.")
+            raise StorageError(
+                f"cannot write {root}: it is {what} any more; something replaced it under the run. HINT: leave run.dir alone while a run writes it."
+            )
+        raise ConfigError(f"{root} is {what}; checkpoints are written only into a directory of the run's own. HINT: remove it, or pass another --run.dir.")
 
 
 def candidates(root: Path) -> list[Path]:
     """Committed checkpoint directories, newest first (staging `.tmp` directories and links are not listed)."""
     if not root.is_dir() or root.is_symlink():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and not p.is_symlink() and (m := _STEP_DIR.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (m := _STEP_DIR.fullmatch(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -227,7 +223,13 @@ def capture_rng() -> dict[str, Any]:
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     return {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -291,14 +293,26 @@ def resolve_resume(resume: str, root: Path) -> Path | None:
         verify(path)
         return path
     except NewerFormatError as exc:
-        raise ConfigError(f"cannot resume: {exc}. HINT: resume it with the distrib that wrote it (or a newer one: "
-                          "pip install -U distrib), or start fresh with --ckpt.resume never.") from None
+        raise ConfigError(
+            f"cannot resume: {exc}. HINT: resume it with the distrib that wrote it (or a newer one: "
+            "pip install -U distrib), or start fresh with --ckpt.resume never."
+        ) from None
     except CheckpointError as exc:
         raise ConfigError(f"ckpt.resume={resume!r} is not a usable checkpoint: {exc}. HINT: pass --ckpt.resume auto to use the newest good one.") from None
 
 
-def save(root: Path, step: int, *, rank: int, world_size: int, keep: int, shared: dict[str, Any] | None, per_rank: dict[str, Any],
-         sharded: dict[str, Any] | None = None, group: Any = None) -> None:
+def save(
+    root: Path,
+    step: int,
+    *,
+    rank: int,
+    world_size: int,
+    keep: int,
+    shared: dict[str, Any] | None,
+    per_rank: dict[str, Any],
+    sharded: dict[str, Any] | None = None,
+    group: Any = None,
+) -> None:
     """Write one checkpoint from every rank: rank 0 the replicated `shared` state, each rank its own
     and its shard of `sharded` (DCP, into `sharded/`).
 

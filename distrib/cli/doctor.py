@@ -134,65 +134,81 @@ def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, st
     in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
     step_tasks_here = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""), _int(env, "SLURM_NODEID") or 0)
     if in_slurm:
-        facts.append(("slurm", f"job {env['SLURM_JOB_ID']}: {nnodes} node(s) {env.get('SLURM_JOB_NODELIST', '?')}, "
-                               f"{env.get('SLURM_NTASKS', '?')} task(s) ({env.get('SLURM_TASKS_PER_NODE', '?')} per node), "
-                               f"{gpus_on_node or 'no'} GPU(s) per node" + (f", step {env.get('SLURM_STEP_ID', env.get('SLURM_STEPID'))}" if in_step else ", batch shell")))
+        facts.append(
+            (
+                "slurm",
+                f"job {env['SLURM_JOB_ID']}: {nnodes} node(s) {env.get('SLURM_JOB_NODELIST', '?')}, "
+                f"{env.get('SLURM_NTASKS', '?')} task(s) ({env.get('SLURM_TASKS_PER_NODE', '?')} per node), "
+                f"{gpus_on_node or 'no'} GPU(s) per node" + (f", step {env.get('SLURM_STEP_ID', env.get('SLURM_STEPID'))}" if in_step else ", batch shell"),
+            )
+        )
     else:
         facts.append(("slurm", "no allocation"))
 
     torchrun = denv.launcher == "torchrun" and "TORCHELASTIC_RUN_ID" in env
     # torchrun started by several srun tasks on one node: every task's agent starts its own workers.
     if torchrun and in_step and step_tasks_here > 1:
-        found.append(Finding(
-            "error",
-            f"torchrun runs inside an srun step with {step_tasks_here} tasks on this node: each task's agent starts "
-            f"--nproc_per_node processes, so the node runs {step_tasks_here}x too many (a double launch).",
-            "with torchrun use one task per node (srun --ntasks-per-node=1, as slurm/train.sbatch does); or drop "
-            "torchrun and let srun start one task per GPU (slurm/srun.sbatch)",
-        ))
+        found.append(
+            Finding(
+                "error",
+                f"torchrun runs inside an srun step with {step_tasks_here} tasks on this node: each task's agent starts "
+                f"--nproc_per_node processes, so the node runs {step_tasks_here}x too many (a double launch).",
+                "with torchrun use one task per node (srun --ntasks-per-node=1, as slurm/train.sbatch does); or drop "
+                "torchrun and let srun start one task per GPU (slurm/srun.sbatch)",
+            )
+        )
     # --ntasks is per job, --ntasks-per-node per node; on several nodes they are easy to confuse.
     ntasks = _int(env, "SLURM_NTASKS")
     if in_slurm and not torchrun and nnodes > 1 and gpus_on_node and ntasks and "SLURM_NTASKS_PER_NODE" not in env:
         if ntasks < nnodes * gpus_on_node:
-            found.append(Finding(
-                "error",
-                f"SLURM_NTASKS={ntasks} is the whole job's task count: over {nnodes} nodes with {gpus_on_node} GPUs "
-                f"each that leaves {nnodes * gpus_on_node - ntasks} GPU(s) idle.",
-                f"ask for --ntasks-per-node={gpus_on_node} (per node) instead of --ntasks={ntasks}",
-            ))
+            found.append(
+                Finding(
+                    "error",
+                    f"SLURM_NTASKS={ntasks} is the whole job's task count: over {nnodes} nodes with {gpus_on_node} GPUs "
+                    f"each that leaves {nnodes * gpus_on_node - ntasks} GPU(s) idle.",
+                    f"ask for --ntasks-per-node={gpus_on_node} (per node) instead of --ntasks={ntasks}",
+                )
+            )
     # The world size the launcher set against what the allocation provides.
     if in_slurm and gpus_on_node and denv.world_size > 1 and denv.world_size != nnodes * gpus_on_node:
-        found.append(Finding(
-            "warning",
-            f"world size {denv.world_size} does not match the allocation: {nnodes} node(s) x {gpus_on_node} GPU(s) = {nnodes * gpus_on_node}.",
-            "start one process per allocated GPU (torchrun --nproc_per_node=$SLURM_GPUS_ON_NODE, or srun "
-            "--ntasks-per-node=$SLURM_GPUS_ON_NODE)",
-        ))
+        found.append(
+            Finding(
+                "warning",
+                f"world size {denv.world_size} does not match the allocation: {nnodes} node(s) x {gpus_on_node} GPU(s) = {nnodes * gpus_on_node}.",
+                "start one process per allocated GPU (torchrun --nproc_per_node=$SLURM_GPUS_ON_NODE, or srun --ntasks-per-node=$SLURM_GPUS_ON_NODE)",
+            )
+        )
     if probes.gpus and denv.local_world_size > probes.gpus:
-        found.append(Finding(
-            "error",
-            f"{denv.local_world_size} processes on this node but only {probes.gpus} GPU(s) are visible.",
-            f"start at most {probes.gpus} processes per node",
-        ))
+        found.append(
+            Finding(
+                "error",
+                f"{denv.local_world_size} processes on this node but only {probes.gpus} GPU(s) are visible.",
+                f"start at most {probes.gpus} processes per node",
+            )
+        )
 
     # Slurm's batch shell has the job's variables but is one process: training there would not use the tasks.
     if in_slurm and not in_step and not torchrun and denv.launcher == "single" and (ntasks or 1) > 1:
-        found.append(Finding(
-            "error",
-            f"this is the batch shell of Slurm job {env['SLURM_JOB_ID']} ({ntasks} tasks), not an srun step: a training "
-            "started here runs as 1 process and leaves the other tasks idle.",
-            "start it with srun (`srun python -m distrib.train ...`, as slurm/srun.sbatch does) or under torchrun (slurm/train.sbatch)",
-        ))
+        found.append(
+            Finding(
+                "error",
+                f"this is the batch shell of Slurm job {env['SLURM_JOB_ID']} ({ntasks} tasks), not an srun step: a training "
+                "started here runs as 1 process and leaves the other tasks idle.",
+                "start it with srun (`srun python -m distrib.train ...`, as slurm/srun.sbatch does) or under torchrun (slurm/train.sbatch)",
+            )
+        )
     # A hand-made multi-process environment must say where rank 0 is.
     if denv.launcher == "torchrun" and not torchrun and denv.world_size > 1:
         unset = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
         if unset:
-            found.append(Finding(
-                "error",
-                f"WORLD_SIZE={denv.world_size} but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set: the ranks "
-                "cannot find rank 0 (distrib would try 127.0.0.1:29500, which works only when every rank runs on this host).",
-                "export MASTER_ADDR=<rank 0's host> MASTER_PORT=<a free port> on every rank, or launch with torchrun",
-            ))
+            found.append(
+                Finding(
+                    "error",
+                    f"WORLD_SIZE={denv.world_size} but {' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set: the ranks "
+                    "cannot find rank 0 (distrib would try 127.0.0.1:29500, which works only when every rank runs on this host).",
+                    "export MASTER_ADDR=<rank 0's host> MASTER_PORT=<a free port> on every rank, or launch with torchrun",
+                )
+            )
     # Master address and port.
     addr, port = denv.master_addr, denv.master_port
     if denv.launcher == "single" and in_slurm and env.get("SLURM_JOB_NODELIST"):
@@ -200,8 +216,13 @@ def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, st
             addr = expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
         except (EnvironmentConfigError, IndexError) as exc:
             if not any("SLURM_JOB_NODELIST" in f.message for f in found):
-                found.append(Finding("error", f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r} is malformed: {exc}",
-                                     "unset it, or run inside a real Slurm allocation (Slurm sets it)"))
+                found.append(
+                    Finding(
+                        "error",
+                        f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r} is malformed: {exc}",
+                        "unset it, or run inside a real Slurm allocation (Slurm sets it)",
+                    )
+                )
     addr = env.get("MASTER_ADDR", addr)
     port = _int(env, "MASTER_PORT") or port
     facts.append(("master", f"{addr}:{port}"))
@@ -211,11 +232,13 @@ def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, st
         found.append(Finding("error", f"MASTER_ADDR={addr} does not resolve on this host.", "use a hostname or IP every node can reach"))
     elif probes.is_local(addr) and not torchrun and denv.rank == 0 and probes.port_in_use(addr, port):
         # Under torchrun the agent's store listens there already; elsewhere rank 0 is about to bind it.
-        found.append(Finding(
-            "error",
-            f"MASTER_PORT={port} is already in use on {addr}: rank 0 cannot open its store there.",
-            f"export MASTER_PORT=<a free port, e.g. {_free_port()}>, or stop the process holding it",
-        ))
+        found.append(
+            Finding(
+                "error",
+                f"MASTER_PORT={port} is already in use on {addr}: rank 0 cannot open its store there.",
+                f"export MASTER_PORT=<a free port, e.g. {_free_port()}>, or stop the process holding it",
+            )
+        )
     return facts, found
 
 
@@ -230,14 +253,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     # No options of its own; argparse gives it --help and refuses a typo rather than running the checks.
-    argparse.ArgumentParser(prog="distrib doctor", description="Print what distrib sees (launcher, ranks, devices, Slurm, "
-                            "master address and port) and flag launch mistakes, each with its fix. Exit 1 on an error found."
-                            ).parse_args(argv)
+    argparse.ArgumentParser(
+        prog="distrib doctor",
+        description="Print what distrib sees (launcher, ranks, devices, Slurm, "
+        "master address and port) and flag launch mistakes, each with its fix. Exit 1 on an error found.",
+    ).parse_args(argv)
     try:
         facts, found = diagnose(os.environ, real_probes())
     except Exception as exc:  # the doctor must report, never crash: say what it could not check
-        print(f"distrib doctor could not finish its checks: {type(exc).__name__}: {exc}\n"
-              "  fix: check the variables named above (env | grep -E 'SLURM|RANK|WORLD|MASTER'); unset what you exported by hand", flush=True)
+        print(
+            f"distrib doctor could not finish its checks: {type(exc).__name__}: {exc}\n"
+            "  fix: check the variables named above (env | grep -E 'SLURM|RANK|WORLD|MASTER'); unset what you exported by hand",
+            flush=True,
+        )
         return 1
     rank = dict(facts)["rank"].split(" ")[0]
     prefix = f"[rank{rank}] " if " of 1 " not in dict(facts)["rank"] else ""  # one block per rank under srun

@@ -41,8 +41,11 @@ def model_state(path: Path, key: str = "model") -> dict[str, Any]:
     objects = shared.get("objects", {})
     if key in objects and isinstance(objects[key], dict) and all(hasattr(v, "shape") for v in objects[key].values()):
         return objects[key]
-    keys = sorted(k for k, v in {**objects, **shared.get("sharded", {})}.items()
-                  if isinstance(v, dict) and ("shapes" in v or v and all(hasattr(t, "shape") for t in v.values())))
+    keys = sorted(
+        k
+        for k, v in {**objects, **shared.get("sharded", {})}.items()
+        if isinstance(v, dict) and ("shapes" in v or v and all(hasattr(t, "shape") for t in v.values()))
+    )
     raise ConfigError(f"{path} holds no model under {key!r} (its models: {', '.join(keys) or 'none'}). HINT: pass --key with one of those.")
 
 

@@ -27,8 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return error_exit(f"--out {str(out)!r}: the plot is written as PNG, PDF or SVG. HINT: end the path with .png.")
     blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:  # bad input, not a failing disk: say so before plotting
-        return error_exit(f"cannot write the plot to {str(out)!r}: {str(blocker)!r} is a file, not a directory. "
-                          "HINT: pass --out a writable .png path.")
+        return error_exit(f"cannot write the plot to {str(out)!r}: {str(blocker)!r} is a file, not a directory. HINT: pass --out a writable .png path.")
     try:
         plot(records, out, title=str(ns.run_dir))
     except DistribError as exc:

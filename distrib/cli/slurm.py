@@ -99,8 +99,10 @@ def max_requeues(env: Mapping[str, str]) -> int:
     """DISTRIB_MAX_REQUEUES (default 20), checked: a whole number >= 0."""
     raw = env.get("DISTRIB_MAX_REQUEUES") or str(DEFAULT_MAX_REQUEUES)
     if not re.fullmatch(r"\s*\d+\s*", raw):
-        raise ConfigError(f"DISTRIB_MAX_REQUEUES={raw!r} is not a whole number. HINT: export DISTRIB_MAX_REQUEUES=20 "
-                          "(how often a stopped job may requeue itself), or unset it for the default 20.")
+        raise ConfigError(
+            f"DISTRIB_MAX_REQUEUES={raw!r} is not a whole number. HINT: export DISTRIB_MAX_REQUEUES=20 "
+            "(how often a stopped job may requeue itself), or unset it for the default 20."
+        )
     return int(raw)
 
 
@@ -140,8 +142,11 @@ def epilogue(run_dir: str, status: int, env: Mapping[str, str], *, requeue: Sequ
         graceful = False
     if not graceful:
         if status != 0:
-            print(f"distrib: the training step failed (exit status {status}) without a graceful stop; not requeueing "
-                  f"({stopped} is an earlier step's). Fix the cause, then resubmit with the same --run.dir to resume.", flush=True)
+            print(
+                f"distrib: the training step failed (exit status {status}) without a graceful stop; not requeueing "
+                f"({stopped} is an earlier step's). Fix the cause, then resubmit with the same --run.dir to resume.",
+                flush=True,
+            )
         return status
     try:
         cap = max_requeues(env)
@@ -150,11 +155,16 @@ def epilogue(run_dir: str, status: int, env: Mapping[str, str], *, requeue: Sequ
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
     job_id = env.get("SLURM_JOB_ID", "")
     if restarts >= cap:
-        print(f"distrib: stopped with a checkpoint, but job {job_id} was already requeued {restarts} times "
-              f"(DISTRIB_MAX_REQUEUES={cap}): not requeueing. Resubmit with the same --run.dir to continue.", flush=True)
+        print(
+            f"distrib: stopped with a checkpoint, but job {job_id} was already requeued {restarts} times "
+            f"(DISTRIB_MAX_REQUEUES={cap}): not requeueing. Resubmit with the same --run.dir to continue.",
+            flush=True,
+        )
         return EXIT_STOPPED
-    print(f"distrib: stopped with a checkpoint in {run_dir}; requeueing job {job_id} "
-          f"(requeue {restarts + 1} of at most {cap}); it resumes on its own.", flush=True)
+    print(
+        f"distrib: stopped with a checkpoint in {run_dir}; requeueing job {job_id} (requeue {restarts + 1} of at most {cap}); it resumes on its own.",
+        flush=True,
+    )
     done = subprocess.run([*requeue, job_id], capture_output=True, text=True)
     if done.returncode != 0:
         # E.g. a preemption that Slurm requeues itself; the job then resumes all the same.
@@ -188,11 +198,14 @@ class SubmitOptions:
             raise ConfigError(f"--template={self.template!r} is not one of train, srun.")
         # Each value becomes an #SBATCH line of a shell script: a newline or a shell character in it would
         # be a command of its own. Slurm's own formats need none of them.
-        for name, value, pattern, example in (("time", self.time, _TIME, "04:00:00, 90 or 1-12:00:00"),
-                                              ("partition", self.partition, _PARTITION, "gpu or gpu,debug")):
+        for name, value, pattern, example in (
+            ("time", self.time, _TIME, "04:00:00, 90 or 1-12:00:00"),
+            ("partition", self.partition, _PARTITION, "gpu or gpu,debug"),
+        ):
             if value is not None and not pattern.fullmatch(value):
-                raise ConfigError(f"--{name}={value!r} is not a Slurm {name} (only letters, digits and {_ALLOWED[name]} are allowed). "
-                                  f"HINT: pass e.g. --{name} {example}.")
+                raise ConfigError(
+                    f"--{name}={value!r} is not a Slurm {name} (only letters, digits and {_ALLOWED[name]} are allowed). HINT: pass e.g. --{name} {example}."
+                )
 
 
 def template_text(name: str) -> str:
@@ -205,11 +218,14 @@ def render(opts: SubmitOptions, train_args: Sequence[str], *, python: str = sys.
     The result is a complete script: `sbatch` accepts it as it is, with no further arguments.
     """
     text = template_text(opts.template)
-    header = [f"#SBATCH --{k}={v}" for k, v in (("nodes", opts.nodes), ("gpus-per-node", opts.gpus_per_node),
-                                                  ("time", opts.time), ("partition", opts.partition)) if v is not None]
+    header = [
+        f"#SBATCH --{k}={v}"
+        for k, v in (("nodes", opts.nodes), ("gpus-per-node", opts.gpus_per_node), ("time", opts.time), ("partition", opts.partition))
+        if v is not None
+    ]
     baked = [
         f"export PYTHON=${{PYTHON:-{shlex.quote(python)}}}",
-        f"set -- {' '.join(shlex.quote(a) for a in train_args)} \"$@\"" if train_args else "",
+        f'set -- {" ".join(shlex.quote(a) for a in train_args)} "$@"' if train_args else "",
     ]
     lines = text.splitlines()
     # Options go after the template's own #SBATCH lines (sbatch: the last occurrence wins) and

@@ -60,6 +60,7 @@ SECTIONS = {"task": TaskConfig, "data": TaskDataConfig, "optim": OptimConfig}
 TaskRunConfig = config_class(SECTIONS)
 """The config class of `python -m distrib.train`: distrib's keys plus `SECTIONS`."""
 
+
 def _teacher(cfg: TaskConfig, g: torch.Generator) -> nn.Module:
     # A one-layer teacher without bias: classes are cones through the origin, roughly balanced,
     # and an MLP student learns them to >0.9 accuracy in a few epochs (tanh teachers plateau ~0.8).

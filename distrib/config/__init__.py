@@ -54,4 +54,3 @@ __all__ = [
     "parse_config",
     "parse_flags",
 ]
-

@@ -14,8 +14,7 @@ from typing import Any
 from distrib.config.keys import flatten, short
 from distrib.errors import ConfigError
 
-_NOT_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-              (stat.S_ISSOCK, "a socket"))
+_NOT_FILES = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def _check_regular_file(path: Path) -> None:
@@ -31,8 +30,10 @@ def _check_regular_file(path: Path) -> None:
         raise ConfigError(f"--config {str(path)!r} is a directory. HINT: pass the config file itself (a .toml, .yaml or .json).")
     if not stat.S_ISREG(mode):
         what = next((name for test, name in _NOT_FILES if test(mode)), "not a regular file")
-        raise ConfigError(f"--config {str(path)!r} is {what}, not a config file. HINT: write the config to a regular file "
-                          "(a .toml, .yaml or .json) and pass its path; a pipe or `<(...)` is not read.")
+        raise ConfigError(
+            f"--config {str(path)!r} is {what}, not a config file. HINT: write the config to a regular file "
+            "(a .toml, .yaml or .json) and pass its path; a pipe or `<(...)` is not read."
+        )
 
 
 @functools.cache
@@ -49,8 +50,10 @@ def _yaml_loader() -> type:
             # billions of items that any later walk expands: refuse the first alias, before anything grows.
             if self.check_event(yaml.AliasEvent):
                 event = self.peek_event()
-                raise ConfigError(f"{self.source} uses the YAML alias *{event.anchor} (line {event.start_mark.line + 1}): config files may "
-                                  "not use anchors and aliases, since a few nested ones expand to gigabytes. HINT: write the value out in full.")
+                raise ConfigError(
+                    f"{self.source} uses the YAML alias *{event.anchor} (line {event.start_mark.line + 1}): config files may "
+                    "not use anchors and aliases, since a few nested ones expand to gigabytes. HINT: write the value out in full."
+                )
             return super().compose_node(parent, index)
 
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
@@ -66,8 +69,10 @@ def _yaml_loader() -> type:
                 except TypeError:
                     continue  # an unhashable key: SafeLoader's own error names it
                 if first is not None:
-                    raise ConfigError(f"{self.source}: key {short(key)} is given twice, on line {first} and line {line}; YAML would keep "
-                                      "only the last. HINT: delete one of them.")
+                    raise ConfigError(
+                        f"{self.source}: key {short(key)} is given twice, on line {first} and line {line}; YAML would keep "
+                        "only the last. HINT: delete one of them."
+                    )
                 lines[key] = line
             return super().construct_mapping(node, deep)
 
@@ -114,8 +119,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"--config {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}). "
-                          "HINT: save it as UTF-8.") from None
+        raise ConfigError(
+            f"--config {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start : exc.start + 1]!r}). HINT: save it as UTF-8."
+        ) from None
     except OSError as exc:
         raise ConfigError(f"--config {str(path)!r} cannot be read: {exc.strerror}. HINT: check its permissions.") from None
     suffix = path.suffix.lower()

@@ -61,12 +61,15 @@ def check_key(key: str, cls: type) -> None:
         for leaf in (".".join(parts[:i]) for i in range(1, len(parts))):
             if leaf in schema:  # a file's mapping where a value belongs: `dir: {a: 1}` flattens to run.dir.a
                 name = type_name(schema[leaf])
-                raise ConfigError(f"{key!r} sets a key inside {leaf}, which is {_a(name)}, not a section. "
-                                  f"HINT: give {leaf} itself {_a(name)}, e.g. --{leaf} <{name}>.")
+                raise ConfigError(
+                    f"{key!r} sets a key inside {leaf}, which is {_a(name)}, not a section. HINT: give {leaf} itself {_a(name)}, e.g. --{leaf} <{name}>."
+                )
         section = [k for k in schema if k.startswith(key + ".")]
         if section:
-            raise ConfigError(f"{key!r} is a section, not a value: it holds {', '.join(section[:3])}, ... HINT: give its keys, e.g. "
-                              f"`[{key}]` with `{section[0].split('.', 1)[1]} = ...` in TOML, or --{section[0]} on the command line.")
+            raise ConfigError(
+                f"{key!r} is a section, not a value: it holds {', '.join(section[:3])}, ... HINT: give its keys, e.g. "
+                f"`[{key}]` with `{section[0].split('.', 1)[1]} = ...` in TOML, or --{section[0]} on the command line."
+            )
         close = difflib.get_close_matches(key, schema.keys(), n=1, cutoff=0.4)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"Unknown config key {key!r}.{hint} HINT: `--help` lists every key; valid keys are {', '.join(sorted(schema))}.")
@@ -81,8 +84,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         items = flatten(value, dotted + ".") if isinstance(value, dict) else {dotted: value}
         for name, leaf in items.items():
             if name in flat:
-                raise ConfigError(f"{name!r} is set twice ({short(flat[name])}, then {short(leaf)}): once as a dotted key, once inside "
-                                  "its section. HINT: keep one of them.")
+                raise ConfigError(
+                    f"{name!r} is set twice ({short(flat[name])}, then {short(leaf)}): once as a dotted key, once inside its section. HINT: keep one of them."
+                )
             flat[name] = leaf
     return flat
 
@@ -161,8 +165,10 @@ def check_file_value(key: str, value: Any, tp: Any, source: str) -> None:
         bad = next(item for item in value if not _fits(item, typing.get_args(list_tp)[0]))
         given = f"a list holding {_kind(bad)} ({short(bad)})"
     quote = " (quote text: unquoted, YAML reads null, no, 1.0 or 2024-01-01 as other types)" if "str" in name else ""
-    raise ConfigError(f"{key}={short(value)} in {source} is {given}, not {_a(name)}. "
-                      f"HINT: give {key} {_a(name)}, e.g. {_example(tp)}{quote}, or delete it to keep the default.")
+    raise ConfigError(
+        f"{key}={short(value)} in {source} is {given}, not {_a(name)}. "
+        f"HINT: give {key} {_a(name)}, e.g. {_example(tp)}{quote}, or delete it to keep the default."
+    )
 
 
 def coerce(key: str, value: Any, tp: Any) -> Any:

@@ -54,9 +54,7 @@ def parse_flags(argv: Sequence[str], cls: type[Config] = Config) -> tuple[str | 
     return config_file, overrides
 
 
-def parse_config(
-    argv: Sequence[str] | None = None, *, sections: Mapping[str, type] | None = None, defaults: Mapping[str, Any] | None = None
-) -> Config:
+def parse_config(argv: Sequence[str] | None = None, *, sections: Mapping[str, type] | None = None, defaults: Mapping[str, Any] | None = None) -> Config:
     """Field defaults < the script's `defaults` < --config FILE < --section.key flags.
 
     `sections` adds a script's own dataclass sections; `defaults` (dotted keys) sets the script's

@@ -151,8 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             return error_exit(f"{path} cannot be read ({exc.strerror}). HINT: run `{COMMAND}` to write it.", 1)
         if current != text:
-            return error_exit(f"{path} differs from what the config dataclasses (distrib/config/schema.py) render. "
-                              f"HINT: run `{COMMAND}` and commit the result.", 1)
+            return error_exit(
+                f"{path} differs from what the config dataclasses (distrib/config/schema.py) render. HINT: run `{COMMAND}` and commit the result.", 1
+            )
         print(f"{path} is current")
         return 0
     path.parent.mkdir(parents=True, exist_ok=True)

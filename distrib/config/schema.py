@@ -77,8 +77,10 @@ class DataConfig:
         positive("data", prefetch_factor=self.prefetch_factor)
         non_negative("data", num_workers=self.num_workers)
         if self.num_workers > MAX_WORKERS:  # each is a process with a copy of the dataset object
-            raise ConfigError(f"data.num_workers={self.num_workers} is more processes than any machine uses well (at most {MAX_WORKERS}). "
-                              f"HINT: a few per CPU core and rank: pass --data.num_workers {min(os.cpu_count() or 2, 8)}.")
+            raise ConfigError(
+                f"data.num_workers={self.num_workers} is more processes than any machine uses well (at most {MAX_WORKERS}). "
+                f"HINT: a few per CPU core and rank: pass --data.num_workers {min(os.cpu_count() or 2, 8)}."
+            )
         if self.num_workers == 0 and self.persistent_workers:
             raise ConfigError("data.persistent_workers=true needs data.num_workers > 0. HINT: pass --data.num_workers 2 or drop the flag.")
         if self.num_workers == 0 and self.prefetch_factor is not None:
@@ -254,14 +256,18 @@ class Config:
     def __post_init__(self) -> None:
         """Settings of different sections that cannot go together (each section checks its own)."""
         if self.dist.strategy == "fsdp" and self.train.precision == "fp16":
-            raise ConfigError("train.precision=fp16 with dist.strategy=fsdp: fp16 needs loss scaling of sharded gradients, "
-                              "which distrib does not do. HINT: pass --train.precision bf16 (no scaling needed) or fp32.")
+            raise ConfigError(
+                "train.precision=fp16 with dist.strategy=fsdp: fp16 needs loss scaling of sharded gradients, "
+                "which distrib does not do. HINT: pass --train.precision bf16 (no scaling needed) or fp32."
+            )
         if self.dist.static_graph and self.dist.strategy == "ddp" and self.train.grad_accum > 1:
             # DDP's static graph records its first backward, which must reduce: torch asserts inside the
             # reducer (expect_autograd_hooks_) when that backward is an accumulating one.
-            raise ConfigError(f"dist.static_graph=true with train.grad_accum={self.train.grad_accum}: DDP's static graph cannot skip "
-                              "the all-reduce of an accumulating micro-batch in its first step. HINT: drop --dist.static_graph "
-                              "(the default DDP works with accumulation), or pass --train.grad_accum 1.")
+            raise ConfigError(
+                f"dist.static_graph=true with train.grad_accum={self.train.grad_accum}: DDP's static graph cannot skip "
+                "the all-reduce of an accumulating micro-batch in its first step. HINT: drop --dist.static_graph "
+                "(the default DDP works with accumulation), or pass --train.grad_accum 1."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dicts, keyed as on the command line (`ckpt.async`, not the attribute `async_`)."""

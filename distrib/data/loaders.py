@@ -36,13 +36,25 @@ class LoaderOptions:
     @classmethod
     def of(cls, data: DataConfig, *, batch_size: int, collate_fn: Callable[[list[Any]], Any] | None, device: torch.device) -> LoaderOptions:
         """The options `data.*` sets, for batches of `batch_size` bound for `device`."""
-        return cls(batch_size=batch_size, num_workers=data.num_workers, persistent_workers=data.persistent_workers,
-                   prefetch_factor=data.prefetch_factor, collate_fn=collate_fn,
-                   pin_memory=device.type == "cuda")  # pinned host memory only helps a CUDA copy
+        return cls(
+            batch_size=batch_size,
+            num_workers=data.num_workers,
+            persistent_workers=data.persistent_workers,
+            prefetch_factor=data.prefetch_factor,
+            collate_fn=collate_fn,
+            pin_memory=device.type == "cuda",
+        )  # pinned host memory only helps a CUDA copy
 
 
-def _dataloader(dataset: Dataset, sampler: Sampler[int] | None, opts: LoaderOptions, *, drop_last: bool, generator: torch.Generator,
-                collate_fn: Callable[[list[Any]], Any] | None = None) -> DataLoader:
+def _dataloader(
+    dataset: Dataset,
+    sampler: Sampler[int] | None,
+    opts: LoaderOptions,
+    *,
+    drop_last: bool,
+    generator: torch.Generator,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
     kwargs: dict[str, Any] = {}
     if opts.num_workers > 0:
         kwargs["persistent_workers"] = opts.persistent_workers
@@ -66,8 +78,10 @@ def _dataloader(dataset: Dataset, sampler: Sampler[int] | None, opts: LoaderOpti
 def _stream_length(dataset: Any, max_steps: int | None, step_samples: int, opts: LoaderOptions) -> int:
     """Samples in one epoch of a stream: its declared len(), else what train.max_steps reads."""
     if opts.num_workers > 0 and opts.persistent_workers:
-        raise ConfigError("data.persistent_workers=true with a streaming (Iterable) training dataset: its workers must start "
-                          "each epoch afresh to read their share of it. HINT: pass --data.persistent_workers false.")
+        raise ConfigError(
+            "data.persistent_workers=true with a streaming (Iterable) training dataset: its workers must start "
+            "each epoch afresh to read their share of it. HINT: pass --data.persistent_workers false."
+        )
     n = declared_length(dataset)
     if n is None:
         if max_steps is None:
@@ -174,8 +188,13 @@ class TrainLoader:
         return self.epoch_samples >= self._epoch_total
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "epoch_samples": 0 if self.epoch_done else self.epoch_samples,
-                "step": self.step, "samples_seen": self.samples_seen, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "epoch_samples": 0 if self.epoch_done else self.epoch_samples,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue where `state` was saved; from another world size, at the same global sample count."""
@@ -293,8 +312,16 @@ class TrainLoader:
                     self.step += 1
                     self.epoch_samples += local
                     self.samples_seen += local * world
-                yield MicroBatch(batch=batch, size=n, items=n if pending is None else counts[j], local_step_items=local_items,
-                                 world_size=world, last=last, epoch=epoch, count=count)
+                yield MicroBatch(
+                    batch=batch,
+                    size=n,
+                    items=n if pending is None else counts[j],
+                    local_step_items=local_items,
+                    world_size=world,
+                    last=last,
+                    epoch=epoch,
+                    count=count,
+                )
 
     def __len__(self) -> int:
         """Micro-batches left in the current epoch."""
@@ -304,8 +331,17 @@ class TrainLoader:
 class EvalLoader:
     """Evaluation batches on the device: rank r takes samples r, r+W, ... with no padding, so each counts once."""
 
-    def __init__(self, dataset: Dataset, *, world_size: int, rank: int, opts: LoaderOptions, device: torch.device = torch.device("cpu"),
-                 prefetch: bool = True, even: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        world_size: int,
+        rank: int,
+        opts: LoaderOptions,
+        device: torch.device = torch.device("cpu"),
+        prefetch: bool = True,
+        even: bool = False,
+    ) -> None:
         self.loader = eval_loader(dataset, world_size=world_size, rank=rank, opts=opts)
         self.device, self.prefetch = device, prefetch
         self.common_batches = math.ceil(len(dataset) // world_size / opts.batch_size)  # type: ignore[arg-type]
@@ -325,8 +361,10 @@ class EvalLoader:
 
 def eval_loader(dataset: Dataset, *, world_size: int, rank: int, opts: LoaderOptions) -> DataLoader:
     if is_stream(dataset):
-        raise ConfigError(f"The eval dataset is a stream ({type(dataset).__name__}, an IterableDataset); counting every eval sample "
-                          "exactly once over the ranks needs indices. HINT: pass the held-out set as a map-style Dataset (a list works).")
+        raise ConfigError(
+            f"The eval dataset is a stream ({type(dataset).__name__}, an IterableDataset); counting every eval sample "
+            "exactly once over the ranks needs indices. HINT: pass the held-out set as a map-style Dataset (a list works)."
+        )
     _check_size(dataset, "eval", world_size)
     sampler = EvalSampler(len(dataset), num_replicas=world_size, rank=rank)  # type: ignore[arg-type]
     g = torch.Generator()

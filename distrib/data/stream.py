@@ -99,8 +99,7 @@ class StreamShard(IterableDataset):
 
     def assign(self, start: int, count: int, resume: Position | None = None) -> None:
         """Select local samples `start .. start+count-1`; `resume`: a stateful stream's position to read on from."""
-        if resume is not None and (resume[1] > self.rank + start * self.world_size
-                                   or self.rank + (start + count - 1) * self.world_size >= self.length):
+        if resume is not None and (resume[1] > self.rank + start * self.world_size or self.rank + (start + count - 1) * self.world_size >= self.length):
             # Past this rank's next sample (not this position's checkpoint), or the epoch's padding is
             # still to come, which repeats the stream's first samples: read from the start instead.
             resume = None
@@ -164,9 +163,11 @@ class StreamShard(IterableDataset):
         if problem is None:
             return state, index
         if not self._uncapturable:  # once (per worker): it stops trying
-            log.warning(f"the training stream's {problem}; a checkpoint holds plain data only (numbers, strings, tensors, "
-                        "lists, dicts), so a resume will read the stream again and skip what was consumed. HINT: return plain "
-                        "values from state_dict() (int(x) for a numpy number, a tensor for an array)")
+            log.warning(
+                f"the training stream's {problem}; a checkpoint holds plain data only (numbers, strings, tensors, "
+                "lists, dicts), so a resume will read the stream again and skip what was consumed. HINT: return plain "
+                "values from state_dict() (int(x) for a numpy number, a tensor for an array)"
+            )
             self._uncapturable = True
         return None
 

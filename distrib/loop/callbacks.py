@@ -60,7 +60,9 @@ class EarlyStopping(Callback):
 
     def on_eval(self, trainer: Trainer, result: dict[str, Any]) -> None:
         if self.monitor not in result:
-            raise ConfigError(f"EarlyStopping monitors eval {self.monitor!r}, but evaluation reports {', '.join(sorted(result))}. HINT: EarlyStopping(monitor='loss').")
+            raise ConfigError(
+                f"EarlyStopping monitors eval {self.monitor!r}, but evaluation reports {', '.join(sorted(result))}. HINT: EarlyStopping(monitor='loss')."
+            )
         value = float(result[self.monitor])
         better = self.best is None or (value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta)
         if better:

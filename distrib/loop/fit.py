@@ -41,8 +41,10 @@ def _names_unknown_arguments(fn: F) -> F:
         for name in kwargs:
             if name not in accepted:
                 close = difflib.get_close_matches(name, accepted, n=1)
-                raise ConfigError(f"{fn.__name__}() got an unknown argument {name!r}.{f' Did you mean {close[0]!r}?' if close else ''} "
-                                  f"HINT: {fn.__name__} takes {', '.join(accepted)}.")
+                raise ConfigError(
+                    f"{fn.__name__}() got an unknown argument {name!r}.{f' Did you mean {close[0]!r}?' if close else ''} "
+                    f"HINT: {fn.__name__} takes {', '.join(accepted)}."
+                )
         return fn(*args, **kwargs)
 
     return checked  # type: ignore[return-value]
@@ -75,9 +77,21 @@ def fit(
     `flops_per_sample` add tokens/s and MFU to the log. The arguments are `Trainer`'s.
     """
     with Session(cfg) as session:
-        trainer = Trainer(session, model=model, train_data=train_data, eval_data=eval_data, optimizer=optimizer, scheduler=scheduler,
-                          loss_fn=loss_fn, step_fn=step_fn, collate_fn=collate_fn, items=items, callbacks=callbacks,
-                          tokens_per_sample=tokens_per_sample, flops_per_sample=flops_per_sample)
+        trainer = Trainer(
+            session,
+            model=model,
+            train_data=train_data,
+            eval_data=eval_data,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            loss_fn=loss_fn,
+            step_fn=step_fn,
+            collate_fn=collate_fn,
+            items=items,
+            callbacks=callbacks,
+            tokens_per_sample=tokens_per_sample,
+            flops_per_sample=flops_per_sample,
+        )
         return trainer.fit()
 
 

@@ -142,7 +142,7 @@ class LossStep:
         return StepOutput(loss=loss, metrics=metrics, normalized=False)
 
     def _from_user(self, result: Any, normalized: bool) -> StepOutput:
-        loss, metrics = (result if isinstance(result, tuple) and len(result) == 2 else (result, {}))
+        loss, metrics = result if isinstance(result, tuple) and len(result) == 2 else (result, {})
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise BatchError(
                 f"step_fn must return a scalar loss tensor or (loss, {{name: value}}), got {type(result).__name__}. "

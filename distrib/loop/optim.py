@@ -28,7 +28,9 @@ def build_optimizer_for(cfg: OptimConfig | None, model: nn.Module, given: torch.
     if given is not None:
         return given, False
     if cfg is None:
-        raise ConfigError("fit needs an optimizer. HINT: pass optimizer=torch.optim.AdamW(model.parameters()), or add distrib.OptimConfig as the `optim` section.")
+        raise ConfigError(
+            "fit needs an optimizer. HINT: pass optimizer=torch.optim.AdamW(model.parameters()), or add distrib.OptimConfig as the `optim` section."
+        )
     return build_optimizer(cfg, model.parameters()), True
 
 

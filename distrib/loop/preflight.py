@@ -66,8 +66,13 @@ def probe(model: nn.Module, step: LossStep, items: ItemCounter | None, sample: A
             "optimizer's batch: batch_size x grad_accum x processes), or use train.precision bf16."
         ) from None
     except Exception as exc:  # the user's model or step: say where it failed, and what distrib called
-        how = ("step_fn(model, batch)" if step.step_fn is not None
-               else "model(**batch)" if isinstance(batch, dict) and step.loss_fn is None else "loss_fn(model(inputs), labels)")
+        how = (
+            "step_fn(model, batch)"
+            if step.step_fn is not None
+            else "model(**batch)"
+            if isinstance(batch, dict) and step.loss_fn is None
+            else "loss_fn(model(inputs), labels)"
+        )
         raise BatchError(
             f"The pre-flight probe ({how} on one batch of {leading_dim(batch)} samples, {size_key}, before anything is written) failed: "
             f"{type(exc).__name__}: {str(exc).strip()[:500]}\nThe batch:\n{describe(batch)}\nHINT: a dict batch is passed as keywords "
@@ -121,7 +126,9 @@ def complete_run(run_dir: Path, step: int, resumed: Path) -> dict[str, Any] | No
         return None  # the run died after its last checkpoint, before its summary: finish it
     if not isinstance(summary, dict) or summary.get("optimizer_steps") != step:
         return None
-    log.info(f"{run_dir} is a complete run ({step} optimizer steps, its checkpoint {resumed.name} and {path.name}): nothing "
-             "to train, no file changed. HINT: raise --train.epochs or --train.max_steps to train on, or pass another --run.dir "
-             "(or --ckpt.resume never) to train again.")
+    log.info(
+        f"{run_dir} is a complete run ({step} optimizer steps, its checkpoint {resumed.name} and {path.name}): nothing "
+        "to train, no file changed. HINT: raise --train.epochs or --train.max_steps to train on, or pass another --run.dir "
+        "(or --ckpt.resume never) to train again."
+    )
     return summary

@@ -76,9 +76,7 @@ class Session:
         cfg, stack = self.cfg, contextlib.ExitStack()
         check_run_dir(cfg.run.dir)  # a file or a read-only path fails now, before anything is started or written
         signals = stack.enter_context(SignalRoute(self.stop))  # before the process group: it outlives the group's teardown
-        self.rt: Runtime = stack.enter_context(
-            distributed(device=cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s, single=cfg.debug)
-        )
+        self.rt: Runtime = stack.enter_context(distributed(device=cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s, single=cfg.debug))
         self._stack = stack
         try:
             setup_console(self.rt.rank, self.rt.world_size)
@@ -204,8 +202,15 @@ class Session:
             if ddp is not None:
                 replay_rebuilt_buckets(ddp)
 
-    def train_loader(self, dataset: Dataset, *, batch_size: int | None = None, grad_accum: int | None = None,
-                     collate_fn: Callable[[list[Any]], Any] | None = None, items: ItemCounter | None = None) -> TrainLoader:
+    def train_loader(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int | None = None,
+        grad_accum: int | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        items: ItemCounter | None = None,
+    ) -> TrainLoader:
         """The distributed training loader (train.batch_size and train.grad_accum unless given).
 
         `items` counts what the loss averages over in a batch (e.g. `distrib.label_tokens(shift=True)`);
@@ -215,9 +220,17 @@ class Session:
         """
         tc = self.cfg.train
         self._train_loader = TrainLoader(
-            dataset, world_size=self.world_size, rank=self.rank, seed=self.cfg.seed, shuffle=self.cfg.data.shuffle,
-            drop_last=self.cfg.data.drop_last, opts=LoaderOptions.of(self.cfg.data, batch_size=batch_size or tc.batch_size, collate_fn=collate_fn, device=self.device),
-            device=self.device, prefetch=self.cfg.data.prefetch, grad_accum=grad_accum or tc.grad_accum, items=items,
+            dataset,
+            world_size=self.world_size,
+            rank=self.rank,
+            seed=self.cfg.seed,
+            shuffle=self.cfg.data.shuffle,
+            drop_last=self.cfg.data.drop_last,
+            opts=LoaderOptions.of(self.cfg.data, batch_size=batch_size or tc.batch_size, collate_fn=collate_fn, device=self.device),
+            device=self.device,
+            prefetch=self.cfg.data.prefetch,
+            grad_accum=grad_accum or tc.grad_accum,
+            items=items,
             max_steps=tc.max_steps,
         )
         return self._train_loader
@@ -230,8 +243,9 @@ class Session:
         """
         tc = self.cfg.train
         opts = LoaderOptions.of(self.cfg.data, batch_size=batch_size or tc.eval_batch_size or tc.batch_size, collate_fn=collate_fn, device=self.device)
-        return EvalLoader(dataset, world_size=self.world_size, rank=self.rank, opts=opts, device=self.device, prefetch=self.cfg.data.prefetch,
-                          even=self.sharded)
+        return EvalLoader(
+            dataset, world_size=self.world_size, rank=self.rank, opts=opts, device=self.device, prefetch=self.cfg.data.prefetch, even=self.sharded
+        )
 
     # ------------------------------------------------------------------ the step
 
@@ -331,8 +345,11 @@ class Session:
             step = self._train_loader.step
         self.open_run_files().metrics({"kind": kind, "step": step, **record})
         if echo:
-            shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                               if isinstance(v, (int, float, str)) and not isinstance(v, bool))
+            shown = " | ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in record.items()
+                if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+            )
             log.info(f"{kind} step {step}{' | ' + shown if shown else ''}")
 
     def write_json(self, name: str, obj: Any) -> None:
@@ -365,8 +382,12 @@ class Session:
         step = step_of(state) if step is None else step
         self._stopping.saved(step)
         writer = self.open_run_files()
-        job = {"logger_run_id": self._files.run_id, "scaler": self.precision.scaler.state_dict(), "metrics_lines": writer.lines,
-               "hparams": self._hparams if self._hparams is not None else hparams_of(state)}
+        job = {
+            "logger_run_id": self._files.run_id,
+            "scaler": self.precision.scaler.state_dict(),
+            "metrics_lines": writer.lines,
+            "hparams": self._hparams if self._hparams is not None else hparams_of(state),
+        }
         return self.checkpointer.save(state, step=step, models=self._unwrapped_models(), job=job)
 
     def wait_for_save(self) -> None:
@@ -395,5 +416,3 @@ class Session:
 
     def _unwrapped_models(self) -> list[nn.Module]:
         return [unwrap_model(m) for m in self._models]
-
-

@@ -47,8 +47,7 @@ class StopAgreement:
         """Note that `votes` ranks asked to stop (logged once, on rank 0)."""
         if votes and not self.agreed:
             self.agreed = True
-            log.info(f"{self.stop.reason} received by {votes} of {self.world_size} ranks: stopping{' ' + where if where else ''} "
-                     "with a checkpoint")
+            log.info(f"{self.stop.reason} received by {votes} of {self.world_size} ranks: stopping{' ' + where if where else ''} with a checkpoint")
 
     def saved(self, step: int) -> None:
         """A checkpoint was saved at `step`."""
@@ -58,8 +57,10 @@ class StopAgreement:
         """The step of the checkpoint saved since the agreement (the stop's), or None, said with a warning."""
         if self._saved is not None and self._saved[1]:
             return self._saved[0]
-        log.warning(f"{self.stop.reason}: the loop stopped without saving after the stop was agreed; a rerun resumes "
-                    "from the newest checkpoint before it. HINT: call session.save(state) when should_stop() says yes.")
+        log.warning(
+            f"{self.stop.reason}: the loop stopped without saving after the stop was agreed; a rerun resumes "
+            "from the newest checkpoint before it. HINT: call session.save(state) when should_stop() says yes."
+        )
         return None
 
     def record(self, step: int) -> dict[str, Any]:
@@ -69,5 +70,4 @@ class StopAgreement:
     def finished(self, step: int, detail: str, ckpt_root: Path) -> None:
         """stopped.json is written: say how to resume."""
         self.stopped_at = step
-        log.info(f"stopped at step {step}{detail}; checkpoint saved in {ckpt_root}. Exit status {EXIT_STOPPED}: "
-                 "run the same command again to continue.")
+        log.info(f"stopped at step {step}{detail}; checkpoint saved in {ckpt_root}. Exit status {EXIT_STOPPED}: run the same command again to continue.")

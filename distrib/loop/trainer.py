@@ -92,8 +92,11 @@ class Trainer:
         # Probe batches as large as the real ones (a rank's share at most): a batch size that cannot fit
         # (memory, a model's fixed length) fails here, before anything is written, not after an epoch.
         sample = collate_probe(self.train_data, self.collate_fn, n=min(tc.batch_size, share(self.train_data, world)))
-        eval_sample = (collate_probe(self.eval_data, self.collate_fn, n=min(tc.eval_batch_size or tc.batch_size, share(self.eval_data, world)))
-                       if self.eval_data is not None else None)
+        eval_sample = (
+            collate_probe(self.eval_data, self.collate_fn, n=min(tc.eval_batch_size or tc.batch_size, share(self.eval_data, world)))
+            if self.eval_data is not None
+            else None
+        )
         if self.items is None and self.step_logic.step_fn is None and self.step_logic.loss_fn is None:
             # The Hugging Face convention (dict batch, labels, the model takes num_items_in_batch): token
             # means. A step function says what its loss averages over with items=.
@@ -115,8 +118,7 @@ class Trainer:
         if resumed is not None:
             loader = self.train
             # Checkpoint format 1 (before eval_step existed): the last eval is the one it recorded.
-            saved = {"last_eval": {}, "early_stop_reason": None, "interval_steps": 0, "world_size": s.world_size,
-                     **state["trainer"]}
+            saved = {"last_eval": {}, "early_stop_reason": None, "interval_steps": 0, "world_size": s.world_size, **state["trainer"]}
             saved.setdefault("eval_step", saved["last_eval"].get("step", -1))
             log.info(f"resumed from {resumed} at step {loader.step} (epoch {loader.epoch}, {loader.samples_seen} samples seen)")
             self.last_eval, self.early_stop_reason = saved["last_eval"], saved["early_stop_reason"]
@@ -160,10 +162,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint state
 
     def _state(self) -> dict[str, Any]:
-        trainer = {"last_eval": self.last_eval, "interval_steps": self._interval_steps, "eval_step": self._eval_step,
-                   "world_size": self.session.world_size, "early_stop_reason": self.early_stop_reason}
-        state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "loader": self.train,
-                                 "metrics": self.metrics, "trainer": trainer}
+        trainer = {
+            "last_eval": self.last_eval,
+            "interval_steps": self._interval_steps,
+            "eval_step": self._eval_step,
+            "world_size": self.session.world_size,
+            "early_stop_reason": self.early_stop_reason,
+        }
+        state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "loader": self.train, "metrics": self.metrics, "trainer": trainer}
         if self.scheduler is not None:
             state["scheduler"] = self.scheduler
         state.update({f"callback{i}": cb for i, cb in enumerate(self.callbacks) if type(cb).state_dict is not Callback.state_dict})
@@ -282,8 +288,9 @@ class Trainer:
         s, loader, world = self.session, self.train, self.session.world_size
         self.times.data_wait, loader.wait_s = loader.wait_s, 0.0
         ballot = self.stop.ballot()
-        r = self.metrics.compute(IntervalSums.local(ballot=ballot, times=self.times, rank=s.rank, world_size=world, device=s.device,
-                                                    steps=self._interval_steps))
+        r = self.metrics.compute(
+            IntervalSums.local(ballot=ballot, times=self.times, rank=s.rank, world_size=world, device=s.device, steps=self._interval_steps)
+        )
         self.metrics.reset()
         sums = IntervalSums.unpack(r.pop("extra"), ballot_len=len(ballot), world_size=world)
         votes = self.stop.count(sums.stop_ballot)
@@ -292,17 +299,32 @@ class Trainer:
             s.stopping(votes, f"at step {loader.step}")
         samples = r.pop("samples", 0)
         items = r.pop("items", None)
-        record: dict[str, Any] = {"epoch": loader.current_epoch, **self._named(r), "lr": self._lr, "samples": loader.samples_seen,
-                                  **interval_rates(sums, samples=samples, items=items, steps=self._interval_steps,
-                                                   tokens_per_sample=self.tokens_per_sample, flops_per_sample=self.flops_per_sample,
-                                                   peak_flops=self.cfg.train.peak_flops, stragglers=self.stragglers, warn=s.is_rank_zero)}
+        record: dict[str, Any] = {
+            "epoch": loader.current_epoch,
+            **self._named(r),
+            "lr": self._lr,
+            "samples": loader.samples_seen,
+            **interval_rates(
+                sums,
+                samples=samples,
+                items=items,
+                steps=self._interval_steps,
+                tokens_per_sample=self.tokens_per_sample,
+                flops_per_sample=self.flops_per_sample,
+                peak_flops=self.cfg.train.peak_flops,
+                stragglers=self.stragglers,
+                warn=s.is_rank_zero,
+            ),
+        }
         samples_per_s = record["samples_per_s"]
         s.log(record, step=loader.step, echo=False)  # fit prints its own line (or the progress bar)
         if self.progress.active:
             self.progress.show(epoch=record["epoch"], loss=f"{record.get('loss', float('nan')):.4f}", samples_s=f"{samples_per_s:.0f}")
         else:
-            log.info(f"train step {loader.step}/{self.total_steps} | epoch {record['epoch']} | {_fmt(self._named(r))} | lr {record['lr']:.3g} | "
-                     f"{samples_per_s:.0f} samples/s | data wait {record['data_wait_frac']:.0%}")
+            log.info(
+                f"train step {loader.step}/{self.total_steps} | epoch {record['epoch']} | {_fmt(self._named(r))} | lr {record['lr']:.3g} | "
+                f"{samples_per_s:.0f} samples/s | data wait {record['data_wait_frac']:.0%}"
+            )
         for cb in self.callbacks:
             cb.on_log(self, {"kind": "train", "step": loader.step, **record})
         self.times, self._interval_steps = IntervalTimes(), 0
@@ -331,8 +353,9 @@ class Trainer:
                 module.train()
                 if not self._stopping:
                     self._stopping = True
-                    log.info(f"{self.stop.reason} received during the eval at step {self.train.step}: stopping with a checkpoint, "
-                             "the resumed run evaluates again")
+                    log.info(
+                        f"{self.stop.reason} received during the eval at step {self.train.step}: stopping with a checkpoint, the resumed run evaluates again"
+                    )
                 return None
             self.watchdog.beat()
             n = leading_dim(batch)

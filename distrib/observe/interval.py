@@ -33,7 +33,6 @@ class IntervalTimes:
     """Seconds in the backward passes that all-reduce: where a fast rank waits for a slow one."""
 
 
-
 class Stragglers:
     """Names a slow rank only when it matters: a spread above the threshold, sustained, on steps long enough.
 
@@ -91,8 +90,13 @@ class IntervalSums:
         b, w = ballot_len, world_size
         if len(summed) != b + 2 + 2 * w:
             raise ValueError(f"an interval tail of {len(summed)} numbers; expected {b + 2 + 2 * w}")
-        return cls(stop_ballot=list(summed[:b]), data_wait_s=summed[b], elapsed_s=summed[b + 1],
-                   step_time_s=list(summed[b + 2 : b + 2 + w]), peak_mem_bytes=list(summed[b + 2 + w :]))
+        return cls(
+            stop_ballot=list(summed[:b]),
+            data_wait_s=summed[b],
+            elapsed_s=summed[b + 1],
+            step_time_s=list(summed[b + 2 : b + 2 + w]),
+            peak_mem_bytes=list(summed[b + 2 + w :]),
+        )
 
 
 def interval_fields(sums: IntervalSums, stragglers: Stragglers, *, warn: bool) -> dict[str, Any]:
@@ -120,8 +124,18 @@ def interval_fields(sums: IntervalSums, stragglers: Stragglers, *, warn: bool) -
     return fields
 
 
-def interval_rates(sums: IntervalSums, *, samples: int, items: float | None, steps: int, tokens_per_sample: float | None,
-                   flops_per_sample: float | None, peak_flops: float | None, stragglers: Stragglers, warn: bool) -> dict[str, Any]:
+def interval_rates(
+    sums: IntervalSums,
+    *,
+    samples: int,
+    items: float | None,
+    steps: int,
+    tokens_per_sample: float | None,
+    flops_per_sample: float | None,
+    peak_flops: float | None,
+    stragglers: Stragglers,
+    warn: bool,
+) -> dict[str, Any]:
     """The interval's throughput and timing fields of a metrics.jsonl train line, in the order they are written.
 
     `samples` and `items` (tokens, when the loss counts them) are the interval's global totals;
@@ -131,8 +145,12 @@ def interval_rates(sums: IntervalSums, *, samples: int, items: float | None, ste
     world = len(sums.step_time_s)
     elapsed = sums.elapsed_s / world  # the interval's wall time, averaged over ranks
     samples_per_s = samples / elapsed if elapsed > 0 else 0.0
-    fields: dict[str, Any] = {"interval_samples": samples, "samples_per_s": samples_per_s, "step_time_s": elapsed / max(steps, 1),
-                              **interval_fields(sums, stragglers, warn=warn)}
+    fields: dict[str, Any] = {
+        "interval_samples": samples,
+        "samples_per_s": samples_per_s,
+        "step_time_s": elapsed / max(steps, 1),
+        **interval_fields(sums, stragglers, warn=warn),
+    }
     if items is not None:
         fields["tokens"] = items
         fields["tokens_per_s"] = items / elapsed if elapsed > 0 else 0.0

@@ -104,12 +104,6 @@ def _f64(x: Number) -> torch.Tensor | float:
 
 def count_correct(outputs: Any, labels: Any) -> torch.Tensor | None:
     """Correct predictions for classification (logits [N, C] vs integer labels [N]); None otherwise."""
-    if (
-        isinstance(outputs, torch.Tensor)
-        and isinstance(labels, torch.Tensor)
-        and outputs.dim() == 2
-        and labels.dim() == 1
-        and not labels.is_floating_point()
-    ):
+    if isinstance(outputs, torch.Tensor) and isinstance(labels, torch.Tensor) and outputs.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
         return (outputs.argmax(dim=1) == labels).sum()
     return None

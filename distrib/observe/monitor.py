@@ -65,7 +65,9 @@ class Watchdog:
             if self._fired:
                 continue
             self._fired = True  # once per stall; a later beat re-arms it
-            log.error(f"[watchdog] rank {self.rank}: no progress for {stalled:.0f} s (train.hang_timeout_s={self.timeout_s:g}); Python stacks of every thread follow")
+            log.error(
+                f"[watchdog] rank {self.rank}: no progress for {stalled:.0f} s (train.hang_timeout_s={self.timeout_s:g}); Python stacks of every thread follow"
+            )
             # One log record per line: every line carries the rank prefix, and each is one short
             # write, so the dumps of ranks that share a terminal or a Slurm log stay readable
             # (faulthandler writes fragments that interleave mid-line across processes).

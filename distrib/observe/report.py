@@ -75,8 +75,11 @@ def plot(records: list[dict[str, Any]], out: Path, title: str) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="eval")
     ax.set(title="loss", xlabel="step")
     ax.legend()
-    panels = ((axes[0][1], "lr", "learning rate"), (axes[1][0], "samples_per_s", "throughput (samples/s)"),
-              (axes[1][1], "data_wait_frac", "data wait (share of interval)"))
+    panels = (
+        (axes[0][1], "lr", "learning rate"),
+        (axes[1][0], "samples_per_s", "throughput (samples/s)"),
+        (axes[1][1], "data_wait_frac", "data wait (share of interval)"),
+    )
     for ax, key, name in panels:
         points = [(r["step"], v) for r in train if (v := _num(r, key)) is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points])

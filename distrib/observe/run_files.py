@@ -150,8 +150,9 @@ class RunFiles:
                 self._lock.acquire()  # already held when a resume came first
             self.run_id = self.run_id or secrets.token_hex(4)
             run_id = self.run_id
-            self._writer = writer_for(rank, cfg.run.dir, fresh=fresh,
-                                      start_tracker=lambda: tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=run_id))
+            self._writer = writer_for(
+                rank, cfg.run.dir, fresh=fresh, start_tracker=lambda: tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=run_id)
+            )
             if self.rewind is not None:
                 self._writer.rewind(lines=self.rewind[0], step=self.rewind[1])
             self._writer.json("config.json", cfg.to_dict())

@@ -104,8 +104,13 @@ class ProcessTracker(Tracker):
         # Run as a script, not `-m distrib...`: importing the package would import torch for nothing.
         self._started, started_w = os.pipe()  # the worker writes a byte here once wandb.init is over
         try:
-            self._proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("wandb_worker.py")), str(started_w)],
-                                          stdin=subprocess.PIPE, text=True, pass_fds=(started_w,), **_OWN_GROUP)
+            self._proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("wandb_worker.py")), str(started_w)],
+                stdin=subprocess.PIPE,
+                text=True,
+                pass_fds=(started_w,),
+                **_OWN_GROUP,
+            )
         finally:
             os.close(started_w)
         self._queue.put(init_args)

@@ -104,7 +104,7 @@ class _ReplayHook:
             offset = 0
             for i in ids:
                 n = grads[i].numel()
-                grads[i].copy_(flat[offset:offset + n].view_as(grads[i]))
+                grads[i].copy_(flat[offset : offset + n].view_as(grads[i]))
                 offset += n
 
     def _give_up(self, why: str) -> None:

@@ -78,8 +78,9 @@ def find_blocks(model: nn.Module, names: Sequence[str] = ()) -> list[nn.Module]:
     return blocks
 
 
-def shard(model: nn.Module, *, device: torch.device, world_size: int, blocks: Sequence[str], reshard_after_forward: bool,
-          param_dtype: torch.dtype | None) -> nn.Module:
+def shard(
+    model: nn.Module, *, device: torch.device, world_size: int, blocks: Sequence[str], reshard_after_forward: bool, param_dtype: torch.dtype | None
+) -> nn.Module:
     """`fully_shard` each block, then the root, on a 1-D mesh of all ranks (in place; returns `model`).
 
     `param_dtype` (bf16): FSDP2's mixed precision, parameters gathered in bf16 for compute, gradients
@@ -100,11 +101,18 @@ def shard(model: nn.Module, *, device: torch.device, world_size: int, blocks: Se
             # Modules with floating-point buffers (BatchNorm's running statistics, kept in fp32) compute in
             # fp32 as units of their own, nested in their block: their inputs are cast up, their outputs
             # back down, so what follows them computes in bf16 as before.
-            norms = [m for m in model.modules() if m is not model and any(b.is_floating_point() for b in m.buffers(recurse=False))
-                     and any(True for _ in m.parameters(recurse=False))]
+            norms = [
+                m
+                for m in model.modules()
+                if m is not model and any(b.is_floating_point() for b in m.buffers(recurse=False)) and any(True for _ in m.parameters(recurse=False))
+            ]
             for m in norms:
-                fully_shard(m, mesh=mesh, reshard_after_forward=reshard_after_forward,
-                            mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=param_dtype))
+                fully_shard(
+                    m,
+                    mesh=mesh,
+                    reshard_after_forward=reshard_after_forward,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=param_dtype),
+                )
             units = [u for u in units if all(u is not m for m in norms)]
         for block in units:
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=inner)
@@ -157,14 +165,18 @@ def rebind(optimizers: Iterable[torch.optim.Optimizer], names: Mapping[int, str]
     """Point optimizers built before `shard` at the sharded parameters (`names`: id of the old -> its name)."""
     for opt in optimizers:
         if opt.state:
-            raise ConfigError("with dist.strategy=fsdp, session.setup() got an optimizer that has already stepped; its state "
-                              "is not sharded. HINT: pass the optimizer to setup() before training (or build it after setup).")
+            raise ConfigError(
+                "with dist.strategy=fsdp, session.setup() got an optimizer that has already stepped; its state "
+                "is not sharded. HINT: pass the optimizer to setup() before training (or build it after setup)."
+            )
         for group in opt.param_groups:
             try:
                 group["params"] = [sharded[names[id(p)]] for p in group["params"]]
             except KeyError:
-                raise ConfigError("with dist.strategy=fsdp, an optimizer given to session.setup() holds parameters of "
-                                  "another model. HINT: build it on model.parameters() of the model you pass.") from None
+                raise ConfigError(
+                    "with dist.strategy=fsdp, an optimizer given to session.setup() holds parameters of "
+                    "another model. HINT: build it on model.parameters() of the model you pass."
+                ) from None
 
 
 def set_grad_sync(model: nn.Module, enabled: bool) -> None:

@@ -16,8 +16,7 @@ from distrib.runtime.console import log
 from distrib.runtime.group import Runtime
 
 
-def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False,
-               param_dtype: torch.dtype | None = None) -> nn.Module:
+def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Move `model` to the rank's device and, with more than one process, wrap it in DDP or shard it (FSDP2).
 
     In a single process there is no wrapper: the debug run executes the plain module.
@@ -39,8 +38,9 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
     if unused and rt.env.distributed:
         log.warning(f"dist.strategy={cfg.strategy}: {', '.join(unused)} apply to the other strategy and have no effect here")
     if rt.env.distributed and cfg.strategy == "fsdp":
-        model = fsdp.shard(model, device=rt.device, world_size=rt.world_size, blocks=cfg.fsdp_blocks,
-                           reshard_after_forward=cfg.reshard_after_forward, param_dtype=param_dtype)
+        model = fsdp.shard(
+            model, device=rt.device, world_size=rt.world_size, blocks=cfg.fsdp_blocks, reshard_after_forward=cfg.reshard_after_forward, param_dtype=param_dtype
+        )
     elif rt.env.distributed:
         bucket: dict[str, Any] = {} if cfg.bucket_cap_mb is None else {"bucket_cap_mb": cfg.bucket_cap_mb}
         model = DDP(

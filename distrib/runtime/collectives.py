@@ -58,4 +58,3 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def barrier(group: Any = None) -> None:
     if active():
         tdist.barrier(group=group)
-

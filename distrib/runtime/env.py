@@ -58,9 +58,7 @@ def _int(env: Mapping[str, str], name: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise EnvironmentConfigError(
-            f"{name}={raw!r} is not an integer. HINT: unset {name} or set it to a whole number."
-        ) from None
+        raise EnvironmentConfigError(f"{name}={raw!r} is not an integer. HINT: unset {name} or set it to a whole number.") from None
 
 
 def _build_env(source: str, **fields: int | str | bool) -> DistEnv:
@@ -68,8 +66,7 @@ def _build_env(source: str, **fields: int | str | bool) -> DistEnv:
     e = DistEnv(**fields)  # type: ignore[arg-type]
     if e.world_size < 1:
         raise EnvironmentConfigError(
-            f"{source}: world size is {e.world_size}; expected >= 1. "
-            "HINT: launch with torchrun --nproc_per_node=N or srun --ntasks=N."
+            f"{source}: world size is {e.world_size}; expected >= 1. HINT: launch with torchrun --nproc_per_node=N or srun --ntasks=N."
         )
     if not 0 <= e.rank < e.world_size:
         raise EnvironmentConfigError(
@@ -152,9 +149,7 @@ def _expand_ranges(ranges: str, item: str) -> list[str]:
     for part in ranges.split(","):
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
         if not m:
-            raise EnvironmentConfigError(
-                f"Cannot parse {part!r} in the Slurm hostlist {item!r}; expected N or N-M."
-            )
+            raise EnvironmentConfigError(f"Cannot parse {part!r} in the Slurm hostlist {item!r}; expected N or N-M.")
         lo, hi = m.group(1), m.group(2) or m.group(1)
         width = len(lo)
         out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
@@ -185,8 +180,7 @@ def _from_slurm(env: Mapping[str, str]) -> DistEnv:
         master_addr = expand_hostlist(nodelist)[0]
     else:
         raise EnvironmentConfigError(
-            "Running under srun but SLURM_JOB_NODELIST is not set, so the master address is unknown. "
-            "HINT: export MASTER_ADDR=<first node's hostname>."
+            "Running under srun but SLURM_JOB_NODELIST is not set, so the master address is unknown. HINT: export MASTER_ADDR=<first node's hostname>."
         )
     if "MASTER_PORT" in env:
         master_port = _int(env, "MASTER_PORT")
@@ -224,9 +218,7 @@ def _is_torchrun(env: Mapping[str, str]) -> bool:
 def _is_srun(env: Mapping[str, str]) -> bool:
     # A batch script has SLURM_PROCID too; only a step launched by srun has a step id.
     # The interactive `salloc` shell is excluded the same way.
-    return "SLURM_PROCID" in env and "SLURM_NTASKS" in env and (
-        "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
-    )
+    return "SLURM_PROCID" in env and "SLURM_NTASKS" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env)
 
 
 def detect(env: Mapping[str, str] | None = None) -> DistEnv:

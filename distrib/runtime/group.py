@@ -90,9 +90,7 @@ def distributed(
             store = _round_store(denv, timeout)
             tdist.init_process_group(
                 backend=name,
-                init_method=None if store is not None else f"tcp://{_url_host(denv.master_addr)}:{denv.master_port}"
-                if denv.launcher == "slurm"
-                else "env://",
+                init_method=None if store is not None else f"tcp://{_url_host(denv.master_addr)}:{denv.master_port}" if denv.launcher == "slurm" else "env://",
                 store=store,
                 rank=denv.rank,
                 world_size=denv.world_size,
@@ -134,12 +132,13 @@ def _rendezvous_error(exc: BaseException, denv: DistEnv, timeout_s: float) -> Re
     elif not resolves(denv.master_addr):  # torch reports it only as a connect timeout
         hint = f"MASTER_ADDR={denv.master_addr} does not resolve here: use a hostname or IP every node can reach (`distrib doctor` checks it)."
     elif "timed out" in lowered or "timeout" in lowered:
-        hint = (f"not every one of the {denv.world_size} processes arrived within dist.timeout_s={timeout_s:g}: check that all were "
-                f"started, with the same MASTER_ADDR/MASTER_PORT, and that {where} is reachable from every node.")
+        hint = (
+            f"not every one of the {denv.world_size} processes arrived within dist.timeout_s={timeout_s:g}: check that all were "
+            f"started, with the same MASTER_ADDR/MASTER_PORT, and that {where} is reachable from every node."
+        )
     else:
         hint = f"check that {where} is reachable from every node and that all {denv.world_size} processes were started (`distrib doctor`)."
-    return RendezvousError(f"rank {denv.rank} of {denv.world_size} could not join the process group at {where} "
-                           f"({denv.launcher}): {text[:300]}. HINT: {hint}")
+    return RendezvousError(f"rank {denv.rank} of {denv.world_size} could not join the process group at {where} ({denv.launcher}): {text[:300]}. HINT: {hint}")
 
 
 def _round_store(denv: DistEnv, timeout: datetime.timedelta) -> tdist.Store | None:

@@ -13,8 +13,14 @@ from tests.helpers import REPO, child_env
 
 
 def test_benchmark_smoke_runs_every_framework(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "bench/run.py"), "--smoke", "--results", str(tmp_path)],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench/run.py"), "--smoke", "--results", str(tmp_path)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "smoke.json").read_text())["results"]["plain"]
     assert set(results) == {"hand", "distrib", "accelerate", "fabric"}
@@ -24,8 +30,14 @@ def test_benchmark_smoke_runs_every_framework(tmp_path):
 
 
 def _gpu_feed_smoke(tmp_path, *args: str) -> dict:
-    done = subprocess.run([sys.executable, str(REPO / "bench/gpu_feed.py"), "--smoke", *args, "--results", str(tmp_path)],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench/gpu_feed.py"), "--smoke", *args, "--results", str(tmp_path)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = json.loads((tmp_path / "gpu-smoke.json").read_text())
     assert set(out["results"]) == {"resident", "distrib", "distrib_no_prefetch", "naive", "loader"}
@@ -48,13 +60,16 @@ def test_gpu_feed_benchmark_and_the_sync_check_on_cuda(tmp_path):
     assert sync["selftest_caught"], sync["selftest_tail"]  # and the check does catch a planted .item()
 
 
-@pytest.mark.parametrize("script,args,message", [
-    ("run.py", ["--scenarios", "plain,comms"], "--scenarios plain,comms: unknown comms; choose from plain,"),
-    ("run.py", ["--rounds", "0"], "--rounds 0: must be at least 1"),
-    ("ab.py", ["--frameworks", "hand,fabirc"], "--frameworks hand,fabirc: unknown fabirc; choose from hand,"),
-    ("ab.py", ["--variant", "view"], "--variant view: expected NAME=KEY=VALUE"),
-    ("ab.py", ["--variant", "view=dist.bucket_view=true"], "Unknown config key 'dist.bucket_view'. Did you mean"),
-])
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("run.py", ["--scenarios", "plain,comms"], "--scenarios plain,comms: unknown comms; choose from plain,"),
+        ("run.py", ["--rounds", "0"], "--rounds 0: must be at least 1"),
+        ("ab.py", ["--frameworks", "hand,fabirc"], "--frameworks hand,fabirc: unknown fabirc; choose from hand,"),
+        ("ab.py", ["--variant", "view"], "--variant view: expected NAME=KEY=VALUE"),
+        ("ab.py", ["--variant", "view=dist.bucket_view=true"], "Unknown config key 'dist.bucket_view'. Did you mean"),
+    ],
+)
 def test_benchmark_scripts_refuse_bad_arguments_before_any_launch(tmp_path, monkeypatch, capsys, script, args, message):
     monkeypatch.syspath_prepend(str(REPO / "bench"))  # in process: the check runs before any launch
     main = importlib.import_module(script.removesuffix(".py")).main
@@ -68,9 +83,24 @@ def test_benchmark_scripts_refuse_bad_arguments_before_any_launch(tmp_path, monk
 
 def test_ab_smoke_runs_a_framework_and_a_distrib_config_variant(tmp_path):
     out = tmp_path / "ab.json"
-    done = subprocess.run([sys.executable, str(REPO / "bench/ab.py"), "--smoke", "--frameworks", "hand",
-                           "--variant", "view=dist.gradient_as_bucket_view=true", "--out", str(out)],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench/ab.py"),
+            "--smoke",
+            "--frameworks",
+            "hand",
+            "--variant",
+            "view=dist.gradient_as_bucket_view=true",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert (summary["scenario"], summary["rounds"]) == ("smoke", 1)
@@ -84,26 +114,29 @@ def test_ab_smoke_runs_a_framework_and_a_distrib_config_variant(tmp_path):
 
 
 def test_defaults_cost_smoke_runs_every_variant(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "bench/defaults.py"), "--smoke", "--results", str(tmp_path)],
-                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench/defaults.py"), "--smoke", "--results", str(tmp_path)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "defaults-smoke.json").read_text())["results"]["2"]
     assert set(results) == {"hand", "distrib", "ckpt10_async", "ckpt10_sync", "distrib_quick_exit"}
-    assert all(len(r["wall_s"]) == 1 and r["first_step_s"][0] > 0 and r["loop_s"][0] > 0 and 0 < r["tail_s"][0] < r["wall_s"][0]
-               for r in results.values())
+    assert all(len(r["wall_s"]) == 1 and r["first_step_s"][0] > 0 and r["loop_s"][0] > 0 and 0 < r["tail_s"][0] < r["wall_s"][0] for r in results.values())
     assert (tmp_path / "defaults-smoke.md").read_text().count("|") > 20 and (tmp_path / "defaults-smoke.png").stat().st_size > 5_000
 
 
 def test_lm_benchmark_smoke_runs_the_hand_loop_and_distrib(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "bench/lm.py"), "--smoke"], cwd=REPO, env=child_env(), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(REPO / "bench/lm.py"), "--smoke"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "round 1/1 hand" in done.stdout and "round 1/1 distrib" in done.stdout and "distrib / hand step time: median" in done.stdout
 
 
 def test_fsdp_benchmark_smoke_measures_both_strategies(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "bench/fsdp.py"), "--smoke"], cwd=REPO, env=child_env(), capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(REPO / "bench/fsdp.py"), "--smoke"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
     assert {"either", "ddp", "fsdp"} <= set(rows) and "FSDP / DDP step time at 2 ranks" in done.stdout

@@ -14,8 +14,19 @@ from tests.helpers import REPO, child_env, read_metrics, read_summary
 
 
 def _torchrun(script: str, run_dir, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "examples" / script),
-           "--run.dir", str(run_dir), "--wandb.mode", "disabled", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "examples" / script),
+        "--run.dir",
+        str(run_dir),
+        "--wandb.mode",
+        "disabled",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc

@@ -19,15 +19,44 @@ from tests.helpers import REPO, TaskData, child_env, read_summary, rewind, run_t
 
 pytestmark = pytest.mark.gpu
 
-RESUME = ["--run.device", "cuda", "--task.dropout", "0.1", "--train.grad_accum", "2", "--train.batch_size", "16",
-          "--train.epochs", "2", "--data.train_size", "1024", "--data.eval_size", "256", "--data.num_workers", "2",
-          "--ckpt.every", "5", "--ckpt.keep", "100", "--train.log_every", "50", "--wandb.mode", "disabled"]
+RESUME = [
+    "--run.device",
+    "cuda",
+    "--task.dropout",
+    "0.1",
+    "--train.grad_accum",
+    "2",
+    "--train.batch_size",
+    "16",
+    "--train.epochs",
+    "2",
+    "--data.train_size",
+    "1024",
+    "--data.eval_size",
+    "256",
+    "--data.num_workers",
+    "2",
+    "--ckpt.every",
+    "5",
+    "--ckpt.keep",
+    "100",
+    "--train.log_every",
+    "50",
+    "--wandb.mode",
+    "disabled",
+]
 
 
 def test_the_readme_launcher_trains_on_every_gpu(tmp_path):
     run = tmp_path / "main"
-    proc = subprocess.run(["bash", "launch/local.sh", "--run.dir", str(run), "--wandb.mode", "disabled"], cwd=REPO,
-                          env=child_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", "launch/local.sh", "--run.dir", str(run), "--wandb.mode", "disabled"],
+        cwd=REPO,
+        env=child_env(PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = read_summary(run)
     assert s["world_size"] == torch.cuda.device_count() and s["device"] == "cuda:0"
@@ -49,8 +78,17 @@ def test_resume_on_cuda_is_bit_exact(tmp_path, precision):
 
 
 def _fit_cuda(tmp_path, name: str, **dotted) -> dict:
-    cfg = TaskData().replace(**{"run.dir": str(tmp_path / name), "run.device": "cuda", "data.train_size": 2048, "train.batch_size": 64,
-                              "train.epochs": 2, "wandb.mode": "disabled", **dotted})
+    cfg = TaskData().replace(
+        **{
+            "run.dir": str(tmp_path / name),
+            "run.device": "cuda",
+            "data.train_size": 2048,
+            "train.batch_size": 64,
+            "train.epochs": 2,
+            "wandb.mode": "disabled",
+            **dotted,
+        }
+    )
     train, ev = make_datasets(cfg.task, train_size=2048, eval_size=512, seed=0)
     model = make_model(cfg.task, seed=0)
     return fit(cfg, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3), train_data=train, eval_data=ev)

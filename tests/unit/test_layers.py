@@ -73,8 +73,12 @@ def test_every_import_goes_down_the_layers():
 
 def test_the_rule_fails_when_a_lower_layer_imports_loop_or_cli(tmp_path):
     fake = tmp_path / "distrib"
-    for folder, text in {"runtime": "from distrib.loop.session import Session\n", "data": "import distrib.cli.main\n",
-                         "checkpoint": "from distrib.parallel import fsdp\n", "parallel": "from distrib.data import loaders\n"}.items():
+    for folder, text in {
+        "runtime": "from distrib.loop.session import Session\n",
+        "data": "import distrib.cli.main\n",
+        "checkpoint": "from distrib.parallel import fsdp\n",
+        "parallel": "from distrib.data import loaders\n",
+    }.items():
         (fake / folder).mkdir(parents=True)
         (fake / folder / "mod.py").write_text(text)
     found = violations(fake)

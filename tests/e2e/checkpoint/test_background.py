@@ -14,8 +14,26 @@ import torch
 from distrib.checkpoint import store as ck
 from tests.helpers import REPO, child_env, read_summary, run_train
 
-ARGS = ["--task.dropout", "0.1", "--train.grad_accum", "2", "--train.batch_size", "16", "--data.train_size", "1024",
-        "--data.eval_size", "64", "--train.epochs", "2", "--ckpt.every", "3", "--ckpt.keep", "100", "--wandb.mode", "disabled"]
+ARGS = [
+    "--task.dropout",
+    "0.1",
+    "--train.grad_accum",
+    "2",
+    "--train.batch_size",
+    "16",
+    "--data.train_size",
+    "1024",
+    "--data.eval_size",
+    "64",
+    "--train.epochs",
+    "2",
+    "--ckpt.every",
+    "3",
+    "--ckpt.keep",
+    "100",
+    "--wandb.mode",
+    "disabled",
+]
 
 
 def test_async_checkpoints_hold_the_same_state_as_synchronous_ones_and_resume_bit_exact(tmp_path):
@@ -60,8 +78,7 @@ def test_a_sigkill_during_an_async_save_leaves_the_previous_checkpoint_and_the_e
     newest, manifest = ck.newest_good(root)
     assert newest.name == "step-000000001" and manifest["step"] == 1  # step 2 never became a checkpoint
     assert not ck.step_dir(root, 2).exists()
-    done = subprocess.run([sys.executable, str(script), str(tmp_path / "whole"), "end"], cwd=REPO, env=child_env(),
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "whole"), "end"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "closed" in done.stdout
     newest, manifest = ck.newest_good(tmp_path / "whole" / "checkpoints")
     assert manifest["step"] == 2 and ck.load_file(newest / "state.pt")["objects"]["big"]["w"].eq(1).all()
@@ -92,8 +109,22 @@ def test_a_stop_while_a_save_is_in_flight_commits_both_before_exit_75(tmp_path):
     script = tmp_path / "stop.py"
     script.write_text(STOP_SCRIPT)
     run = tmp_path / "run"
-    cmd = [sys.executable, str(script), "--run.dir", str(run), "--wandb.mode", "disabled", "--task.hidden", "1024",
-           "--data.train_size", "2048", "--ckpt.every", "2", "--train.log_every", "3"]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--run.dir",
+        str(run),
+        "--wandb.mode",
+        "disabled",
+        "--task.hidden",
+        "1024",
+        "--data.train_size",
+        "2048",
+        "--ckpt.every",
+        "2",
+        "--train.log_every",
+        "3",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 75, proc.stderr[-3000:]
     stopped = json.loads((run / "stopped.json").read_text())

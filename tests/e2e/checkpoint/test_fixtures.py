@@ -21,9 +21,28 @@ import pytest
 from distrib.checkpoint import store as ck
 from tests.helpers import REPO, read_summary, run_train
 
-ARGS = ["--task.hidden", "16", "--data.train_size", "512", "--data.eval_size", "64", "--train.batch_size", "16",
-        "--train.epochs", "2", "--ckpt.every", "8", "--ckpt.keep", "1", "--wandb.mode", "disabled",
-        "--optim.schedule", "constant", "--train.log_every", "8"]
+ARGS = [
+    "--task.hidden",
+    "16",
+    "--data.train_size",
+    "512",
+    "--data.eval_size",
+    "64",
+    "--train.batch_size",
+    "16",
+    "--train.epochs",
+    "2",
+    "--ckpt.every",
+    "8",
+    "--ckpt.keep",
+    "1",
+    "--wandb.mode",
+    "disabled",
+    "--optim.schedule",
+    "constant",
+    "--train.log_every",
+    "8",
+]
 STRATEGY = {"ckpt-format1": "ddp", "ckpt-format2-ddp": "ddp", "ckpt-format2-fsdp": "fsdp"}
 
 

@@ -66,9 +66,18 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 def test_a_second_run_on_a_live_run_dir_exits_2_naming_the_holder(tmp_path, capsys, finished):
     run = _copy(finished, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from distrib.checkpoint.rundir import RunLock; "
-                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)", str(run)],
-                              cwd=REPO, env=child_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from distrib.checkpoint.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+            str(run),
+        ],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = tree(run)
@@ -88,8 +97,10 @@ def test_a_second_run_on_a_live_run_dir_exits_2_naming_the_holder(tmp_path, caps
 
 def test_a_forked_child_that_outlives_the_holder_does_not_hold_the_lock(tmp_path):
     """DataLoader workers are forked from rank 0 and may outlive a killed rank for a moment."""
-    code = ("import os, sys, time; from distrib.checkpoint.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
-            "child = os.fork()\nif child == 0: time.sleep(30); os._exit(0)\nprint(child, flush=True); time.sleep(120)")
+    code = (
+        "import os, sys, time; from distrib.checkpoint.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+        "child = os.fork()\nif child == 0: time.sleep(30); os._exit(0)\nprint(child, flush=True); time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, text=True)
     child = int(holder.stdout.readline())
     try:
@@ -124,9 +135,11 @@ def test_rendezvous_failures_exit_1_with_the_address_and_a_hint(tmp_path):
         taken.bind(("127.0.0.1", port))
         taken.listen()
         in_use = _rank_alone(tmp_path, RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    for proc, needle in ((never, "not every one of the 2 processes arrived within dist.timeout_s=3"),
-                         (unresolvable, "MASTER_ADDR=no-such-host.invalid does not resolve"),
-                         (in_use, f"MASTER_PORT={port} is taken")):
+    for proc, needle in (
+        (never, "not every one of the 2 processes arrived within dist.timeout_s=3"),
+        (unresolvable, "MASTER_ADDR=no-such-host.invalid does not resolve"),
+        (in_use, f"MASTER_PORT={port} is taken"),
+    ):
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert "distrib: error: rank" in proc.stderr and "could not join the process group" in proc.stderr and needle in proc.stderr
         assert "Traceback" not in proc.stderr

@@ -31,8 +31,24 @@ from tests.helpers import (  # noqa: E402
     wait_for_training,
 )
 
-RESUME = ["--task.dropout", "0.1", "--train.grad_accum", "2", "--train.batch_size", "16", "--train.epochs", "2",
-          "--data.train_size", "16384", "--data.eval_size", "256", "--ckpt.every", "37", "--train.log_every", "50"]
+RESUME = [
+    "--task.dropout",
+    "0.1",
+    "--train.grad_accum",
+    "2",
+    "--train.batch_size",
+    "16",
+    "--train.epochs",
+    "2",
+    "--data.train_size",
+    "16384",
+    "--data.eval_size",
+    "256",
+    "--ckpt.every",
+    "37",
+    "--train.log_every",
+    "50",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +59,20 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 
 def _launch(run_dir, *torchrun_flags: str, extra: list[str] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_flags,
-           "-m", "distrib.train", *RESUME, *extra, "--run.dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *torchrun_flags,
+        "-m",
+        "distrib.train",
+        *RESUME,
+        *extra,
+        "--run.dir",
+        str(run_dir),
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -96,8 +124,9 @@ def test_a_stop_signal_to_the_launcher_checkpoints_at_a_step_and_a_relaunch_is_b
         proc = _launch(run, extra=extra)
     else:
         cmd = ["bash", str(REPO / launcher), *RESUME, *extra, "--run.dir", str(run)]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(PYTHON=sys.executable), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=child_env(PYTHON=sys.executable), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
     wait_for_training(run, proc)
     tree = [proc.pid, *descendants(proc.pid)]  # the agent, its ranks, and their DataLoader workers
     assert len(tree) >= 3 + 2 * workers, tree
@@ -120,12 +149,38 @@ def test_a_stop_signal_to_the_launcher_checkpoints_at_a_step_and_a_relaunch_is_b
 def test_an_eval_under_way_gives_way_to_a_stop_and_the_resumed_run_evaluates_again(tmp_path):
     """An eval can outlast torchrun's 30 s grace after a signal: it must yield, not be SIGKILLed without a checkpoint."""
     run, marker = tmp_path / "run", tmp_path / "eval-started"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "tests/slow_job.py"),
-           "--data.train_size", "2048", "--data.eval_size", "64", "--train.batch_size", "32", "--train.eval_batch_size", "4",
-           "--train.epochs", "2", "--train.log_every", "8", "--run.dir", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests/slow_job.py"),
+        "--data.train_size",
+        "2048",
+        "--data.eval_size",
+        "64",
+        "--train.batch_size",
+        "32",
+        "--train.eval_batch_size",
+        "4",
+        "--train.epochs",
+        "2",
+        "--train.log_every",
+        "8",
+        "--run.dir",
+        str(run),
+    ]
     # Each rank's eval is 8 batches of 4 samples at 0.25 s each: 8 s, in which the stop must be taken.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(SLOW_EVAL_MS="250", EVAL_MARKER=str(marker)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=child_env(SLOW_EVAL_MS="250", EVAL_MARKER=str(marker)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     wait_for_training(run, proc)
     marker.unlink(missing_ok=True)  # the pre-flight probe read an eval batch before training
     while not marker.exists():

@@ -24,8 +24,7 @@ from distrib.cli.train import main
 from distrib.runtime.stop import LAUNCHER_SIGNALS
 from tests.helpers import REPO, child_env
 
-SMALL = ["--data.train_size", "256", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1",
-         "--wandb.mode", "disabled"]
+SMALL = ["--data.train_size", "256", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1", "--wandb.mode", "disabled"]
 
 
 # ----------------------------------------------------------------------------- links distrib did not make
@@ -86,8 +85,7 @@ def test_a_run_dir_gone_read_only_mid_run_is_an_error_not_a_traceback(small_disk
 
     def train(cfg):
         train_data, _ = make_datasets(cfg.task, train_size=cfg.data.train_size, eval_size=cfg.data.eval_size, seed=cfg.seed)
-        return fit(cfg, model=make_model(cfg.task, seed=cfg.seed), train_data=train_data,
-                   callbacks=[_ReadOnlyAfterFirstCheckpoint(small_disk)])
+        return fit(cfg, model=make_model(cfg.task, seed=cfg.seed), train_data=train_data, callbacks=[_ReadOnlyAfterFirstCheckpoint(small_disk)])
 
     run = small_disk / "run"
     code = distrib_main(train, sections=SECTIONS, argv=[*SMALL, "--train.max_steps", "6", "--ckpt.every", "2", "--run.dir", str(run)])
@@ -103,10 +101,20 @@ LONG = [*SMALL, "--data.train_size", "65536", "--train.epochs", "2", "--train.lo
 
 
 def _torchrun(run: Path, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--signals-to-handle={LAUNCHER_SIGNALS}",
-           "-m", "distrib.train", *args, "--run.dir", str(run)]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        f"--signals-to-handle={LAUNCHER_SIGNALS}",
+        "-m",
+        "distrib.train",
+        *args,
+        "--run.dir",
+        str(run),
+    ]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 @pytest.mark.slow
@@ -133,16 +141,18 @@ def test_a_second_ctrl_c_under_torchrun_aborts(tmp_path):
 # ----------------------------------------------------------------------------- every command answers --help
 
 
-@pytest.mark.parametrize("script, says", [
-    ("launch/local.sh", "Train on this machine"),
-    ("launch/debug.sh", "Single-process debugging"),
-    ("launch/multinode.sh", "Multi-node without a scheduler"),
-    ("scripts/setup.sh", "Create .venv"),
-    ("scripts/test.sh", "run the test suite"),
-    ("scripts/slurm-cluster.sh", "two-node Slurm"),
-    ("scripts/lint.sh", "Lint, format check and type check"),
-])
+@pytest.mark.parametrize(
+    "script, says",
+    [
+        ("launch/local.sh", "Train on this machine"),
+        ("launch/debug.sh", "Single-process debugging"),
+        ("launch/multinode.sh", "Multi-node without a scheduler"),
+        ("scripts/setup.sh", "Create .venv"),
+        ("scripts/test.sh", "run the test suite"),
+        ("scripts/slurm-cluster.sh", "two-node Slurm"),
+        ("scripts/lint.sh", "Lint, format check and type check"),
+    ],
+)
 def test_every_script_answers_help_without_doing_its_work(script, says):
-    done = subprocess.run(["bash", script, "--help"], cwd=REPO, env=child_env(PYTHON=sys.executable), capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(["bash", script, "--help"], cwd=REPO, env=child_env(PYTHON=sys.executable), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and says in done.stdout, done.stdout[-1000:] + done.stderr[-1000:]

@@ -113,8 +113,14 @@ def test_your_own_loop_runs_under_srun_and_ends_at_fits_parameters(cluster, tmp_
     """examples/own_loop.py (the user's loop on distrib's blocks) as srun tasks, against fit under torchrun."""
     args = ["--wandb.mode", "disabled", "--train.epochs", "2", "--train.grad_accum", "2"]
     local = tmp_path / "fit"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "examples/digits.py"),
-                    *args, "--run.dir", str(local)], cwd=REPO, env=child_env(), check=True, capture_output=True, timeout=240)
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "examples/digits.py"), *args, "--run.dir", str(local)],
+        cwd=REPO,
+        env=child_env(),
+        check=True,
+        capture_output=True,
+        timeout=240,
+    )
     command = " ".join([sys.executable, str(REPO / "examples/own_loop.py"), *args, "--run.dir", str(tmp_path / "own")])
     job, done = _sbatch(tmp_path, "--ntasks=2", f"--wrap=srun {command}")
     assert done.returncode == 0, _job_log(tmp_path, job) + done.stderr
@@ -123,8 +129,14 @@ def test_your_own_loop_runs_under_srun_and_ends_at_fits_parameters(cluster, tmp_
 
 
 def test_submit_dry_run_prints_a_script_sbatch_runs_as_it_is(cluster, tmp_path, local_short):
-    out = subprocess.run([sys.executable, "-m", "distrib.cli", "slurm", "submit", "--nodes", "2", "--time", "00:10:00",
-                          "--dry-run", "--", *SHORT], cwd=tmp_path, env=_env(), capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "distrib.cli", "slurm", "submit", "--nodes", "2", "--time", "00:10:00", "--dry-run", "--", *SHORT],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "#SBATCH --nodes=2" in out and "#SBATCH --time=00:10:00" in out and "--train.epochs 1" in out
     script = tmp_path / "job.sbatch"
     script.write_text(out)
@@ -135,8 +147,14 @@ def test_submit_dry_run_prints_a_script_sbatch_runs_as_it_is(cluster, tmp_path, 
 
 
 def test_submit_prints_the_job_id_and_the_job_completes(cluster, tmp_path, local_short):
-    out = subprocess.run([sys.executable, "-m", "distrib.cli", "slurm", "submit", "--nodes", "2", "--", *SHORT],
-                         cwd=tmp_path, env=_env(), capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "distrib.cli", "slurm", "submit", "--nodes", "2", "--", *SHORT],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     job = out.strip()
     assert job.isdigit(), out
     assert _wait_state(job, ENDED) == "COMPLETED", _job_log(tmp_path, job)
@@ -222,10 +240,33 @@ def test_signals_checkpoint_requeue_resume_twice_and_match_the_uninterrupted_run
 
 
 def test_doctor_flags_torchrun_inside_srun_with_a_task_per_gpu(cluster, tmp_path):
-    done = subprocess.run(["srun", "--nodes=1", "--ntasks-per-node=2", sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=1", "-m", "distrib.doctor"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            "srun",
+            "--nodes=1",
+            "--ntasks-per-node=2",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            "-m",
+            "distrib.doctor",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.stdout.count("a double launch") == 2, done.stdout + done.stderr
-    done = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=1", sys.executable, "-m", "distrib.doctor"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        ["srun", "--nodes=2", "--ntasks-per-node=1", sys.executable, "-m", "distrib.doctor"],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and done.stdout.count("no problems found") == 2, done.stdout + done.stderr
     assert "[rank1] launcher  slurm" in done.stdout and "2 node(s) n[1-2]" in done.stdout

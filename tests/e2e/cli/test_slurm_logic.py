@@ -30,13 +30,16 @@ def test_epilogue_requeues_only_after_a_stop_and_at_most_the_cap(tmp_path, capfd
     assert "already requeued 3 times (DISTRIB_MAX_REQUEUES=3): not requeueing" in capfd.readouterr().out
 
 
-@pytest.mark.parametrize("case, status, expected", [
-    ("an earlier step's stopped.json, this step failed", 1, 1),       # peers never met, a refused resume, OOM
-    ("an earlier step's stopped.json, this step finished", 0, 0),
-    ("a fresh stopped.json of a failure", 1, 1),                      # not exit_status 75: not a graceful stop
-    ("no mark from the prologue, status 1", 1, 1),                    # an old sbatch file: only 75 itself counts
-    ("no mark from the prologue, status 75", EXIT_STOPPED, 0),
-])
+@pytest.mark.parametrize(
+    "case, status, expected",
+    [
+        ("an earlier step's stopped.json, this step failed", 1, 1),  # peers never met, a refused resume, OOM
+        ("an earlier step's stopped.json, this step finished", 0, 0),
+        ("a fresh stopped.json of a failure", 1, 1),  # not exit_status 75: not a graceful stop
+        ("no mark from the prologue, status 1", 1, 1),  # an old sbatch file: only 75 itself counts
+        ("no mark from the prologue, status 75", EXIT_STOPPED, 0),
+    ],
+)
 def test_epilogue_requeues_only_a_graceful_stop_of_this_very_step(tmp_path, capfd, case, status, expected):
     _stopped(tmp_path, exit_status=1 if "of a failure" in case else EXIT_STOPPED)
     env = {"SLURM_JOB_ID": "7"}
@@ -66,9 +69,14 @@ def test_two_torchrun_agents_with_c10d_rendezvous_train_together_without_slurm(t
     args = ["--data.train_size", "4096", "--data.eval_size", "256", "--train.epochs", "1", "--task.dropout", "0.1"]
     port = str(free_port())
     agents = [
-        subprocess.Popen(["bash", str(REPO / "launch/multinode.sh"), *args, "--run.dir", str(tmp_path / "two-agents")], cwd=REPO,
-                         env=child_env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_ID="t", PYTHON=sys.executable),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            ["bash", str(REPO / "launch/multinode.sh"), *args, "--run.dir", str(tmp_path / "two-agents")],
+            cwd=REPO,
+            env=child_env(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_ID="t", PYTHON=sys.executable),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for _ in range(2)
     ]
     outs = [a.communicate(timeout=180)[0] for a in agents]

@@ -14,8 +14,24 @@ from tests.helpers import REPO, child_env, read_metrics, read_summary, run_train
 
 # SGD, no dropout, 200 samples: 100 per rank at 2 processes, so each epoch ends on a short step
 # (32+32+32+4 per rank), and 2 epochs.
-EXACT = ["--optim.name", "sgd", "--optim.lr", "0.5", "--optim.schedule", "cosine", "--task.dropout", "0",
-         "--data.train_size", "200", "--data.eval_size", "64", "--train.epochs", "2", "--train.log_every", "2"]
+EXACT = [
+    "--optim.name",
+    "sgd",
+    "--optim.lr",
+    "0.5",
+    "--optim.schedule",
+    "cosine",
+    "--task.dropout",
+    "0",
+    "--data.train_size",
+    "200",
+    "--data.eval_size",
+    "64",
+    "--train.epochs",
+    "2",
+    "--train.log_every",
+    "2",
+]
 
 
 def _params(run_dir) -> dict[str, torch.Tensor]:
@@ -78,7 +94,9 @@ def test_main_job_learns_and_writes_the_contract_files(tmp_path):
 def test_debug_launcher_runs_one_process_and_prints_the_first_batch(tmp_path):
     run = tmp_path / "dbg"
     env = child_env(PYTHON=sys.executable)
-    proc = subprocess.run(["bash", "launch/debug.sh", "--run.dir", str(run), "--data.num_workers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "launch/debug.sh", "--run.dir", str(run), "--data.num_workers", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = read_summary(run)
     assert (s["world_size"], s["launcher"], s["optimizer_steps"]) == (1, "single", 10)
@@ -146,8 +164,10 @@ finally:
 
 def test_main_called_as_a_function_leaves_the_exit_alone(tmp_path):
     # Only the commands (`command()`) freeze at exit; `main(argv)` is also an API (tests call it).
-    code = ("import atexit, gc; atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0)); "
-            "import distrib.cli.main, distrib.slurm, distrib.train as t; t.main(['--help'])")
+    code = (
+        "import atexit, gc; atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0)); "
+        "import distrib.cli.main, distrib.slurm, distrib.train as t; t.main(['--help'])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "frozen at exit: False" in proc.stdout

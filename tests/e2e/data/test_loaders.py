@@ -17,8 +17,16 @@ def ids(n: int) -> TensorDataset:
 
 
 def loader(n: int, world: int, rank: int, batch: int, grad_accum: int = 1, **kw) -> TrainLoader:
-    return TrainLoader(ids(n), world_size=world, rank=rank, seed=kw.pop("seed", 0), shuffle=True, grad_accum=grad_accum,
-                       drop_last=kw.pop("drop_last", False), opts=LoaderOptions(batch_size=batch, **kw))
+    return TrainLoader(
+        ids(n),
+        world_size=world,
+        rank=rank,
+        seed=kw.pop("seed", 0),
+        shuffle=True,
+        grad_accum=grad_accum,
+        drop_last=kw.pop("drop_last", False),
+        opts=LoaderOptions(batch_size=batch, **kw),
+    )
 
 
 def at(ld: TrainLoader, epoch: int, skip: int = 0) -> TrainLoader:
@@ -38,8 +46,7 @@ class SeedProbe(Dataset):
 
 
 def worker_draws(rank: int, epoch: int) -> list[tuple[int, ...]]:
-    ld = TrainLoader(SeedProbe(), world_size=2, rank=rank, seed=0, shuffle=False, drop_last=False,
-                     opts=LoaderOptions(batch_size=1, num_workers=2))
+    ld = TrainLoader(SeedProbe(), world_size=2, rank=rank, seed=0, shuffle=False, drop_last=False, opts=LoaderOptions(batch_size=1, num_workers=2))
     return [tuple(mb.batch[0].tolist()) for mb in at(ld, epoch)]
 
 

@@ -82,8 +82,16 @@ def _reads(path) -> list[int]:
 
 
 def _cfg(run_dir, **dotted):
-    base = {"run.dir": str(run_dir), "run.device": "cpu", "task.hidden": 16, "task.depth": 1, "dist.timeout_s": 60,
-            "wandb.mode": "disabled", "train.log_every": 5, "data.shuffle": False}
+    base = {
+        "run.dir": str(run_dir),
+        "run.device": "cpu",
+        "task.hidden": 16,
+        "task.depth": 1,
+        "dist.timeout_s": 60,
+        "wandb.mode": "disabled",
+        "train.log_every": 5,
+        "data.shuffle": False,
+    }
     return TaskData().replace(**{**base, **dotted})
 
 
@@ -104,8 +112,9 @@ def _epoch_ids(rank: int, world: int, run_dir: str, n: int, workers: int) -> dic
         for name, skip_steps in (("whole", 0), ("resumed", 7)):
             loader = session.train_loader(Ids(n))
             if skip_steps:  # a checkpoint's position, as a resume loads it
-                loader.load_state_dict({"epoch": 0, "epoch_samples": skip_steps * 16, "step": skip_steps,
-                                        "samples_seen": skip_steps * 16 * world, "world_size": world})
+                loader.load_state_dict(
+                    {"epoch": 0, "epoch_samples": skip_steps * 16, "step": skip_steps, "samples_seen": skip_steps * 16 * world, "world_size": world}
+                )
             out[name] = read(loader)
         # A stateful stream, stopped after 7 steps and resumed from its own state in a fresh loader.
         stream = ResumableIds(n)
@@ -147,8 +156,18 @@ def test_two_ranks_two_workers_see_every_sample_of_an_epoch_once_and_a_resume_sk
 
 
 def _fit(rank: int, world: int, run_dir: str, stream: str, stop_at: int | None, workers: int) -> dict:
-    cfg = _cfg(run_dir, **{"data.train_size": 640, "train.batch_size": 8, "train.grad_accum": 2, "train.epochs": 2,
-                           "data.num_workers": workers, "task.dropout": 0.1, "ckpt.every": None})
+    cfg = _cfg(
+        run_dir,
+        **{
+            "data.train_size": 640,
+            "train.batch_size": 8,
+            "train.grad_accum": 2,
+            "train.epochs": 2,
+            "data.num_workers": workers,
+            "task.dropout": 0.1,
+            "ckpt.every": None,
+        },
+    )
     train, ev = make_datasets(cfg.task, train_size=640, eval_size=64, seed=0)
     model = make_model(cfg.task, seed=0)
     data = {"map": train, "plain": TaskStream(train), "stateful": ResumableTaskStream(train)}[stream]

@@ -10,8 +10,17 @@ from tests.helpers import TaskData, read_metrics, rewind, spawn
 
 
 def _cfg(run_dir: str, **dotted):
-    base = {"run.dir": run_dir, "run.device": "cpu", "task.hidden": 16, "task.depth": 1, "wandb.mode": "disabled",
-            "data.train_size": 100, "data.eval_size": 40, "train.batch_size": 8, "dist.timeout_s": 60}
+    base = {
+        "run.dir": run_dir,
+        "run.device": "cpu",
+        "task.hidden": 16,
+        "task.depth": 1,
+        "wandb.mode": "disabled",
+        "data.train_size": 100,
+        "data.eval_size": 40,
+        "train.batch_size": 8,
+        "dist.timeout_s": 60,
+    }
     return TaskData().replace(**{**base, **dotted})
 
 
@@ -49,8 +58,21 @@ def test_callbacks_fire_at_the_right_steps_on_every_rank(tmp_path):
     # 50 samples a rank, batch 8: 7 steps an epoch (the last of 2 samples); logs every 3rd step and
     # at each epoch's tail; checkpoints every 4th step and at each epoch's end.
     assert [e[:2] for e in r0] == [
-        ("log", 3), ("ckpt", 4), ("log", 6), ("log", 7), ("eval", 7), ("epoch_end", 0), ("ckpt", 7),
-        ("ckpt", 8), ("log", 9), ("log", 12), ("ckpt", 12), ("log", 14), ("eval", 14), ("epoch_end", 1), ("ckpt", 14),
+        ("log", 3),
+        ("ckpt", 4),
+        ("log", 6),
+        ("log", 7),
+        ("eval", 7),
+        ("epoch_end", 0),
+        ("ckpt", 7),
+        ("ckpt", 8),
+        ("log", 9),
+        ("log", 12),
+        ("ckpt", 12),
+        ("log", 14),
+        ("eval", 14),
+        ("epoch_end", 1),
+        ("ckpt", 14),
         ("fit_end", 14),
     ]
     logged = [(l["step"], round(l["loss"], 12)) for l in read_metrics(tmp_path / "run") if l["kind"] == "train"]
@@ -63,8 +85,14 @@ def _early(rank: int, world: int, run_dir: str) -> dict:
     cfg = _cfg(run_dir, **{"train.epochs": 6, "task.dropout": 0.1, "ckpt.keep": 100, "ckpt.every": None})
     train, ev = make_datasets(cfg.task, train_size=100, eval_size=40, seed=0)
     model = make_model(cfg.task, seed=0)
-    return fit(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=train, eval_data=ev,
-               callbacks=[EarlyStopping("loss", mode="max", patience=2)])
+    return fit(
+        cfg,
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        train_data=train,
+        eval_data=ev,
+        callbacks=[EarlyStopping("loss", mode="max", patience=2)],
+    )
 
 
 def test_early_stopping_agrees_across_ranks_and_resumes_bit_exact(tmp_path):

@@ -27,8 +27,14 @@ def _cfg(run_dir: str, **dotted) -> Config:
 def _hf_fit(rank: int, world: int, run_dir: str) -> dict:
     model = tiny_gpt2()
     cfg = _cfg(run_dir, **{"train.batch_size": 4, "train.epochs": 2})
-    summary = fit(cfg, model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=5e-3),
-                  train_data=Sequences(40, fixed=True), eval_data=Sequences(10, fixed=True, seed=1), collate_fn=pad_collate)
+    summary = fit(
+        cfg,
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters(), lr=5e-3),
+        train_data=Sequences(40, fixed=True),
+        eval_data=Sequences(10, fixed=True, seed=1),
+        collate_fn=pad_collate,
+    )
     return {"params": {k: v.clone() for k, v in model.state_dict().items()}, "summary": summary}
 
 

@@ -121,11 +121,14 @@ sys.exit(distrib.main(lambda cfg: print("ok", args.data_path, cfg.train.epochs),
 """
 
 
-@pytest.mark.parametrize("argv, code, says", [
-    (["--help"], 0, "usage: "),
-    (["--trian.epochs", "3"], 2, "distrib: error: "),
-    (["--train.epochs", "3"], 0, "ok data/ 3"),
-])
+@pytest.mark.parametrize(
+    "argv, code, says",
+    [
+        (["--help"], 0, "usage: "),
+        (["--trian.epochs", "3"], 2, "distrib: error: "),
+        (["--train.epochs", "3"], 0, "ok data/ 3"),
+    ],
+)
 def test_parse_config_on_the_command_line_exits_like_argparse(tmp_path, argv, code, says):
     script = tmp_path / "plain.py"
     script.write_text("import distrib\ncfg = distrib.parse_config()\nprint('ok', 'data/', cfg.train.epochs)\n")
@@ -138,8 +141,7 @@ def test_a_script_with_its_own_argparse_shares_help_and_flags(tmp_path):
     script.write_text(SCRIPT)
     done = subprocess.run([sys.executable, str(script), "--help"], env=child_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "--data-path" in done.stdout and "--train.epochs INT" in done.stdout
-    done = subprocess.run([sys.executable, str(script), "--data-path", "d", "--train.epochs", "4"], env=child_env(),
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, str(script), "--data-path", "d", "--train.epochs", "4"], env=child_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok d 4", done.stderr
     done = subprocess.run([sys.executable, str(script), "--train.epoch", "4"], env=child_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "distrib: error: Unknown config key 'train.epoch'" in done.stderr and "Traceback" not in done.stderr

@@ -133,9 +133,27 @@ def test_a_terminal_gets_a_progress_bar(tmp_path):
 
 
 def _slow_job(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "tests/slow_job.py"),
-           "--data.train_size", "1024", "--data.eval_size", "128", "--train.epochs", "1", "--train.log_every", "2",
-           "--wandb.mode", "disabled", "--run.dir", str(tmp_path / "run"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests/slow_job.py"),
+        "--data.train_size",
+        "1024",
+        "--data.eval_size",
+        "128",
+        "--train.epochs",
+        "1",
+        "--train.log_every",
+        "2",
+        "--wandb.mode",
+        "disabled",
+        "--run.dir",
+        str(tmp_path / "run"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=child_env(PYTHONPATH=str(REPO), **env), capture_output=True, text=True, timeout=180)
 
 

@@ -98,12 +98,13 @@ def test_the_wandb_process_skips_the_launch_inputs_look_that_only_a_users_own_pr
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, 'distrib/observe'); import wandb_worker, wandb; "
-            f"run = wandb_worker._start({{'mode': 'offline', 'dir': {str(tmp_path)!r}, 'id': 'skiplaunch', 'project': 'p', "
-            "'config': {'a': 1}, 'init_timeout': 60}); run.log({'x': 1.0}, step=1); run.finish(); wandb.teardown(); "
-            "print(sorted(m for m in sys.modules if m.startswith('wandb.sdk.launch')))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(HOME=str(tmp_path)),
-                         capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; sys.path.insert(0, 'distrib/observe'); import wandb_worker, wandb; "
+        f"run = wandb_worker._start({{'mode': 'offline', 'dir': {str(tmp_path)!r}, 'id': 'skiplaunch', 'project': 'p', "
+        "'config': {'a': 1}, 'init_timeout': 60}); run.log({'x': 1.0}, step=1); run.finish(); wandb.teardown(); "
+        "print(sorted(m for m in sys.modules if m.startswith('wandb.sdk.launch')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "wandb: offline run skiplaunch" in out.stdout and out.stdout.strip().splitlines()[-1] == "[]"
     assert list((tmp_path / "wandb").glob("offline-run-*-skiplaunch/run-skiplaunch.wandb"))
@@ -111,9 +112,11 @@ def test_the_wandb_process_skips_the_launch_inputs_look_that_only_a_users_own_pr
 
 def test_a_run_without_wandb_or_a_report_imports_neither_and_ddp_checkpoints_do_not_import_dcp(tmp_path):
     # DCP (torch.distributed.checkpoint) is FSDP's: importing it took ~60 ms inside the first checkpoint's step.
-    code = ("import sys, distrib.train as t; t.main(['--data.train_size', '256', '--train.epochs', '1', '--wandb.mode', 'disabled', "
-            f"'--ckpt.every', '2', '--run.dir', {str(tmp_path / 'run')!r}]); "
-            "print(sorted(m for m in ('wandb', 'matplotlib', 'torch.distributed.checkpoint') if m in sys.modules))")
+    code = (
+        "import sys, distrib.train as t; t.main(['--data.train_size', '256', '--train.epochs', '1', '--wandb.mode', 'disabled', "
+        f"'--ckpt.every', '2', '--run.dir', {str(tmp_path / 'run')!r}]); "
+        "print(sorted(m for m in ('wandb', 'matplotlib', 'torch.distributed.checkpoint') if m in sys.modules))"
+    )
     import subprocess
     import sys
 

@@ -23,9 +23,26 @@ from tests.helpers import REPO, child_env, read_summary, run_train
 pytestmark = pytest.mark.slow
 
 # A constant schedule, so a run continued past its first max_steps has the uninterrupted run's rates.
-ARGS = ["--train.batch_size", "16", "--train.grad_accum", "2", "--data.train_size", "4096", "--data.eval_size", "256",
-        "--task.dropout", "0.1", "--optim.schedule", "constant", "--train.log_every", "5", "--ckpt.every", "10",
-        "--wandb.mode", "disabled"]
+ARGS = [
+    "--train.batch_size",
+    "16",
+    "--train.grad_accum",
+    "2",
+    "--data.train_size",
+    "4096",
+    "--data.eval_size",
+    "256",
+    "--task.dropout",
+    "0.1",
+    "--optim.schedule",
+    "constant",
+    "--train.log_every",
+    "5",
+    "--ckpt.every",
+    "10",
+    "--wandb.mode",
+    "disabled",
+]
 STEPS = 60
 
 
@@ -42,10 +59,22 @@ def _wait_past(run, step: int, proc: subprocess.Popen) -> None:
 
 
 def _launch(run, args, *flags: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", *flags,
-           "-m", "distrib.train", *args, "--train.max_steps", str(STEPS), "--run.dir", str(run)]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=4",
+        *flags,
+        "-m",
+        "distrib.train",
+        *args,
+        "--train.max_steps",
+        str(STEPS),
+        "--run.dir",
+        str(run),
+    ]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def test_ddp_continued_by_max_steps_a_graceful_stop_and_a_restart_is_bit_exact(tmp_path):

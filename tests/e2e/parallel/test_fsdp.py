@@ -27,9 +27,28 @@ from tests.helpers import REPO, TaskData, child_env, read_metrics, read_summary,
 # SGD (its update is linear in the gradient, so float sums agree closely), clipping that bites (the
 # global norm of sharded gradients), accumulation, a short tail step (4000 = 62.5 global batches of
 # 64) and an eval set that does not split evenly (filler forwards on the rank with fewer batches).
-ARGS = ["--optim.name", "sgd", "--optim.lr", "0.2", "--train.clip_grad_norm", "0.5", "--train.grad_accum", "2",
-        "--train.epochs", "2", "--data.train_size", "4000", "--data.eval_size", "301", "--ckpt.every", "20",
-        "--train.log_every", "8", "--wandb.mode", "disabled"]
+ARGS = [
+    "--optim.name",
+    "sgd",
+    "--optim.lr",
+    "0.2",
+    "--train.clip_grad_norm",
+    "0.5",
+    "--train.grad_accum",
+    "2",
+    "--train.epochs",
+    "2",
+    "--data.train_size",
+    "4000",
+    "--data.eval_size",
+    "301",
+    "--ckpt.every",
+    "20",
+    "--train.log_every",
+    "8",
+    "--wandb.mode",
+    "disabled",
+]
 FSDP = ["--dist.strategy", "fsdp"]
 
 
@@ -76,8 +95,9 @@ def test_fsdp_checkpoint_is_a_shard_per_rank_and_exports_to_model_pt(runs, tmp_p
     assert set(json.loads((newest / ck.MANIFEST).read_text())["files"]) == set(files) - {ck.MANIFEST}  # all verified
     # `distrib export` assembles the shards in one process; the run's last checkpoint is its model.pt.
     out = tmp_path / "exported.pt"
-    proc = subprocess.run([sys.executable, "-m", "distrib.cli", "export", str(runs["fsdp"]), "--out", str(out)],
-                          capture_output=True, text=True, cwd=REPO, env=child_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "distrib.cli", "export", str(runs["fsdp"]), "--out", str(out)], capture_output=True, text=True, cwd=REPO, env=child_env()
+    )
     assert proc.returncode == 0, proc.stderr
     exported, whole = torch.load(out, weights_only=True), _params(runs["fsdp"])
     assert exported.keys() == whole.keys() and all(torch.equal(exported[k], whole[k]) for k in whole)
@@ -90,8 +110,23 @@ def test_fsdp_composes_with_torch_compile(tmp_path, runs):
 
 
 def _launch(run, *torchrun_flags: str, extra: list[str] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *torchrun_flags,
-           "-m", "distrib.train", *ARGS, *FSDP, "--train.batch_size", "16", *extra, "--run.dir", str(run)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        *torchrun_flags,
+        "-m",
+        "distrib.train",
+        *ARGS,
+        *FSDP,
+        "--train.batch_size",
+        "16",
+        *extra,
+        "--run.dir",
+        str(run),
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -166,9 +201,22 @@ class Counting:
 def _fsdp_counts(rank: int, world: int, run_dir: str, accum: int) -> dict:
     from torch.distributed.fsdp import FSDPModule
 
-    cfg = TaskData().replace(**{"run.dir": run_dir, "run.device": "cpu", "task.hidden": 16, "task.depth": 1, "dist.strategy": "fsdp",
-                                "data.train_size": 200, "train.batch_size": 8, "train.grad_accum": accum, "train.epochs": 2,
-                                "train.log_every": 3, "wandb.mode": "disabled", "ckpt.every": None})
+    cfg = TaskData().replace(
+        **{
+            "run.dir": run_dir,
+            "run.device": "cpu",
+            "task.hidden": 16,
+            "task.depth": 1,
+            "dist.strategy": "fsdp",
+            "data.train_size": 200,
+            "train.batch_size": 8,
+            "train.grad_accum": accum,
+            "train.epochs": 2,
+            "train.log_every": 3,
+            "wandb.mode": "disabled",
+            "ckpt.every": None,
+        }
+    )
     train, _ = make_datasets(cfg.task, train_size=200, eval_size=8, seed=0)
     model = make_model(cfg.task, seed=0)
     with Session(cfg) as session:
@@ -223,9 +271,20 @@ class NormNet(nn.Module):
 def _norm_net(rank: int, world: int, run_dir: str, dotted: dict) -> dict:
     from distrib import fit
 
-    cfg = TaskData().replace(**{"run.dir": run_dir, "run.device": "cpu", "data.train_size": 512, "data.eval_size": 301,
-                                "train.batch_size": 16, "train.epochs": 2, "train.log_every": 8, "wandb.mode": "disabled",
-                                "ckpt.every": None, **dotted})
+    cfg = TaskData().replace(
+        **{
+            "run.dir": run_dir,
+            "run.device": "cpu",
+            "data.train_size": 512,
+            "data.eval_size": 301,
+            "train.batch_size": 16,
+            "train.epochs": 2,
+            "train.log_every": 8,
+            "wandb.mode": "disabled",
+            "ckpt.every": None,
+            **dotted,
+        }
+    )
     train, ev = make_datasets(cfg.task, train_size=512, eval_size=301, seed=0)
     torch.manual_seed(0)
     model = NormNet()
@@ -256,10 +315,12 @@ def test_fsdp_with_buffers_an_unused_layer_and_no_reshard_ends_at_max_steps_resu
 
 
 def test_fsdp_refuses_fp16_and_unknown_blocks_before_writing_anything(tmp_path):
-    for extra, message in ((["--train.precision", "fp16"], "train.precision=fp16 with dist.strategy=fsdp"),
-                           (["--dist.fsdp_blocks", "Block"], "dist.fsdp_blocks=Block matches no submodule"),
-                           (["--dist.strategy", "zero3"], "dist.strategy='zero3' is not one of ddp, fsdp"),
-                           (["--dist.strategy", "FSDP"], "HINT: pass --dist.strategy fsdp")):
+    for extra, message in (
+        (["--train.precision", "fp16"], "train.precision=fp16 with dist.strategy=fsdp"),
+        (["--dist.fsdp_blocks", "Block"], "dist.fsdp_blocks=Block matches no submodule"),
+        (["--dist.strategy", "zero3"], "dist.strategy='zero3' is not one of ddp, fsdp"),
+        (["--dist.strategy", "FSDP"], "HINT: pass --dist.strategy fsdp"),
+    ):
         run = tmp_path / extra[-1]
         proc = run_train([*FSDP, *extra, "--train.epochs", "1", "--data.train_size", "64", "--run.dir", str(run)], check=False)
         assert proc.returncode == 2, proc.stderr[-2000:]

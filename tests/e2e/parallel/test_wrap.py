@@ -45,8 +45,18 @@ def test_ddp_options_on_two_gloo_ranks(tmp_path):
 
 
 def _fit(tmp_path, name: str, lr: float = 0.5, **dotted) -> tuple[dict, nn.Module, dict]:
-    cfg = TaskData().replace(**{"run.dir": str(tmp_path / name), "run.device": "cpu", "data.train_size": 512, "train.batch_size": 32,
-                              "train.epochs": 1, "task.hidden": 16, "task.depth": 1, **dotted})
+    cfg = TaskData().replace(
+        **{
+            "run.dir": str(tmp_path / name),
+            "run.device": "cpu",
+            "data.train_size": 512,
+            "train.batch_size": 32,
+            "train.epochs": 1,
+            "task.hidden": 16,
+            "task.depth": 1,
+            **dotted,
+        }
+    )
     train, ev = make_datasets(cfg.task, train_size=512, eval_size=64, seed=0)
     model = make_model(cfg.task, seed=0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -85,4 +95,3 @@ def test_syncbn_and_device_ids_on_two_gpus(tmp_path):
     results = spawn(_wrap, 2, tmp_path, "cuda")
     assert [r["device"] for r in results] == ["cuda:0", "cuda:1"]
     assert all(r["ddp"] and r["syncbn"] for r in results)
-

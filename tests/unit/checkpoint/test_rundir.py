@@ -120,8 +120,9 @@ class Points(torch.utils.data.Dataset):
         return torch.full((4,), float(i)), torch.tensor(i % 2)
 
 
-@pytest.mark.parametrize("flags, key", [({"train.batch_size": 16}, "train.batch_size=16"),
-                                        ({"train.batch_size": 8, "train.eval_batch_size": 32}, "train.eval_batch_size=32")])
+@pytest.mark.parametrize(
+    "flags, key", [({"train.batch_size": 16}, "train.batch_size=16"), ({"train.batch_size": 8, "train.eval_batch_size": 32}, "train.eval_batch_size=32")]
+)
 def test_a_batch_size_that_cannot_fit_fails_in_the_probe_for_train_and_eval(tmp_path, flags, key):
     import distrib
     from tests.helpers import TaskData
@@ -294,8 +295,14 @@ DOCTOR = [
     ({"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n[1-"}, "SLURM_JOB_NODELIST='n[1-' is malformed"),
     ({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "n[1-"}, "unbalanced brackets"),
     ({"SLURM_JOB_ID": "5", "SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "localhost"}, "the batch shell of Slurm job 5"),
-    ({"SLURM_JOB_ID": "x", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "two", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "zz"}, "SLURM_NTASKS='two' is not an integer"),
-    ({"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_NUM_NODES": "-1", "SLURM_GPUS_ON_NODE": "x"}, "SLURM_JOB_NODELIST is not set"),
+    (
+        {"SLURM_JOB_ID": "x", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "two", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "zz"},
+        "SLURM_NTASKS='two' is not an integer",
+    ),
+    (
+        {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_NUM_NODES": "-1", "SLURM_GPUS_ON_NODE": "x"},
+        "SLURM_JOB_NODELIST is not set",
+    ),
 ]
 
 

@@ -123,5 +123,3 @@ def test_a_crash_before_commit_leaves_only_a_staging_dir(tmp_path):
 
 
 # ----------------------------------------------------------------------------- resume end to end
-
-

@@ -27,8 +27,7 @@ from distrib.errors import ConfigError
 from distrib.runtime.stop import StopRequest
 from tests.helpers import read_summary
 
-SMALL = ["--data.train_size", "256", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1",
-         "--wandb.mode", "disabled"]
+SMALL = ["--data.train_size", "256", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1", "--wandb.mode", "disabled"]
 
 
 # ----------------------------------------------------------------------------- links distrib did not make
@@ -119,8 +118,7 @@ def test_a_run_dir_past_the_path_limit_is_bad_input(tmp_path, capsys):
 def test_report_skips_records_without_a_kind_or_a_step(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    lines = [{"step": 1, "loss": 2.0}, {"kind": "train", "loss": 2.0}, {"kind": "train", "step": 2, "loss": 1.5},
-             {"kind": "eval", "step": 2, "loss": 1.6}]
+    lines = [{"step": 1, "loss": 2.0}, {"kind": "train", "loss": 2.0}, {"kind": "train", "step": 2, "loss": 1.5}, {"kind": "eval", "step": 2, "loss": 1.6}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert report.main([str(run)]) == 0
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
@@ -134,8 +132,9 @@ def _two_checkpoints(run: Path) -> list[Path]:
     return ck.candidates(run / "checkpoints")
 
 
-@pytest.mark.parametrize("manifest", ["{}", "[]", '{"step": 4, "world_size": 1, "files": {}}',
-                                      '{"step": 4, "world_size": 1, "files": {"state.pt": {"size": 1, "crc32": "0"}}}'])
+@pytest.mark.parametrize(
+    "manifest", ["{}", "[]", '{"step": 4, "world_size": 1, "files": {}}', '{"step": 4, "world_size": 1, "files": {"state.pt": {"size": 1, "crc32": "0"}}}']
+)
 def test_a_manifest_that_lists_too_little_falls_back_to_the_previous_checkpoint(tmp_path, capsys, manifest):
     run = tmp_path / "run"
     newest, previous = _two_checkpoints(run)
@@ -257,14 +256,17 @@ def test_debug_gets_a_run_dir_of_its_own_and_never_rewrites_a_real_run(tmp_path,
 # ----------------------------------------------------------------------------- every command answers --help
 
 
-@pytest.mark.parametrize("argv, says", [
-    ([], "usage: distrib <command>"),
-    (["doctor"], "usage: distrib doctor"),
-    (["export"], "usage: distrib export"),
-    (["report"], "usage: distrib report"),
-    (["slurm", "submit"], "usage: distrib slurm submit"),
-    (["train"], "usage: "),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        ([], "usage: distrib <command>"),
+        (["doctor"], "usage: distrib doctor"),
+        (["export"], "usage: distrib export"),
+        (["report"], "usage: distrib report"),
+        (["slurm", "submit"], "usage: distrib slurm submit"),
+        (["train"], "usage: "),
+    ],
+)
 def test_every_distrib_command_answers_help_without_doing_its_work(capsys, argv, says):
     from distrib.cli import main as cli
 

@@ -83,8 +83,16 @@ def _diag(env, **probes):
 
 
 def test_doctor_flags_ntasks_meant_per_node():
-    env = {**ALLOC, "SLURM_GPUS_ON_NODE": "8", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)",
-           "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    env = {
+        **ALLOC,
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_NTASKS": "8",
+        "SLURM_TASKS_PER_NODE": "4(x2)",
+        "SLURM_PROCID": "0",
+        "SLURM_STEP_ID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
     _, found = _diag(env, gpus=8)
     msgs = " ".join(f.message + f.fix for f in found)
     assert "SLURM_NTASKS=8 is the whole job's task count" in msgs and "--ntasks-per-node=8" in msgs
@@ -94,16 +102,38 @@ def test_doctor_flags_ntasks_meant_per_node():
 
 
 def test_doctor_flags_a_double_launch_and_too_many_local_processes():
-    env = {**ALLOC, "SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
-           "TORCHELASTIC_RUN_ID": "x", "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}
+    env = {
+        **ALLOC,
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "16",
+        "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+        "TORCHELASTIC_RUN_ID": "x",
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "3",
+        "LOCAL_WORLD_SIZE": "8",
+    }
     _, found = _diag(env, gpus=4)
     msgs = " ".join(f.message for f in found)
     assert "a double launch" in msgs and "8 processes on this node but only 4 GPU(s)" in msgs
 
 
 def test_doctor_says_when_fsdp_is_the_strategy_to_pick():
-    facts, _ = _diag({"WORLD_SIZE": "8", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1",
-                      "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}, gpus=8, gpu_names=("H100",) * 8, device_memory=80 * 10**9)
+    facts, _ = _diag(
+        {
+            "WORLD_SIZE": "8",
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "8",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500",
+            "TORCHELASTIC_RUN_ID": "x",
+        },
+        gpus=8,
+        gpu_names=("H100",) * 8,
+        device_memory=80 * 10**9,
+    )
     advice = dict(facts)["strategy"]
     assert "up to ~5B parameters in this GPU" in advice and "fsdp splits them over 8 ranks: up to ~40B" in advice
     assert "ddp (default) while the model" in dict(_diag({})[0])["strategy"]  # no memory figure: the rule in words

@@ -102,8 +102,11 @@ def _load(tmp_path, name: str, text: str):
         ("c.yaml", "run:\n  dir: {a: 1}\n", "'run.dir.a' sets a key inside run.dir, which is a str, not a section."),
         ("c.json", '{"run": {"dir": 5}}', "run.dir=5 in --config '{f}' is an int, not a str."),
         ("c.toml", "[run]\ndir = 1.5\n", "run.dir=1.5 in --config '{f}' is a float, not a str."),
-        ("c.yaml", "wandb:\n  name: no\n", "wandb.name=False in --config '{f}' is a bool, not a str | none. HINT: give wandb.name a str | none, "
-                                             'e.g. "text" or null (quote text'),
+        (
+            "c.yaml",
+            "wandb:\n  name: no\n",
+            "wandb.name=False in --config '{f}' is a bool, not a str | none. HINT: give wandb.name a str | none, e.g. \"text\" or null (quote text",
+        ),
         ("c.yaml", "wandb:\n  project: 2024-01-01\n", "is a date, not a str | none"),
         ("c.yaml", "wandb:\n  tags: [a, 1]\n", "wandb.tags=['a', 1] in --config '{f}' is a list holding an int (1), not a list[str]."),
         ("c.yaml", "wandb:\n  tags: [a, [b]]\n", "is a list holding a list (['b']), not a list[str]."),
@@ -122,11 +125,15 @@ def test_file_values_are_checked_by_type(tmp_path, name, text, needle):
 
 
 def test_file_values_of_the_right_type_load_as_before(tmp_path):
-    cfg = _load(tmp_path, "c.yaml", """
+    cfg = _load(
+        tmp_path,
+        "c.yaml",
+        """
         train: {max_steps: null, epochs: 3.0, clip_grad_norm: 1, precision: bf16}
         data: {shuffle: "off", drop_last: yes}
         wandb: {tags: [a, b], name: null}
-    """)
+    """,
+    )
     assert (cfg.train.max_steps, cfg.train.epochs, cfg.train.clip_grad_norm, cfg.data.shuffle, cfg.data.drop_last) == (None, 3, 1.0, False, True)
     assert type(cfg.train.epochs) is int and cfg.wandb.tags == ["a", "b"] and cfg.wandb.name is None
     cfg = _load(tmp_path, "c.toml", 'train.max_steps = "none"\nwandb.tags = "a,b"\nwandb.name = "none"\n')  # TOML has no null

@@ -17,8 +17,16 @@ def ids(n: int) -> TensorDataset:
 
 
 def loader(n: int, world: int, rank: int, batch: int, grad_accum: int = 1, **kw) -> TrainLoader:
-    return TrainLoader(ids(n), world_size=world, rank=rank, seed=kw.pop("seed", 0), shuffle=True, grad_accum=grad_accum,
-                       drop_last=kw.pop("drop_last", False), opts=LoaderOptions(batch_size=batch, **kw))
+    return TrainLoader(
+        ids(n),
+        world_size=world,
+        rank=rank,
+        seed=kw.pop("seed", 0),
+        shuffle=True,
+        grad_accum=grad_accum,
+        drop_last=kw.pop("drop_last", False),
+        opts=LoaderOptions(batch_size=batch, **kw),
+    )
 
 
 def at(ld: TrainLoader, epoch: int, skip: int = 0) -> TrainLoader:

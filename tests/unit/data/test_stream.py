@@ -61,8 +61,16 @@ class ResumableIds(Resumable, Ids):
 
 
 def _cfg(run_dir, **dotted):
-    base = {"run.dir": str(run_dir), "run.device": "cpu", "task.hidden": 16, "task.depth": 1, "dist.timeout_s": 60,
-            "wandb.mode": "disabled", "train.log_every": 5, "data.shuffle": False}
+    base = {
+        "run.dir": str(run_dir),
+        "run.device": "cpu",
+        "task.hidden": 16,
+        "task.depth": 1,
+        "dist.timeout_s": 60,
+        "wandb.mode": "disabled",
+        "train.log_every": 5,
+        "data.shuffle": False,
+    }
     return TaskData().replace(**{**base, **dotted})
 
 

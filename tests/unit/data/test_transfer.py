@@ -37,7 +37,9 @@ def test_every_tensor_moves_and_structure_is_kept():
 def test_leading_dim_and_describe():
     assert leading_dim(nested()) == 4
     text = describe(nested())
-    assert "batch['pair'].x: float32[4, 2] on cpu" in text and "batch['pair'].y[1][0]: int64[4] on cpu" in text and "batch['sample'].image: float32[4, 3]" in text
+    assert (
+        "batch['pair'].x: float32[4, 2] on cpu" in text and "batch['pair'].y[1][0]: int64[4] on cpu" in text and "batch['sample'].image: float32[4, 3]" in text
+    )
 
 
 def test_non_tensor_leaf_is_named():

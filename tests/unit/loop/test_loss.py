@@ -41,8 +41,9 @@ class Regression(TensorDataset):
 def test_a_regression_logs_no_accuracy_and_step_metrics_are_exact_global_means(tmp_path):
     model = nn.Linear(4, 1)
     cfg = _cfg(str(tmp_path / "reg"), **{"train.batch_size": 7, "train.epochs": 1})
-    summary = fit(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_data=Regression(30),
-                  eval_data=Regression(11), loss_fn=F.mse_loss)
+    summary = fit(
+        cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_data=Regression(30), eval_data=Regression(11), loss_fn=F.mse_loss
+    )
     lines = read_metrics(tmp_path / "reg")
     assert all("accuracy" not in line and "perplexity" not in line for line in lines)
     assert summary["eval"].keys() == {"loss", "count"} and summary["eval"]["count"] == 11
@@ -53,8 +54,13 @@ def test_a_regression_logs_no_accuracy_and_step_metrics_are_exact_global_means(t
         return F.mse_loss(m(x), y), {"mae": err.mean(), "big": ((err > 1).sum(), err.numel())}
 
     frozen = nn.Linear(4, 1)
-    fit(_cfg(str(tmp_path / "mae"), **{"train.batch_size": 7, "train.epochs": 1, "train.log_every": 100}), model=frozen,
-        optimizer=torch.optim.SGD(frozen.parameters(), lr=0.0), train_data=Regression(30), step_fn=step)
+    fit(
+        _cfg(str(tmp_path / "mae"), **{"train.batch_size": 7, "train.epochs": 1, "train.log_every": 100}),
+        model=frozen,
+        optimizer=torch.optim.SGD(frozen.parameters(), lr=0.0),
+        train_data=Regression(30),
+        step_fn=step,
+    )
     (line,) = read_metrics(tmp_path / "mae")
     x, y = Regression(30).tensors
     with torch.no_grad():

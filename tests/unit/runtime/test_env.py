@@ -9,10 +9,26 @@ import pytest
 from distrib.errors import EnvironmentConfigError
 from distrib.runtime.env import DistEnv, check_visible_gpus, detect, expand_hostlist, slurm_port
 
-TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
-            "MASTER_ADDR": "node7", "MASTER_PORT": "29511", "TORCHELASTIC_RUN_ID": "abc"}
-SRUN = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "6",
-        "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-09]", "SLURM_TASKS_PER_NODE": "2(x3)"}
+TORCHRUN = {
+    "RANK": "3",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "8",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1",
+    "MASTER_ADDR": "node7",
+    "MASTER_PORT": "29511",
+    "TORCHELASTIC_RUN_ID": "abc",
+}
+SRUN = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_STEP_ID": "0",
+    "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1",
+    "SLURM_NTASKS": "6",
+    "SLURM_NODEID": "2",
+    "SLURM_JOB_NODELIST": "gpu[07-09]",
+    "SLURM_TASKS_PER_NODE": "2(x3)",
+}
 
 
 def test_single_process_when_no_launcher():
