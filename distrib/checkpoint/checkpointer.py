@@ -48,14 +48,20 @@ class Restored:
 class Checkpointer:
     """Saves and restores a loop's state under `<run.dir>/checkpoints`, the same on every rank."""
 
-    def __init__(self, cfg: Config, *, rank: int, world_size: int, sharded: bool, group: Any = None) -> None:
+    def __init__(self, cfg: Config, *, rank: int, world_size: int, sharded: bool) -> None:
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
         self.sharded = sharded
         """Whether this run's models are FSDP-sharded (a DDP checkpoint cannot resume into them)."""
         self.root = Path(cfg.run.dir) / "checkpoints"
-        self._group = group  # the background save's barriers: a gloo group made at setup (see Session.__enter__)
+        self._group: Any = None
+        if cfg.ckpt.async_ and world_size > 1:
+            # The background save's barriers get a group of their own, made now (the session makes its
+            # Checkpointer right after the process group): making one needs the rendezvous store, which
+            # may be gone by the time a stop signal asks for the first save (torchrun's agent closes
+            # its store as it handles the signal).
+            self._group = torch.distributed.new_group(backend="gloo")
         self._saver = Saver()
 
     # ------------------------------------------------------------------ save

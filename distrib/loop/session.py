@@ -31,16 +31,17 @@ from distrib.checkpoint.checkpointer import Checkpointer, hparams_of, step_of
 from distrib.checkpoint.rundir import RunLock, check_run_dir
 from distrib.config import Config
 from distrib.data.accumulate import ItemCounter
-from distrib.data.loaders import EvalLoader, LoaderOptions, TrainLoader
+from distrib.data.build import build_eval_loader, build_train_loader
+from distrib.data.loaders import EvalLoader, TrainLoader
 from distrib.data.sampling import mix_seed, seed_all
 from distrib.errors import ConfigError, StorageError
 from distrib.loop.debug import debug_checks, prepare
 from distrib.loop.stopping import StopAgreement
-from distrib.observe.run_files import RunFiles, RunWriter
+from distrib.observe.run_files import RunFiles, RunWriter, console_line
 from distrib.parallel import fsdp
 from distrib.parallel.buckets import replay_rebuilt_buckets
 from distrib.parallel.precision import Precision
-from distrib.parallel.wrap import ddp_of, set_grad_sync, unwrap_model, wrap_model
+from distrib.parallel.wrap import ddp_of, release_reducers, set_grad_sync, unwrap_model, wrap_model
 from distrib.runtime.collectives import all_reduce_sum
 from distrib.runtime.console import log, setup_console
 from distrib.runtime.group import Runtime, distributed
@@ -87,13 +88,7 @@ class Session:
             self.sharded = cfg.dist.strategy == "fsdp" and self.rt.env.distributed
             """Whether models from `setup` are FSDP2-sharded (dist.strategy=fsdp with more than one process)."""
             self.precision = Precision(cfg.train.precision, self.rt.device, sharded=self.sharded)
-            group = None
-            if cfg.ckpt.async_ and self.world_size > 1:
-                # The background save's barriers get a group of their own, made now: making it needs the
-                # rendezvous store, which may be gone by the time a stop signal asks for the first save
-                # (torchrun's agent closes its store as it handles the signal).
-                group = torch.distributed.new_group(backend="gloo")
-            self.checkpointer = Checkpointer(cfg, rank=self.rank, world_size=self.world_size, sharded=self.sharded, group=group)
+            self.checkpointer = Checkpointer(cfg, rank=self.rank, world_size=self.world_size, sharded=self.sharded)
             """Saves and restores checkpoints (`save`/`load` delegate to it)."""
             signals.install()
         except BaseException:
@@ -139,10 +134,7 @@ class Session:
                 self._files.close()
             finally:
                 self._lock.release()
-        for model in self._models:
-            ddp = model if hasattr(model, "reducer") else getattr(model, "_orig_mod", None)
-            if ddp is not None and hasattr(ddp, "reducer"):
-                del ddp.reducer
+        release_reducers(self._models)
         self._models.clear()
 
     # ------------------------------------------------------------------ where we run
@@ -218,21 +210,7 @@ class Session:
         An `IterableDataset` is read as a stream, each rank's workers keeping their share (`distrib.data.stream`):
         its epoch is its `len()`, or train.max_steps of it; it is read in its own order (shuffle it yourself).
         """
-        tc = self.cfg.train
-        self._train_loader = TrainLoader(
-            dataset,
-            world_size=self.world_size,
-            rank=self.rank,
-            seed=self.cfg.seed,
-            shuffle=self.cfg.data.shuffle,
-            drop_last=self.cfg.data.drop_last,
-            opts=LoaderOptions.of(self.cfg.data, batch_size=batch_size or tc.batch_size, collate_fn=collate_fn, device=self.device),
-            device=self.device,
-            prefetch=self.cfg.data.prefetch,
-            grad_accum=grad_accum or tc.grad_accum,
-            items=items,
-            max_steps=tc.max_steps,
-        )
+        self._train_loader = build_train_loader(self.cfg, self.rt, dataset, batch_size=batch_size, grad_accum=grad_accum, collate_fn=collate_fn, items=items)
         return self._train_loader
 
     def eval_loader(self, dataset: Dataset, *, batch_size: int | None = None, collate_fn: Callable[[list[Any]], Any] | None = None) -> EvalLoader:
@@ -241,11 +219,7 @@ class Session:
         Under FSDP, run `loader.filler_batches` more forward passes after the loop (results unused):
         ranks may hold one batch fewer, and every rank must join each forward's parameter gather.
         """
-        tc = self.cfg.train
-        opts = LoaderOptions.of(self.cfg.data, batch_size=batch_size or tc.eval_batch_size or tc.batch_size, collate_fn=collate_fn, device=self.device)
-        return EvalLoader(
-            dataset, world_size=self.world_size, rank=self.rank, opts=opts, device=self.device, prefetch=self.cfg.data.prefetch, even=self.sharded
-        )
+        return build_eval_loader(self.cfg, self.rt, dataset, even=self.sharded, batch_size=batch_size, collate_fn=collate_fn)
 
     # ------------------------------------------------------------------ the step
 
@@ -345,12 +319,7 @@ class Session:
             step = self._train_loader.step
         self.open_run_files().metrics({"kind": kind, "step": step, **record})
         if echo:
-            shown = " | ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                for k, v in record.items()
-                if isinstance(v, (int, float, str)) and not isinstance(v, bool)
-            )
-            log.info(f"{kind} step {step}{' | ' + shown if shown else ''}")
+            log.info(console_line(kind, step, record))
 
     def write_json(self, name: str, obj: Any) -> None:
         """`run.dir/name`, written atomically by rank 0."""

@@ -7,7 +7,6 @@ all-reduce per optimizer step); the one metric all-reduce happens at the log int
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,14 +18,15 @@ from torch.utils.data import Dataset
 
 from distrib.config import OptimConfig
 from distrib.data.accumulate import ItemCounter, MicroBatch
-from distrib.data.transfer import describe, leading_dim
+from distrib.data.transfer import describe
 from distrib.loop.callbacks import Callback
+from distrib.loop.evaluation import evaluate_batches
 from distrib.loop.loss import LossFn, LossStep, StepFn, default_items
 from distrib.loop.optim import build_optimizer_for, build_scheduler
 from distrib.loop.preflight import check_datasets, collate_probe, complete_run, probe, share
 from distrib.loop.session import Session
 from distrib.observe.interval import IntervalSums, IntervalTimes, Stragglers, interval_rates
-from distrib.observe.metrics import Metrics
+from distrib.observe.metrics import Metrics, one_line, shown
 from distrib.observe.monitor import Progress, Watchdog
 from distrib.parallel.wrap import params_sha256, unwrap_model
 from distrib.runtime.console import log
@@ -301,7 +301,7 @@ class Trainer:
         items = r.pop("items", None)
         record: dict[str, Any] = {
             "epoch": loader.current_epoch,
-            **self._named(r),
+            **shown(r, per_token=self.items is not None),
             "lr": self._lr,
             "samples": loader.samples_seen,
             **interval_rates(
@@ -322,7 +322,7 @@ class Trainer:
             self.progress.show(epoch=record["epoch"], loss=f"{record.get('loss', float('nan')):.4f}", samples_s=f"{samples_per_s:.0f}")
         else:
             log.info(
-                f"train step {loader.step}/{self.total_steps} | epoch {record['epoch']} | {_fmt(self._named(r))} | lr {record['lr']:.3g} | "
+                f"train step {loader.step}/{self.total_steps} | epoch {record['epoch']} | {one_line(shown(r, per_token=self.items is not None))} | lr {record['lr']:.3g} | "
                 f"{samples_per_s:.0f} samples/s | data wait {record['data_wait_frac']:.0%}"
             )
         for cb in self.callbacks:
@@ -333,47 +333,25 @@ class Trainer:
         """Exact global metrics over every eval sample once (no sampler padding); logs an eval line."""
         return self._evaluate(yield_to_stop=False) or {}
 
-    @torch.no_grad()
     def _evaluate(self, *, yield_to_stop: bool) -> dict[str, Any] | None:
-        """The eval; with `yield_to_stop`, None as soon as the ranks agree on a stop (checked before each batch).
-
-        An eval can outlast a launcher's grace period (torchrun SIGKILLs 30 s after its signal), so it
-        gives way: the stop checkpoint is taken at the step the eval was for, and the resumed run
-        evaluates again. The check is one scalar all-reduce per eval batch that every rank has, none in one process.
-        """
+        """The eval (`evaluation.py`); with `yield_to_stop`, None if it gave way to a stop: the stop checkpoint is
+        taken at the step the eval was for, and the resumed run evaluates again."""
         if self.eval_loader is None:
             self._eval_step = self.train.step
             return {}
-        module = unwrap_model(self.model)
-        module.eval()
         self._before_workers_start()
-        em = Metrics(self.session.device)
-        for i, batch in enumerate(self.eval_loader):
-            if yield_to_stop and i < self.eval_loader.common_batches and self.session.should_stop():
-                module.train()
-                if not self._stopping:
-                    self._stopping = True
-                    log.info(
-                        f"{self.stop.reason} received during the eval at step {self.train.step}: stopping with a checkpoint, the resumed run evaluates again"
-                    )
-                return None
-            self.watchdog.beat()
-            n = leading_dim(batch)
-            items = self.items(batch) if self.items is not None else None
-            with self.session.autocast():
-                out = self.step_logic(module, batch, items)
-            # With num_items the batch's own count, a normalised loss is this batch's mean too.
-            em.add(out.metrics, weight=n if items is None else items)
-            em.add_total("samples", n)
-        for _ in range(self.eval_loader.filler_batches):  # FSDP: as many forwards as every rank (results unused)
-            with self.session.autocast():
-                self.step_logic(module, batch, items)
-        module.train()
-        r = em.compute()
-        result = {**self._named(r), "count": r.get("samples", 0)}
+        r = evaluate_batches(
+            self.session, unwrap_model(self.model), self.eval_loader, self.step_logic, self.items, beat=self.watchdog.beat, yield_to_stop=yield_to_stop
+        )
+        if r is None:
+            if not self._stopping:
+                self._stopping = True
+                log.info(f"{self.stop.reason} received during the eval at step {self.train.step}: stopping with a checkpoint, the resumed run evaluates again")
+            return None
+        result = {**shown(r, per_token=self.items is not None), "count": r.get("samples", 0)}
         self.last_eval, self._eval_step = result, self.train.step
         self.session.log({"epoch": self.train.current_epoch, **result}, step=self.train.step, kind="eval", echo=False)
-        log.info(f"eval  step {self.train.step} | epoch {self.train.current_epoch} | {_fmt(result)} | count {result['count']}")
+        log.info(f"eval  step {self.train.step} | epoch {self.train.current_epoch} | {one_line(result)} | count {result['count']}")
         for cb in self.callbacks:
             cb.on_eval(self, result)
         return result
@@ -382,13 +360,6 @@ class Trainer:
         """DataLoader workers are forked: not while the checkpoint thread may hold a lock the children would inherit."""
         if self.cfg.data.num_workers > 0:
             self.session.wait_for_save()
-
-    def _named(self, r: dict[str, Any]) -> dict[str, Any]:
-        """The metrics a line shows: what was computed, plus perplexity where the loss is per token."""
-        named = {k: v for k, v in sorted(r.items(), key=lambda kv: kv[0] != "loss") if k not in ("samples", "items", "extra")}
-        if self.items is not None and "loss" in named:
-            named["perplexity"] = math.exp(min(named["loss"], 700.0))
-        return named
 
     def _stopped(self) -> dict[str, Any]:
         """Checkpoint where every rank agreed to stop; the caller exits with EXIT_STOPPED."""
@@ -422,7 +393,3 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
         return summary
-
-
-def _fmt(metrics: dict[str, Any]) -> str:
-    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("count", "epoch") and isinstance(v, float))

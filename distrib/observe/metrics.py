@@ -8,6 +8,7 @@ the batches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -107,3 +108,17 @@ def count_correct(outputs: Any, labels: Any) -> torch.Tensor | None:
     if isinstance(outputs, torch.Tensor) and isinstance(labels, torch.Tensor) and outputs.dim() == 2 and labels.dim() == 1 and not labels.is_floating_point():
         return (outputs.argmax(dim=1) == labels).sum()
     return None
+
+
+def shown(computed: dict[str, Any], *, per_token: bool) -> dict[str, Any]:
+    """The metrics a log line shows from `Metrics.compute()`'s result: loss first, the counts left out,
+    and perplexity where the loss is a mean per token."""
+    named = {k: v for k, v in sorted(computed.items(), key=lambda kv: kv[0] != "loss") if k not in ("samples", "items", "extra")}
+    if per_token and "loss" in named:
+        named["perplexity"] = math.exp(min(named["loss"], 700.0))
+    return named
+
+
+def one_line(metrics: dict[str, Any]) -> str:
+    """`loss 0.1234 | accuracy 0.9876`: the float metrics of a console line."""
+    return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("count", "epoch") and isinstance(v, float))

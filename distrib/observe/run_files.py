@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +161,11 @@ class RunFiles:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def console_line(kind: str, step: int, record: Mapping[str, Any]) -> str:
+    """`train step 12 | loss 0.5 | note text`: a logged record's numbers and words, as the console shows them."""
+    shown = " | ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+    )
+    return f"{kind} step {step}{' | ' + shown if shown else ''}"

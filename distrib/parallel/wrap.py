@@ -123,3 +123,15 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     state = [v for s in (optimizer.state.values() if optimizer is not None else ()) for v in s.values() if isinstance(v, torch.Tensor)]
     out = {"params": fsdp.local_bytes(params), "grads": fsdp.local_bytes(p.grad for p in params), "optimizer": fsdp.local_bytes(state)}
     return {**out, "total": sum(out.values())}
+
+
+def release_reducers(models: list[nn.Module]) -> None:
+    """Drop each DDP wrapper's reducer before the process group goes.
+
+    A reducer that outlives the process group becomes the group's last owner, and its destructor
+    joins gloo's threads while holding the GIL, which can deadlock.
+    """
+    for model in models:
+        ddp = model if hasattr(model, "reducer") else getattr(model, "_orig_mod", None)
+        if ddp is not None and hasattr(ddp, "reducer"):
+            del ddp.reducer
