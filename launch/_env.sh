@@ -6,9 +6,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/_python.sh"
 # reads the --signals-to-handle flag ($TORCHRUN_SIGNALS), older the variable. distrib stops
 # gracefully on SIGTERM, SIGUSR1 and SIGINT; torchrun SIGKILLs the workers 30 s after a signal.
 # gc.freeze() last: Python's exit then skips collecting torch's objects (0.3-0.7 s here; distrib/runtime/shutdown.py).
-read -r GPUS TORCHRUN_SIGNALS < <("$PYTHON" -c 'import gc, torch; from distrib.runtime.stop import torchrun_signal_flag as f; print(torch.cuda.device_count() if torch.cuda.is_available() else 0, f() or "-"); gc.freeze()')
+read -r GPUS TORCHRUN_SIGNALS TORCHELASTIC_SIGNALS_TO_HANDLE < <("$PYTHON" -c 'import gc, torch; from distrib.runtime.stop import LAUNCHER_SIGNALS as s, torchrun_signal_flag as f; print(torch.cuda.device_count() if torch.cuda.is_available() else 0, f() or "-", s); gc.freeze()')
 [[ $TORCHRUN_SIGNALS == - ]] && TORCHRUN_SIGNALS=
-export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export TORCHELASTIC_SIGNALS_TO_HANDLE  # distrib.runtime.stop.LAUNCHER_SIGNALS: older torch reads it instead of the flag
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([[ $GPUS -gt 0 ]] && echo "$GPUS" || echo "$1")}
 if [[ $GPUS == 0 ]]; then
     # One thread per rank: N CPU ranks each using every core would oversubscribe the machine.

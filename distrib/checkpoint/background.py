@@ -49,10 +49,6 @@ class Saver:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    @property
-    def in_flight(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def submit(self, save: Callable[[], None]) -> None:
         self.wait()
 

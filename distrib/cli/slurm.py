@@ -23,7 +23,7 @@ from pathlib import Path
 from distrib.errors import ConfigError, DistribError, error_exit
 from distrib.runtime import shutdown
 from distrib.runtime.env import expand_hostlist, slurm_port
-from distrib.runtime.stop import EXIT_STOPPED, STOPPED_FILE, torchrun_signal_flag
+from distrib.runtime.stop import EXIT_STOPPED, LAUNCHER_SIGNALS, STOPPED_FILE, torchrun_signal_flag
 
 DEFAULT_MAX_REQUEUES = 20
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
@@ -61,6 +61,7 @@ class JobPlan:
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": self.master_port,
             "DISTRIB_TORCHRUN_SIGNALS": torchrun_signal_flag(),
+            "TORCHELASTIC_SIGNALS_TO_HANDLE": LAUNCHER_SIGNALS,  # what older torch reads instead of the flag
             "DISTRIB_STOP_MARK": self.stop_mark,
         }
         return "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in values.items())

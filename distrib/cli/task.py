@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from distrib.config import DataConfig, OptimConfig, config_class
+from distrib.config import DataConfig, OptimConfig
 from distrib.config.schema import positive
 from distrib.errors import ConfigError
 
@@ -56,9 +56,6 @@ class TaskDataConfig(DataConfig):
 
 SECTIONS = {"task": TaskConfig, "data": TaskDataConfig, "optim": OptimConfig}
 """The built-in task's config sections: its model, its dataset sizes, and an optimizer built from config."""
-
-TaskRunConfig = config_class(SECTIONS)
-"""The config class of `python -m distrib.train`: distrib's keys plus `SECTIONS`."""
 
 
 def _teacher(cfg: TaskConfig, g: torch.Generator) -> nn.Module:

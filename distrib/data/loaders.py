@@ -342,7 +342,7 @@ class EvalLoader:
         prefetch: bool = True,
         even: bool = False,
     ) -> None:
-        self.loader = eval_loader(dataset, world_size=world_size, rank=rank, opts=opts)
+        self.loader = eval_dataloader(dataset, world_size=world_size, rank=rank, opts=opts)
         self.device, self.prefetch = device, prefetch
         self.common_batches = math.ceil(len(dataset) // world_size / opts.batch_size)  # type: ignore[arg-type]
         """Batches every rank has (ranks differ by at most one sample, so by at most one batch): where all can meet."""
@@ -359,7 +359,7 @@ class EvalLoader:
         return len(self.loader)
 
 
-def eval_loader(dataset: Dataset, *, world_size: int, rank: int, opts: LoaderOptions) -> DataLoader:
+def eval_dataloader(dataset: Dataset, *, world_size: int, rank: int, opts: LoaderOptions) -> DataLoader:
     if is_stream(dataset):
         raise ConfigError(
             f"The eval dataset is a stream ({type(dataset).__name__}, an IterableDataset); counting every eval sample "

@@ -19,7 +19,7 @@ from distrib.errors import ConfigError
 DEBUG_SUFFIX = "-debug"
 
 
-def prepare(cfg: Config) -> Config:
+def apply_debug(cfg: Config) -> Config:
     """Apply --debug: a small step limit, in-process data loading (so breakpoint() works), and a run
     directory of its own, so a debug run never rewrites a real run's summary, config or checkpoints."""
     if not cfg.debug:

@@ -35,7 +35,7 @@ from distrib.data.build import build_eval_loader, build_train_loader
 from distrib.data.loaders import EvalLoader, TrainLoader
 from distrib.data.sampling import mix_seed, seed_all
 from distrib.errors import ConfigError, StorageError
-from distrib.loop.debug import debug_checks, prepare
+from distrib.loop.debug import apply_debug, debug_checks
 from distrib.loop.stopping import StopAgreement
 from distrib.observe.run_files import RunFiles, RunWriter, console_line
 from distrib.parallel import fsdp
@@ -52,7 +52,7 @@ class Session:
     """The run's environment and the verbs a loop needs; a context manager torn down on success and error."""
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg = prepare(cfg)
+        self.cfg = apply_debug(cfg)
         self.stop = StopRequest()
         """Set by SIGTERM/SIGUSR1/SIGHUP/Ctrl-C (or by you); `should_stop()` agrees on it across ranks."""
         self.resumed_from: Path | None = None

@@ -31,12 +31,6 @@ def all_reduce_sum_async(tensor: torch.Tensor) -> Any:
     return None
 
 
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if active():
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
-    return tensor
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order; `[obj]` in a single process."""
     if not active():

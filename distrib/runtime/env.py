@@ -15,8 +15,6 @@ from collections.abc import Mapping
 
 from distrib.errors import EnvironmentConfigError
 
-LAUNCHERS = ("single", "torchrun", "slurm")
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DistEnv:

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from distrib.cli.task import SECTIONS, TaskRunConfig
+from distrib.cli.task import SECTIONS
 from distrib.config import Config, config_class, config_help
 from distrib.config import parse_config as parse_core
 from distrib.errors import ConfigError
@@ -21,7 +21,7 @@ parse_config = functools.partial(parse_core, sections=SECTIONS)
 
 def test_defaults_are_valid():
     cfg = parse_config([])
-    assert cfg == TaskRunConfig() and parse_core([]) == Config()
+    assert cfg == config_class(SECTIONS)() and parse_core([]) == Config()
     assert cfg.train.batch_size == 64 and cfg.optim.name == "adamw" and cfg.data.train_size == 16384
 
 

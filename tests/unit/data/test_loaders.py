@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from distrib.data.loaders import LoaderOptions, TrainLoader, eval_loader
+from distrib.data.loaders import LoaderOptions, TrainLoader, eval_dataloader
 from distrib.data.sampling import EvalSampler
 from distrib.errors import ConfigError
 
@@ -88,7 +88,7 @@ def test_skip_resumes_at_the_next_unseen_sample():
 def test_eval_sees_every_sample_exactly_once(n, world):
     seen = [i for r in range(world) for i in EvalSampler(n, num_replicas=world, rank=r)]
     assert sorted(seen) == list(range(n))
-    got = [i for r in range(world) for b in eval_loader(ids(n), world_size=world, rank=r, opts=LoaderOptions(batch_size=64)) for i in b[0].tolist()]
+    got = [i for r in range(world) for b in eval_dataloader(ids(n), world_size=world, rank=r, opts=LoaderOptions(batch_size=64)) for i in b[0].tolist()]
     assert sorted(got) == list(range(n))
 
 
@@ -96,7 +96,7 @@ def test_dataset_smaller_than_world_size():
     with pytest.raises(ConfigError, match="has 3 samples but the job has 4 processes"):
         loader(3, 4, 0, 1)
     with pytest.raises(ConfigError, match="eval dataset has 1 samples"):
-        eval_loader(ids(1), world_size=2, rank=0, opts=LoaderOptions(batch_size=1))
+        eval_dataloader(ids(1), world_size=2, rank=0, opts=LoaderOptions(batch_size=1))
 
 
 def test_drop_last_with_no_full_batch():

@@ -105,10 +105,11 @@ def test_an_unknown_fit_argument_names_the_nearest_one(tmp_path):
 
 
 def test_an_optimizer_and_an_optim_section_together_are_refused(tmp_path):
-    from distrib.cli.task import TaskRunConfig
+    from distrib.cli.task import SECTIONS
+    from distrib.config import config_class
 
     model = nn.Linear(4, 1)
-    cfg = TaskRunConfig().replace(**{"run.dir": str(tmp_path / "never"), "run.device": "cpu"})
+    cfg = config_class(SECTIONS)().replace(**{"run.dir": str(tmp_path / "never"), "run.device": "cpu"})
     with pytest.raises(distrib.ConfigError, match="`optim` section too"):
         fit(cfg, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_data=Regression(8), loss_fn=F.mse_loss)
     assert not (tmp_path / "never").exists()
