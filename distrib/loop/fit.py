@@ -121,5 +121,7 @@ def main(
         return error_exit(exc)
     if isinstance(summary, int) and not isinstance(summary, bool):
         return summary
-    stopped = (isinstance(summary, Mapping) and summary.get("stopped")) or Session.last_exit_status == EXIT_STOPPED
+    # The session records a graceful stop as the run's exit status; a script's own loop may also say
+    # so in the summary it returns.
+    stopped = Session.last_exit_status == EXIT_STOPPED or (isinstance(summary, Mapping) and summary.get("stopped") is True)
     return EXIT_STOPPED if stopped else 0

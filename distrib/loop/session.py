@@ -279,6 +279,7 @@ class Session:
         self.wait_for_save()  # stopped.json promises a committed checkpoint at this step
         self.write_json(STOPPED_FILE, self._stopping.record(step))
         self._stopping.finished(step, detail, self.ckpt_root)
+        Session.last_exit_status = EXIT_STOPPED  # what distrib.main exits with: the stop is the run's outcome
 
     @property
     def stopped_at(self) -> int | None:
@@ -289,7 +290,6 @@ class Session:
         step = self._stopping.saved_after_agreement()
         if step is not None:
             self.finish_stop(step)
-            Session.last_exit_status = EXIT_STOPPED
 
     # ------------------------------------------------------------------ files (rank 0) and tracker
 
