@@ -1,7 +1,7 @@
 """GPU feed efficiency and the no-host-sync check (issue #6, item 4), on one device.
 
     python bench/gpu_feed.py                         # cuda: 3 alternating rounds + the sync check
-    python bench/gpu_feed.py --smoke                 # a few steps of everything (tests/test_bench.py)
+    python bench/gpu_feed.py --smoke                 # a few steps of everything (tests/e2e/test_bench.py)
     python bench/gpu_feed.py --smoke --device cpu    # the same code paths without CUDA (CI)
 
 An input-heavy workload: uint8 images (3x224x224, 150 KB a sample) through a DataLoader with

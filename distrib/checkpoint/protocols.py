@@ -20,7 +20,7 @@ Where it goes:
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 
 @runtime_checkable
@@ -47,6 +47,6 @@ class PerRank(Protocol):
     distrib_per_rank: bool
 
 
-def is_per_rank(value: Any) -> bool:
+def is_per_rank(value: object) -> TypeGuard[PerRank]:
     """Whether `value` is saved in each rank's file rather than once for the job (`PerRank`)."""
     return bool(getattr(value, "distrib_per_rank", False))

@@ -34,7 +34,15 @@ from distrib.runtime.stop import STOPPED_FILE
 
 LOCK_FILE = ".distrib.lock"
 PREVIOUS_DIR = "previous"
-RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "summary.json", "model.pt", STOPPED_FILE)
+METRICS_FILE = "metrics.jsonl"
+"""One JSON line per log interval and eval (rank 0 writes it; a resume cuts it back to its checkpoint)."""
+CONFIG_FILE = "config.json"
+"""The run's whole config, as resolved (defaults, file and flags)."""
+SUMMARY_FILE = "summary.json"
+"""Written at the end of a finished run: steps, samples, the last eval, params_sha256."""
+MODEL_FILE = "model.pt"
+"""The plain module's state_dict at the end of a finished run."""
+RUN_FILES = ("checkpoints", METRICS_FILE, CONFIG_FILE, SUMMARY_FILE, MODEL_FILE, STOPPED_FILE)
 """What a run leaves in its directory (a user's own files there are left alone)."""
 
 

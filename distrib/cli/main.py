@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Sequence
 
+from distrib.errors import error_exit
 from distrib.runtime import shutdown
 
 USAGE = """usage: distrib <command> [args]
@@ -16,6 +18,9 @@ commands:
   report RUN_DIR  plot metrics.jsonl (loss, lr, throughput, data wait) to RUN_DIR/report.png, print a summary
   slurm submit    [--nodes N] [--gpus-per-node G] [--time T] [--partition P] [--dry-run] -- TRAIN ARGS
 """
+
+
+COMMANDS = ("train", "doctor", "export", "report", "slurm submit")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,8 +49,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from distrib.cli.slurm import submit_main
 
         return submit_main(rest[1:])
-    print(f"distrib: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-    return 2
+    if command == "slurm" and (not rest or rest[0] in ("-h", "--help")):
+        print(
+            "usage: distrib slurm submit [--nodes N] [--gpus-per-node G] [--time T] [--partition P] [--dry-run] -- TRAIN ARGS\n\n"
+            "Submit the built-in task as a Slurm batch job; `distrib slurm submit --help` lists the options."
+        )
+        return 0
+    close = difflib.get_close_matches(" ".join(args[:2]) if command == "slurm" else command, COMMANDS, n=1)
+    hint = f"did you mean `distrib {close[0]}`?" if close else "`distrib --help` lists the commands."
+    return error_exit(f"unknown command {' '.join(args[:2]) if command == 'slurm' else command!r}. HINT: {hint}")
 
 
 command = shutdown.command(main)  # the console script and `python -m`

@@ -1,5 +1,5 @@
 """Training: `Session`, the blocks of a loop and the public facade (`session.py`), which delegates
-checkpoints to `checkpoint.Checkpointer`, run files to `observe.run_files.RunFiles`, a graceful stop
+checkpoints to `checkpoint/checkpointer.py`, run files to `observe/run_files.py`, a graceful stop
 to `stopping.py` and `--debug` to `debug.py`; `Trainer`, the loop `fit` runs (`trainer.py`,
 `fit.py`), with its pre-flight checks (`preflight.py`); the loss step (`loss.py`), callbacks and
 optimizers.

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from distrib.checkpoint.rundir import CONFIG_FILE
 from distrib.config import Config, RunConfig
 from distrib.errors import ConfigError
 
@@ -46,7 +47,7 @@ def apply_debug(cfg: Config) -> Config:
 def _recorded_config(run_dir: Path) -> dict[str, Any] | None:
     """The config.json a run left in `run_dir` (None: no run there, or not readable as one)."""
     try:
-        recorded = json.loads((run_dir / "config.json").read_text())
+        recorded = json.loads((run_dir / CONFIG_FILE).read_text())
     except (OSError, ValueError):
         return None
     return recorded if isinstance(recorded, dict) else None

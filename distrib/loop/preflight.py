@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from distrib.checkpoint.rundir import SUMMARY_FILE
 from distrib.data.accumulate import ItemCounter
 from distrib.data.stream import is_stream
 from distrib.data.transfer import describe, leading_dim, map_tensors, to_device
@@ -119,7 +120,7 @@ def complete_run(run_dir: Path, step: int, resumed: Path) -> dict[str, Any] | No
     nothing; it says so and leaves every file as it was, rather than rewriting summary.json,
     config.json and the last checkpoint with the records of a run that did nothing.
     """
-    path = run_dir / "summary.json"
+    path = run_dir / SUMMARY_FILE
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -37,7 +37,8 @@ from distrib.data.sampling import mix_seed, seed_all
 from distrib.errors import ConfigError, StorageError
 from distrib.loop.debug import apply_debug, debug_checks
 from distrib.loop.stopping import StopAgreement
-from distrib.observe.run_files import RunFiles, RunWriter, console_line
+from distrib.observe.metrics import console_line
+from distrib.observe.run_files import RunFiles, RunWriter
 from distrib.parallel import fsdp
 from distrib.parallel.buckets import replay_rebuilt_buckets
 from distrib.parallel.precision import Precision
@@ -69,8 +70,8 @@ class Session:
     # ------------------------------------------------------------------ lifecycle
 
     last_exit_status: int | None = None
-    """75 (`EXIT_STOPPED`) when the latest session in this process ended in a graceful stop, else 0:
-    `distrib.main` exits with it when the script's `train` returns nothing."""
+    """75 (`EXIT_STOPPED`) once the latest session in this process has ended in a graceful stop (its
+    stopped.json written), else None: `distrib.main` exits 75 on it, 0 without."""
 
     def __enter__(self) -> Session:
         Session.last_exit_status = None
@@ -282,6 +283,11 @@ class Session:
         Session.last_exit_status = EXIT_STOPPED  # what distrib.main exits with: the stop is the run's outcome
 
     @property
+    def stop_agreed(self) -> bool:
+        """Whether the ranks have agreed to stop (`should_stop()` or fit's log interval found a request)."""
+        return self._stopping.agreed
+
+    @property
     def stopped_at(self) -> int | None:
         """The step a graceful stop checkpointed at (stopped.json written), else None."""
         return self._stopping.stopped_at
@@ -301,11 +307,6 @@ class Session:
         files before the first of those (`fit` does, once its checks have passed).
         """
         return self._files.open(self.rank, fresh=self.resumed_from is None)
-
-    @property
-    def writer(self) -> RunWriter:
-        """`open_run_files()`, as a property (kept for scripts written against it)."""
-        return self.open_run_files()
 
     def log(self, record: Mapping[str, Any], *, step: int | None = None, kind: str = "train", echo: bool = True) -> None:
         """One line of metrics.jsonl (and the tracker) and, with `echo`, of the console, rank 0 only.

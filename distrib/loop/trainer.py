@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from distrib.checkpoint.rundir import SUMMARY_FILE
 from distrib.config import OptimConfig
 from distrib.data.accumulate import ItemCounter, MicroBatch
 from distrib.data.transfer import describe
@@ -69,7 +70,6 @@ class Trainer:
         """Set it (a signal handler does) and every rank stops at the next log interval, checkpointed."""
         self.last_eval: dict[str, Any] = {}
         self.early_stop_reason: str | None = None
-        self._stopping = False
         self._interval_steps = 0
         self._saved_step: tuple[int, int] = (-1, -1)
         self._eval_step = -1  # the training step of the last finished eval
@@ -212,7 +212,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, self.train.epoch - 1)
                 self.save_checkpoint()
-            if self._stopping and not self._done():
+            if self.session.stop_agreed and not self._done():
                 return self._stopped()
         return self._finish(time.perf_counter() - started)
 
@@ -243,7 +243,7 @@ class Trainer:
             self._micro_step(mb)
             if mb.last:
                 self._optimizer_step()
-                if self.train.step >= self.total_steps or self._stopping:
+                if self.train.step >= self.total_steps or self.session.stop_agreed:
                     break
         if self._interval_steps:
             self._log_train()  # the tail interval (epoch end or max_steps), so every sample is logged once
@@ -294,9 +294,7 @@ class Trainer:
         self.metrics.reset()
         sums = IntervalSums.unpack(r.pop("extra"), ballot_len=len(ballot), world_size=world)
         votes = self.stop.count(sums.stop_ballot)
-        if votes and not self._stopping:
-            self._stopping = True
-            s.stopping(votes, f"at step {loader.step}")
+        s.stopping(votes, f"at step {loader.step}")  # said once, when the ranks first agree
         samples = r.pop("samples", 0)
         items = r.pop("items", None)
         record: dict[str, Any] = {
@@ -340,12 +338,12 @@ class Trainer:
             self._eval_step = self.train.step
             return {}
         self._before_workers_start()
+        agreed_before = self.session.stop_agreed
         r = evaluate_batches(
             self.session, unwrap_model(self.model), self.eval_loader, self.step_logic, self.items, beat=self.watchdog.beat, yield_to_stop=yield_to_stop
         )
         if r is None:
-            if not self._stopping:
-                self._stopping = True
+            if not agreed_before:
                 log.info(f"{self.stop.reason} received during the eval at step {self.train.step}: stopping with a checkpoint, the resumed run evaluates again")
             return None
         result = {**shown(r, per_token=self.items is not None), "count": r.get("samples", 0)}
@@ -389,7 +387,7 @@ class Trainer:
         if self.early_stop_reason is not None:
             summary["early_stop_reason"] = self.early_stop_reason
         s.save_model(module)
-        s.write_json("summary.json", summary)
+        s.write_json(SUMMARY_FILE, summary)
         for cb in self.callbacks:
             cb.on_fit_end(self, summary)
         return summary

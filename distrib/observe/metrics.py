@@ -122,3 +122,11 @@ def shown(computed: dict[str, Any], *, per_token: bool) -> dict[str, Any]:
 def one_line(metrics: dict[str, Any]) -> str:
     """`loss 0.1234 | accuracy 0.9876`: the float metrics of a console line."""
     return " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("count", "epoch") and isinstance(v, float))
+
+
+def console_line(kind: str, step: int, record: Mapping[str, Any]) -> str:
+    """`train step 12 | loss 0.5 | note text`: a logged record's numbers and words, as the console shows them."""
+    shown = " | ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
+    )
+    return f"{kind} step {step}{' | ' + shown if shown else ''}"

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from distrib.checkpoint.fileio import storage_error, write_atomic
+from distrib.checkpoint.rundir import METRICS_FILE
 
 
 def load(run_dir: Path) -> list[dict[str, Any]]:
     """The run's records; a torn or garbled line (a crash mid-write) is skipped with a warning."""
     from distrib.observe.run_files import read_lines
 
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist. HINT: pass the run.dir of a distrib run.")
     lines = read_lines(path)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from distrib.checkpoint.fileio import check_own, open_own, save_torch, storage_error, write_atomic
-from distrib.checkpoint.rundir import RunLock
+from distrib.checkpoint.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunLock
 from distrib.config import Config
 from distrib.observe import tracking
 from distrib.runtime.console import log
@@ -33,7 +33,7 @@ class RunWriter:
         except OSError as exc:
             raise storage_error(self.dir / STOPPED_FILE, exc) from None
         # A fresh run starts a new metrics file; a resumed one appends to its own history (after `rewind`).
-        self._metrics = open_own(self.dir / "metrics.jsonl", append=not fresh, hint=_HINT)
+        self._metrics = open_own(self.dir / METRICS_FILE, append=not fresh, hint=_HINT)
         self.lines = 0
         """Lines in metrics.jsonl: a checkpoint records it, and a resume keeps that many (`rewind`)."""
 
@@ -43,7 +43,7 @@ class RunWriter:
         try:
             self._metrics.write((json.dumps(record) + "\n").encode())
         except OSError as exc:
-            raise storage_error(self.dir / "metrics.jsonl", exc) from None
+            raise storage_error(self.dir / METRICS_FILE, exc) from None
         self.lines += 1
         if self.tracker is None and self._start_tracker is not None:
             self.tracker, self._start_tracker = self._start_tracker(), None
@@ -54,7 +54,7 @@ class RunWriter:
         """On resume, keep the lines written before the checkpoint (`lines` of them; or, for a checkpoint
         that did not record it, the lines up to `step`): the resumed run logs the rest again."""
         self._metrics.close()
-        path = self.dir / "metrics.jsonl"
+        path = self.dir / METRICS_FILE
         kept, dropped = [], 0
         for i, line in enumerate(read_lines(path)):
             if line is None:
@@ -72,7 +72,7 @@ class RunWriter:
 
     def save_model(self, state_dict: dict[str, Any]) -> None:
         """model.pt: the plain state_dict (no `module.` prefixes), written atomically."""
-        save_torch(self.dir / "model.pt", state_dict)
+        save_torch(self.dir / MODEL_FILE, state_dict)
 
     def close(self) -> None:
         self._metrics.close()
@@ -155,17 +155,9 @@ class RunFiles:
             )
             if self.rewind is not None:
                 self._writer.rewind(lines=self.rewind[0], step=self.rewind[1])
-            self._writer.json("config.json", cfg.to_dict())
+            self._writer.json(CONFIG_FILE, cfg.to_dict())
         return self._writer
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-
-
-def console_line(kind: str, step: int, record: Mapping[str, Any]) -> str:
-    """`train step 12 | loss 0.5 | note text`: a logged record's numbers and words, as the console shows them."""
-    shown = " | ".join(
-        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)
-    )
-    return f"{kind} step {step}{' | ' + shown if shown else ''}"

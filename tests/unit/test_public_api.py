@@ -118,3 +118,23 @@ def test_golden_slurm_module_help(argv, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "100")
     monkeypatch.setattr(sys, "argv", ["slurm.py"])
     _check(f"help/python-m-distrib.slurm{'-' + argv[0] if len(argv) > 1 else ''}.txt", _help(slurm.main, argv, capsys))
+
+
+def test_every_console_script_and_python_m_name_resolves():
+    """pyproject's [project.scripts] and the `python -m distrib.*` names point at code that exists (a move must keep them)."""
+    import importlib
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redefined]
+
+    scripts = tomllib.loads((GOLDEN.parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"distrib", "distrib-train"}
+    for target in scripts.values():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), target
+    for name in ("distrib.train", "distrib.slurm", "distrib.doctor", "distrib.cli", "distrib.config.reference"):
+        assert importlib.util.find_spec(name) is not None, name
+    for name in ("distrib.train", "distrib.slurm", "distrib.doctor"):
+        assert callable(importlib.import_module(name).main)
