@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import NoReturn
 
 
 class DistribError(Exception):
@@ -68,3 +70,10 @@ def error_exit(error: DistribError | str, exit_code: int | None = None) -> int:
     if exit_code is not None:
         return exit_code
     return error.exit_code if isinstance(error, DistribError) else DistribError.exit_code
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for distrib's commands: a bad argument is `distrib: error: ... HINT: ...`, exit 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SystemExit(error_exit(f"{self.prog}: {message}. HINT: `{self.prog} --help` lists the arguments."))

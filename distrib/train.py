@@ -8,4 +8,5 @@ from distrib.cli.train import command, main
 __all__ = ["main"]
 
 if __name__ == "__main__":
+    sys.argv[0] = "python -m distrib.train"  # what --help's usage line names (not the file, train.py)
     sys.exit(command())

@@ -11,7 +11,7 @@ import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from distrib.errors import EnvironmentConfigError
+from distrib.errors import CommandParser, EnvironmentConfigError
 from distrib.runtime.env import DistEnv, detect, expand_hostlist, resolves, tasks_on_node
 
 
@@ -249,11 +249,10 @@ def _free_port() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
     import os
 
     # No options of its own; argparse gives it --help and refuses a typo rather than running the checks.
-    argparse.ArgumentParser(
+    CommandParser(
         prog="distrib doctor",
         description="Print what distrib sees (launcher, ranks, devices, Slurm, "
         "master address and port) and flag launch mistakes, each with its fix. Exit 1 on an error found.",

@@ -7,7 +7,6 @@ The file loads with `torch.load(path, weights_only=True)` into the model, withou
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 from distrib.checkpoint import sharded
 from distrib.checkpoint import store as checkpoint
 from distrib.checkpoint.fileio import check_own, save_torch
-from distrib.errors import ConfigError, DistribError, error_exit
+from distrib.errors import CommandParser, ConfigError, DistribError, error_exit
 
 
 def resolve(path: Path) -> Path:
@@ -50,7 +49,7 @@ def model_state(path: Path, key: str = "model") -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="distrib export", description="Write a checkpoint's model (sharded or not) as one plain state_dict file.")
+    p = CommandParser(prog="distrib export", description="Write a checkpoint's model (sharded or not) as one plain state_dict file.")
     p.add_argument("checkpoint", type=Path, help="a checkpoint directory (RUN_DIR/checkpoints/step-000000100), or a run directory: its newest good one")
     p.add_argument("--out", type=Path, required=True, help="the .pt file to write (torch.load(..., weights_only=True) reads it)")
     p.add_argument("--key", default="model", help="the state key of the model in the checkpoint (fit's is `model`)")

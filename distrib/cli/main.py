@@ -30,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "train":
+        if argv is None:  # the `distrib` command itself: --help's usage line names it
+            sys.argv[0] = "distrib train"
         from distrib.cli.train import main as train_main
 
         return train_main(rest)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from distrib.errors import DistribError, error_exit
+from distrib.errors import CommandParser, DistribError, error_exit
 from distrib.observe.report import load, plot, summarize
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="distrib report", description="Plot a run's metrics.jsonl to a PNG and print a summary.")
+    p = CommandParser(prog="distrib report", description="Plot a run's metrics.jsonl to a PNG and print a summary.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="PNG, PDF or SVG path, or a directory for report.png (default: RUN_DIR/report.png)")
     ns = p.parse_args(argv)

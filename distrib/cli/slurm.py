@@ -9,7 +9,6 @@ header already sets.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -20,7 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from distrib.errors import ConfigError, DistribError, error_exit
+from distrib.errors import CommandParser, ConfigError, DistribError, error_exit
 from distrib.runtime import shutdown
 from distrib.runtime.env import expand_hostlist, slurm_port
 from distrib.runtime.stop import EXIT_STOPPED, LAUNCHER_SIGNALS, STOPPED_FILE, torchrun_signal_flag
@@ -256,7 +255,7 @@ def submit_main(argv: Sequence[str]) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, train_args = argv[:cut], argv[cut + 1 :]
-    p = argparse.ArgumentParser(prog="distrib slurm submit", description="Render slurm/train.sbatch with these options and submit it.")
+    p = CommandParser(prog="distrib slurm submit", description="Render slurm/train.sbatch with these options and submit it.")
     p.add_argument("--nodes", type=int)
     p.add_argument("--gpus-per-node", type=int)
     p.add_argument("--time", help="Slurm time limit, e.g. 04:00:00")

@@ -10,7 +10,6 @@ in `schema.py`, then regenerate; never edit docs/config.md by hand.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from typing import Any
 from distrib.config.keys import field_types, flatten, type_name
 from distrib.config.parse import field_docs
 from distrib.config.schema import Config, OptimConfig, config_class
-from distrib.errors import error_exit
+from distrib.errors import CommandParser, error_exit
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 """Where the reference lives in a checkout."""
@@ -139,7 +138,7 @@ def render() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=COMMAND, description="Write docs/config.md from the config dataclasses.")
+    parser = CommandParser(prog=COMMAND, description="Write docs/config.md from the config dataclasses.")
     parser.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written; write nothing")
     parser.add_argument("path", nargs="?", type=Path, default=DOC, help=f"the file (default: {DOC})")
     args = parser.parse_args(argv)
