@@ -8,9 +8,7 @@ involved, real subprocesses, real ports and real file locks otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,43 +20,12 @@ from distrib.checkpoint.rundir import LOCK_FILE, RunLock
 from distrib.cli.train import main
 from distrib.errors import ConfigError
 from tests.helpers import REPO, child_env, free_port, read_metrics, read_summary, rewind, run_train
-
-SMALL = ["--data.train_size", "512", "--data.eval_size", "64", "--train.batch_size", "32", "--train.epochs", "1", "--wandb.mode", "disabled"]
-
-
-def tree(path: Path) -> dict[str, str]:
-    """Every file under `path` with its sha256: equal trees are byte-for-byte the same."""
-    if not path.exists():
-        return {}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
-
+from tests.unit.checkpoint.test_rundir import SAME, SMALL, _copy, _said, tree  # the helpers both halves of this test module use
 
 # --------------------------------------------------------------------------- batches that cannot fit
 
 
 # --------------------------------------------------------------------------- resuming what does not match
-
-
-SAME = ["--optim.name", "sgd", "--optim.schedule", "constant", "--optim.lr", "0.1", "--ckpt.every", "4", "--ckpt.keep", "10", "--train.log_every", "4"]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished 1-epoch run (16 steps of SGD with a constant rate, checkpoints every 4 steps) to resume from."""
-    run = tmp_path_factory.mktemp("finished") / "run"
-    assert main([*SMALL, *SAME, "--run.dir", str(run)]) == 0
-    return run
-
-
-def _said(capsys) -> str:
-    """What a run printed: rank 0 logs to stdout, warnings included; errors go to stderr."""
-    captured = capsys.readouterr()
-    return captured.out + captured.err
-
-
-def _copy(run: Path, tmp_path: Path) -> Path:
-    shutil.copytree(run, tmp_path / "run")
-    return tmp_path / "run"
 
 
 # --------------------------------------------------------------------------- one writer per run.dir

@@ -7,32 +7,10 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from distrib.data.loaders import LoaderOptions, TrainLoader
-
-
-def ids(n: int) -> TensorDataset:
-    return TensorDataset(torch.arange(n), torch.zeros(n, dtype=torch.long))
-
-
-def loader(n: int, world: int, rank: int, batch: int, grad_accum: int = 1, **kw) -> TrainLoader:
-    return TrainLoader(
-        ids(n),
-        world_size=world,
-        rank=rank,
-        seed=kw.pop("seed", 0),
-        shuffle=True,
-        grad_accum=grad_accum,
-        drop_last=kw.pop("drop_last", False),
-        opts=LoaderOptions(batch_size=batch, **kw),
-    )
-
-
-def at(ld: TrainLoader, epoch: int, skip: int = 0) -> TrainLoader:
-    """The loader positioned as a checkpoint taken `skip` samples into `epoch` would leave it."""
-    ld.load_state_dict({"epoch": epoch, "epoch_samples": skip, "step": 0, "samples_seen": 0, "world_size": ld.world_size})
-    return ld
+from tests.unit.data.test_loaders import at  # the helpers both halves of this test module use
 
 
 class SeedProbe(Dataset):

@@ -12,46 +12,8 @@ from torch.utils.data import IterableDataset
 
 from distrib import Callback, Session, fit
 from distrib.cli.task import make_datasets, make_model
-from tests.helpers import TaskData, spawn
-
-
-class Ids(IterableDataset):
-    """Yields 0..n-1; declares its length unless `declare=False`; `short` stops it early."""
-
-    def __init__(self, n: int, declare: bool = True, short: int | None = None) -> None:
-        self.n, self.declare, self.short = n, declare, short
-
-    def __len__(self) -> int:
-        if not self.declare:
-            raise TypeError("no len")
-        return self.n
-
-    def __iter__(self):
-        yield from (torch.tensor(i) for i in range(self.short if self.short is not None else self.n))
-
-
-class Resumable:
-    """A stateful stream's protocol (as Hugging Face's and torchdata's streams have it): `state_dict()`
-    while iterating says where it is, and the next iteration after `load_state_dict` goes on from
-    there. Every iteration appends the index it starts reading at to `reads` (a file), so a test
-    can tell a resume from the state (a start > 0) from a reread with a skip (a start at 0)."""
-
-    reads: str | None = None
-
-    def state_dict(self) -> dict:
-        return {"next": self._next}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._from = state["next"]
-
-    def _resumed(self, n: int):
-        first, self._from = getattr(self, "_from", 0), 0
-        if self.reads:
-            with open(self.reads, "a") as f:
-                f.write(f"{first}\n")
-        for i in range(first, n):
-            self._next = i + 1
-            yield i
+from tests.helpers import spawn
+from tests.unit.data.test_stream import Ids, Resumable, ResumableIds, _cfg  # the helpers both halves of this test module use
 
 
 class TaskStream(IterableDataset):
@@ -67,11 +29,6 @@ class TaskStream(IterableDataset):
         yield from (self.base[i] for i in range(len(self.base)))
 
 
-class ResumableIds(Resumable, Ids):
-    def __iter__(self):
-        yield from (torch.tensor(i) for i in self._resumed(self.n))
-
-
 class ResumableTaskStream(Resumable, TaskStream):
     def __iter__(self):
         yield from (self.base[i] for i in self._resumed(len(self.base)))
@@ -79,20 +36,6 @@ class ResumableTaskStream(Resumable, TaskStream):
 
 def _reads(path) -> list[int]:
     return sorted(int(x) for x in open(path).read().split()) if path.exists() else []
-
-
-def _cfg(run_dir, **dotted):
-    base = {
-        "run.dir": str(run_dir),
-        "run.device": "cpu",
-        "task.hidden": 16,
-        "task.depth": 1,
-        "dist.timeout_s": 60,
-        "wandb.mode": "disabled",
-        "train.log_every": 5,
-        "data.shuffle": False,
-    }
-    return TaskData().replace(**{**base, **dotted})
 
 
 def _epoch_ids(rank: int, world: int, run_dir: str, n: int, workers: int) -> dict:
