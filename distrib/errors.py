@@ -38,18 +38,18 @@ class RendezvousError(DistribError, RuntimeError):
     exit_code = 1
 
 
-class StorageError(DistribError, RuntimeError):
-    """Writing the run's files failed (a full disk, a directory removed or made read-only mid-run). Exit 1.
+class FaultError(DistribError, RuntimeError):
+    """A run failed after it started (exit 1): the message ends with the checkpoint a rerun resumes from.
 
     Nothing committed is lost: every file is written whole or not at all. The session adds the last
-    good checkpoint to the message (`last_good`).
+    good checkpoint to the message (`last_good`; "" when there is none).
     """
 
     exit_code = 1
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, last_good: str | None = None) -> None:
         super().__init__(message)
-        self.last_good: str | None = None
+        self.last_good = last_good
 
     def __str__(self) -> str:
         text = self.args[0] if self.args else ""
@@ -58,6 +58,14 @@ class StorageError(DistribError, RuntimeError):
         elif self.last_good == "":
             text += " No good checkpoint is left in run.dir: a rerun starts afresh."
         return text
+
+
+class StorageError(FaultError):
+    """Writing the run's files failed (a full disk, a directory removed or made read-only mid-run). Exit 1."""
+
+
+class NonFiniteError(FaultError):
+    """An optimizer step's gradients were not finite (`train.nonfinite`); no checkpoint holds them. Exit 1."""
 
 
 def error_exit(error: DistribError | str, exit_code: int | None = None) -> int:

@@ -28,7 +28,7 @@ from distrib.checkpoint.resume import apply_hparams, config_diff, describe_diff,
 from distrib.checkpoint.rundir import RunLock, set_aside
 from distrib.config import Config
 from distrib.data.loaders import TrainLoader
-from distrib.errors import ConfigError, StorageError
+from distrib.errors import ConfigError, FaultError
 from distrib.parallel.wrap import unwrap_model
 from distrib.runtime.collectives import broadcast_object
 from distrib.runtime.console import log
@@ -103,14 +103,18 @@ class Checkpointer:
         """Block until the checkpoint in flight is committed (raises its error, if it failed)."""
         self._saver.wait(timeout=timeout)
 
-    def name_last_good(self, error: StorageError) -> None:
-        """A failed write's message ends with the checkpoint a rerun resumes from (none: it starts afresh)."""
+    def name_last_good(self, error: FaultError) -> None:
+        """A failure's message ends with the checkpoint a rerun resumes from (none: it starts afresh)."""
         if error.last_good is None:
-            try:
-                found = checkpoint.newest_good(self.root)
-            except OSError:  # the failure may have taken the checkpoints with it (unreadable): say nothing rather than mask it
-                return
-            error.last_good = str(found[0]) if found else ""
+            error.last_good = self.last_good()
+
+    def last_good(self) -> str | None:
+        """The newest good checkpoint ("" when there is none; None when checkpoints/ cannot be read)."""
+        try:
+            found = checkpoint.newest_good(self.root)
+        except OSError:  # a failure may have taken the checkpoints with it (unreadable): say nothing rather than mask it
+            return None
+        return str(found[0]) if found else ""
 
     # ------------------------------------------------------------------ resume
 

@@ -118,9 +118,16 @@ class TrainConfig:
     """Peak FLOP/s of one device, for MFU (needs the task's FLOPs per sample); None: no MFU."""
     progress: str = "auto"
     """`auto` (a progress bar when stdout is a terminal, else one line per log interval), `bar`, `lines`."""
+    nonfinite: str = "error"
+    """An optimizer step with NaN or inf gradients: `error` stops the run (exit 1) before any checkpoint holds it;
+    `skip` drops the step on every rank and trains on (docs/guards.md: what each costs)."""
+    max_skipped_steps: int = 5
+    """Dropped steps in a row (train.nonfinite=skip, or fp16's loss scaler) after which the run stops as with `error`."""
 
     def __post_init__(self) -> None:
         one_of("train", "progress", self.progress, ("auto", "bar", "lines"))
+        one_of("train", "nonfinite", self.nonfinite, ("error", "skip"))
+        positive("train", max_skipped_steps=self.max_skipped_steps)
         positive("train", straggler_threshold=self.straggler_threshold, hang_timeout_s=self.hang_timeout_s, peak_flops=self.peak_flops)
         positive(
             "train",

@@ -6,7 +6,9 @@ device batches; the train loader groups them into optimizer steps with exact wei
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -169,6 +171,7 @@ class TrainLoader:
         self._positions: collections.deque[Position | None] = collections.deque()  # a stateful stream's, read ahead with its batches
         self._position: Position | None = None  # ... of the micro-batch handed out last
         self._resume_position: Position | None = None
+        self._recent: collections.deque[tuple[int, int, int, int]] = collections.deque(maxlen=4096)  # (step, epoch, first sample, samples)
 
     # ------------------------------------------------------------------ position
 
@@ -309,6 +312,7 @@ class TrainLoader:
                 batch = pending[j] if pending is not None else self._next(it, n)
                 last = j == len(group) - 1
                 if last:  # the position advances as the step's last micro-batch is handed out
+                    self._recent.append((self.step + 1, epoch, self.epoch_samples, local))
                     self.step += 1
                     self.epoch_samples += local
                     self.samples_seen += local * world
@@ -322,6 +326,20 @@ class TrainLoader:
                     epoch=epoch,
                     count=count,
                 )
+
+    def samples_of(self, step: int) -> str:
+        """This rank's samples of a recent optimizer step, as a person would look them up (for error messages)."""
+        found = next((r for r in self._recent if r[0] == step), None)
+        if found is None:
+            return f"step {step} is not among the last {self._recent.maxlen} steps this rank took"
+        _, epoch, start, count = found
+        if self.stream is not None:
+            return f"epoch {epoch}, this rank's samples {start} to {start + count - 1} of its share of the stream"
+        sampler = copy.copy(self.sampler)  # the same permutation, without moving the live one
+        sampler.set_epoch(epoch)
+        indices = list(itertools.islice(iter(sampler), start, start + count))
+        shown = ", ".join(map(str, indices[:16])) + (", ..." if len(indices) > 16 else "")
+        return f"epoch {epoch}, dataset indices [{shown}]"
 
     def __len__(self) -> int:
         """Micro-batches left in the current epoch."""

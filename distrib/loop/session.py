@@ -34,16 +34,17 @@ from distrib.data.accumulate import ItemCounter
 from distrib.data.build import build_eval_loader, build_train_loader
 from distrib.data.loaders import EvalLoader, TrainLoader
 from distrib.data.sampling import mix_seed, seed_all
-from distrib.errors import ConfigError, StorageError
+from distrib.errors import ConfigError, FaultError, NonFiniteError
 from distrib.loop.debug import apply_debug, debug_checks
+from distrib.loop.guard import NonfiniteGuard
 from distrib.loop.stopping import StopAgreement
 from distrib.observe.metrics import console_line
 from distrib.observe.run_files import RunFiles, RunWriter
 from distrib.parallel import fsdp
-from distrib.parallel.buckets import replay_rebuilt_buckets
+from distrib.parallel.buckets import continue_reductions
 from distrib.parallel.precision import Precision
-from distrib.parallel.wrap import ddp_of, release_reducers, set_grad_sync, unwrap_model, wrap_model
-from distrib.runtime.collectives import all_reduce_sum
+from distrib.parallel.wrap import release_reducers, set_grad_sync, unwrap_model, wrap_model
+from distrib.runtime.collectives import all_reduce
 from distrib.runtime.console import log, setup_console
 from distrib.runtime.group import Runtime, distributed
 from distrib.runtime.stop import EXIT_STOPPED, STOPPED_FILE, SignalRoute, StopRequest
@@ -66,6 +67,7 @@ class Session:
         self._files = RunFiles(self.cfg, self._lock)
         self._train_loader: TrainLoader | None = None  # the latest: `log` takes its step
         self._stopping = StopAgreement(self.stop)
+        self._steps_done = 0  # optimizer steps taken, counted on from a resumed loader's step: what the guard names
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -89,6 +91,8 @@ class Session:
             self.sharded = cfg.dist.strategy == "fsdp" and self.rt.env.distributed
             """Whether models from `setup` are FSDP2-sharded (dist.strategy=fsdp with more than one process)."""
             self.precision = Precision(cfg.train.precision, self.rt.device, sharded=self.sharded)
+            self.guard = NonfiniteGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps, self.rt.device, scaler=self.precision.scaler.is_enabled())
+            """The non-finite guard (`train.nonfinite`): `step` goes through it; `check_steps` reads it."""
             self.checkpointer = Checkpointer(cfg, rank=self.rank, world_size=self.world_size, sharded=self.sharded)
             """Saves and restores checkpoints (`save`/`load` delegate to it)."""
             signals.install()
@@ -101,17 +105,26 @@ class Session:
         stack, self._stack = self._stack, None
         if stack is None:
             raise RuntimeError("Session.__exit__ without __enter__")
+        found: NonFiniteError | None = None
+        if exc[0] is None:
+            try:
+                self.check_steps()  # a loop that never saved or polled since its last step still hears of a bad one
+            except NonFiniteError as error:
+                found, exc = error, (NonFiniteError, error, error.__traceback__)
         stack.callback(self.close, failed=exc[0] is not None)  # runs first (last in, first out), in the process group
         if exc[0] is None and self._stopping.agreed and self.stopped_at is None:
             stack.callback(self._end_stop)  # an own loop's stop: reported and marked as fit's is
         try:
-            return stack.__exit__(*exc)
-        except StorageError as error:  # raised here by the save in flight, or passing through
+            suppressed = stack.__exit__(*exc)
+        except FaultError as error:  # raised here by the save in flight, or passing through
             self.checkpointer.name_last_good(error)
             raise
         finally:
-            if isinstance(exc[1], StorageError):
+            if isinstance(exc[1], FaultError):
                 self.checkpointer.name_last_good(exc[1])
+        if found is not None:
+            raise found
+        return suppressed
 
     def defer(self, fn: Callable[[], Any]) -> None:
         """Call `fn` when the session ends (success or error), before the process group goes."""
@@ -120,12 +133,8 @@ class Session:
         self._stack.callback(fn)
 
     def close(self, failed: bool = False) -> None:
-        """Close rank 0's files and tracker, and release the DDP wrappers before the process group goes.
-
-        A DDP reducer that outlives the process group becomes the group's last owner, and its
-        destructor joins gloo's threads while holding the GIL, which can deadlock. So a model from
-        `setup` is a DDP wrapper only inside the session; afterwards use `distrib.unwrap_model(model)`.
-        """
+        """Close rank 0's files and tracker, and release the DDP wrappers before the process group goes
+        (`release_reducers`): after the session, use `distrib.unwrap_model(model)`."""
         try:
             # A stop or the end of training waits for the save in flight; after an error, not for long
             # (its peers may be gone): an unfinished save is only a .tmp directory, ignored on resume.
@@ -185,15 +194,8 @@ class Session:
             fsdp.rebind(optimizers, names, dict(unwrap_model(wrapped).named_parameters()))
         self._models.append(wrapped)
         if self.resumed_from is not None:  # load() came first
-            self._continue_reductions()
+            continue_reductions(self._models)  # a resumed DDP model adds its ranks' gradients in the uninterrupted run's order
         return (wrapped, *optimizers) if optimizers else wrapped
-
-    def _continue_reductions(self) -> None:
-        """A resumed DDP model adds its ranks' gradients in the order the run it continues did (`distrib.parallel.buckets`)."""
-        for model in self._models:
-            ddp = ddp_of(model)
-            if ddp is not None:
-                replay_rebuilt_buckets(ddp)
 
     def train_loader(
         self,
@@ -211,7 +213,9 @@ class Session:
         An `IterableDataset` is read as a stream, each rank's workers keeping their share (`distrib.data.stream`):
         its epoch is its `len()`, or train.max_steps of it; it is read in its own order (shuffle it yourself).
         """
-        self._train_loader = build_train_loader(self.cfg, self.rt, dataset, batch_size=batch_size, grad_accum=grad_accum, collate_fn=collate_fn, items=items)
+        self._train_loader = self.guard.loader = build_train_loader(
+            self.cfg, self.rt, dataset, batch_size=batch_size, grad_accum=grad_accum, collate_fn=collate_fn, items=items
+        )
         return self._train_loader
 
     def eval_loader(self, dataset: Dataset, *, batch_size: int | None = None, collate_fn: Callable[[list[Any]], Any] | None = None) -> EvalLoader:
@@ -241,7 +245,8 @@ class Session:
             set_grad_sync(model, True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """`loss.backward()`, scaled for fp16."""
+        """`loss.backward()`, scaled for fp16 (and its finiteness noted for the guard, on the device)."""
+        self.guard.note_loss(loss, self._steps_done + 1)
         self.precision.backward(loss)
 
     def step(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
@@ -249,19 +254,24 @@ class Session:
         params = self._params.get(id(optimizer))
         if params is None:
             params = self._params[id(optimizer)] = [p for group in optimizer.param_groups for p in group["params"]]
-        self.precision.step(optimizer, params, self.cfg.train.clip_grad_norm)
+        self._steps_done += 1
+        step = self._steps_done
+        guard, clip = self.guard, self.cfg.train.clip_grad_norm
+        self.precision.step(optimizer, params, clip, apply=lambda o, norm: guard.step(o, norm, step), dropped=lambda f: guard.scaler_step(f, step))
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or `mean`) `tensor` over ranks in place; unchanged in one process."""
-        if op not in ("sum", "mean"):
-            raise ConfigError(f"all_reduce op={op!r}: use 'sum' or 'mean'.")
-        all_reduce_sum(tensor)
-        if op == "mean":
-            tensor /= self.world_size
-        return tensor
+        return all_reduce(tensor, op)
+
+    def check_steps(self) -> list[int]:
+        """Read the non-finite guard: the steps dropped since the last call, or NonFiniteError (exit 1).
+
+        A host sync: `save`, `should_stop` and fit's log interval call it, where one happens anyway.
+        """
+        return self.guard.check(last_good=self.checkpointer.last_good)
 
     def should_stop(self) -> bool:
         """Whether any rank got a stop signal (a collective: call it on every rank at the same point).
@@ -269,6 +279,7 @@ class Session:
         Once it says yes, `save` your state and leave the loop: the session then writes stopped.json,
         prints where to resume as `fit` does, and `distrib.main` exits 75.
         """
+        self.check_steps()
         return self._stopping.poll()
 
     def stopping(self, votes: int, where: str = "") -> None:
@@ -349,6 +360,7 @@ class Session:
         write and commit finish in the background (`wait_for_save`; the session's end waits too).
         What goes where: `distrib/checkpoint/protocols.py`.
         """
+        self.check_steps()  # no checkpoint may hold a non-finite step
         step = step_of(state) if step is None else step
         self._stopping.saved(step)
         writer = self.open_run_files()
@@ -358,7 +370,7 @@ class Session:
             "metrics_lines": writer.lines,
             "hparams": self._hparams if self._hparams is not None else hparams_of(state),
         }
-        return self.checkpointer.save(state, step=step, models=self._unwrapped_models(), job=job)
+        return self.checkpointer.save(state, step=step, models=[unwrap_model(m) for m in self._models], job=job)
 
     def wait_for_save(self) -> None:
         """Block until the checkpoint in flight is committed (raises its error, if it failed)."""
@@ -376,13 +388,11 @@ class Session:
         self._hparams = hparams_of(state)
         if path is None:
             return None
-        restored = self.checkpointer.restore(path, state, models=self._unwrapped_models(), started=self._hparams)
+        restored = self.checkpointer.restore(path, state, models=[unwrap_model(m) for m in self._models], started=self._hparams)
         self.precision.scaler.load_state_dict(restored.scaler)
         self._files.run_id = restored.logger_run_id
         self.resumed_from = path
-        self._continue_reductions()
+        continue_reductions(self._models)  # a resumed DDP model adds its ranks' gradients in the uninterrupted run's order
         self._files.rewind = (restored.metrics_lines, restored.step)
+        self._steps_done = restored.step
         return path
-
-    def _unwrapped_models(self) -> list[nn.Module]:
-        return [unwrap_model(m) for m in self._models]

@@ -125,6 +125,7 @@ class Trainer:
             # The interval's sums are per rank: they carry over only at the same world size.
             self._interval_steps = saved["interval_steps"] if s.world_size == saved["world_size"] else 0
             self._eval_step = saved["eval_step"]
+            s.guard.skipped = list(saved.get("skipped_steps", []))  # (checkpoints before the guard have none)
             # Counted from where the checkpoint is: after a change of world size (or batch size) the
             # steps already taken were of another size, and the run still ends at the same epoch.
             total = min(cfg.train.max_steps or 2**62, loader.step + loader.steps_left(cfg.train.epochs))
@@ -168,6 +169,7 @@ class Trainer:
             "eval_step": self._eval_step,
             "world_size": self.session.world_size,
             "early_stop_reason": self.early_stop_reason,
+            "skipped_steps": self.session.guard.skipped,
         }
         state: dict[str, Any] = {"model": self.model, "optimizer": self.optimizer, "loader": self.train, "metrics": self.metrics, "trainer": trainer}
         if self.scheduler is not None:
@@ -295,6 +297,8 @@ class Trainer:
         sums = IntervalSums.unpack(r.pop("extra"), ballot_len=len(ballot), world_size=world)
         votes = self.stop.count(sums.stop_ballot)
         s.stopping(votes, f"at step {loader.step}")  # said once, when the ranks first agree
+        s.check_steps()  # the guard's read rides on this interval's sync
+        skipped, s.guard.unlogged = s.guard.unlogged, []
         samples = r.pop("samples", 0)
         items = r.pop("items", None)
         record: dict[str, Any] = {
@@ -314,6 +318,8 @@ class Trainer:
                 warn=s.is_rank_zero,
             ),
         }
+        if skipped:
+            record["skipped_steps"] = skipped
         samples_per_s = record["samples_per_s"]
         s.log(record, step=loader.step, echo=False)  # fit prints its own line (or the progress bar)
         if self.progress.active:
@@ -382,6 +388,7 @@ class Trainer:
             "samples_seen": self.train.samples_seen,
             "eval": self.last_eval,
             "params_sha256": params_sha256(module),
+            "skipped_steps": s.guard.skipped,
             "wall_time_s": wall_s,
         }
         if self.early_stop_reason is not None:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from distrib.parallel.wrap import ddp_of
 from distrib.runtime.console import log
 
 
@@ -117,3 +119,11 @@ def replay_rebuilt_buckets(model: DDP) -> None:
     if _will_rebuild(model) and model.process_group.size() > 2 and not getattr(model, "_distrib_replay", False):
         setattr(model, "_distrib_replay", True)  # noqa: B010 (DDP declares no such attribute)
         model.register_comm_hook(None, _ReplayHook(model).hook)
+
+
+def continue_reductions(models: list[nn.Module]) -> None:
+    """Each resumed DDP model among `models` adds its ranks' gradients in the order the run it continues did."""
+    for model in models:
+        ddp = ddp_of(model)
+        if ddp is not None:
+            replay_rebuilt_buckets(ddp)

@@ -7,7 +7,7 @@ gradients reduced in fp32; `param_dtype` hands it to `fully_shard`), so there is
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager as ContextManager
 
 import torch
@@ -46,13 +46,42 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor], clip_norm: float | None) -> None:
-        """Unscale, clip (on true gradients), step, update the scale.
+    def step(
+        self,
+        optimizer: torch.optim.Optimizer,
+        params: Iterable[torch.Tensor],
+        clip_norm: float | None,
+        apply: Callable[[torch.optim.Optimizer, torch.Tensor], None],
+        dropped: Callable[[torch.Tensor], None],
+    ) -> None:
+        """Unscale, clip (on true gradients), then `apply(optimizer, grad_norm)` (the guard steps it or not).
 
-        The returned norm is not read: reading it would force a host sync every step.
+        fp16: GradScaler finds inf/NaN itself and drops the step; `dropped(found_inf)` hears of it.
+        No norm is read on the host: that would be a device sync every step.
         """
-        if clip_norm is not None:
-            self.scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(list(params), clip_norm)
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            if clip_norm is not None:
+                self.scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(list(params), clip_norm)
+            self.scaler.step(optimizer)
+            found = self.scaler._found_inf_per_device(optimizer)  # what the scaler skipped on (device tensors)
+            dropped(sum(found.values()) if found else torch.zeros(()))
+            self.scaler.update()
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if clip_norm is not None:  # its norm is the one the guard checks: no second pass over the gradients
+            norm = torch.nn.utils.clip_grad_norm_(grads, clip_norm) if grads else torch.zeros(())
+            full = getattr(norm, "full_tensor", None)
+            norm = full() if callable(full) else norm
+        else:
+            norm = total_norm(grads)
+        apply(optimizer, norm)
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of `grads` on the device; a sharded (DTensor) norm is all-reduced to the whole."""
+    if not grads:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    full = getattr(norm, "full_tensor", None)
+    return full() if callable(full) else norm

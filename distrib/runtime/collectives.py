@@ -11,10 +11,22 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+from distrib.errors import ConfigError
+
 
 def active() -> bool:
     """Whether there is a process group of more than one rank to talk to."""
     return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum (or `mean`) `tensor` over ranks in place and return it; unchanged in a single process."""
+    if op not in ("sum", "mean"):
+        raise ConfigError(f"all_reduce op={op!r}: use 'sum' or 'mean'.")
+    all_reduce_sum(tensor)
+    if op == "mean" and active():
+        tensor /= tdist.get_world_size()
+    return tensor
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
