@@ -68,13 +68,13 @@ class Precision:
             dropped(sum(found.values()) if found else torch.zeros(()))
             self.scaler.update()
             return
-        grads = [p.grad for p in params if p.grad is not None]
+        with_grads = [p for p in params if p.grad is not None]
         if clip_norm is not None:  # its norm is the one the guard checks: no second pass over the gradients
-            norm = torch.nn.utils.clip_grad_norm_(grads, clip_norm) if grads else torch.zeros(())
+            norm = torch.nn.utils.clip_grad_norm_(with_grads, clip_norm) if with_grads else torch.zeros(())
             full = getattr(norm, "full_tensor", None)
             norm = full() if callable(full) else norm
         else:
-            norm = total_norm(grads)
+            norm = total_norm([p.grad for p in with_grads if p.grad is not None])
         apply(optimizer, norm)
 
 
