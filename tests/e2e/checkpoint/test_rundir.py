@@ -20,7 +20,13 @@ from distrib.checkpoint.rundir import LOCK_FILE, RunLock
 from distrib.cli.train import main
 from distrib.errors import ConfigError
 from tests.helpers import REPO, child_env, free_port, read_metrics, read_summary, rewind, run_train
-from tests.unit.checkpoint.test_rundir import SAME, SMALL, _copy, _said, tree  # the helpers both halves of this test module use
+from tests.unit.checkpoint.test_rundir import (  # the helpers both halves of this test module use
+    SAME,
+    SMALL,
+    _copy,
+    _said,
+    tree,
+)
 
 # --------------------------------------------------------------------------- batches that cannot fit
 
