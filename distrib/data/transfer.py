@@ -17,36 +17,53 @@ _PASSTHROUGH = (int, float, bool, str, bytes, type(None))
 
 
 def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor], path: str = "batch") -> Any:
-    """Apply `fn` to every tensor in a nested batch (tensor, tuple, list, dict, namedtuple, dataclass)."""
-    return map_tensors_with_path(batch, lambda _, t: fn(t), path)
+    """Apply `fn` to every tensor in a nested batch (tensor, tuple, list, dict, namedtuple, dataclass).
+
+    The per-batch path: no leaf's place is spelled out unless a leaf is not walkable, and then the
+    batch is walked again, with places, for the error.
+    """
+    try:
+        return _walk(batch, lambda _, t: fn(t), path, located=False)
+    except _Unwalkable:
+        return _walk(batch, lambda _, t: t, path, located=True)  # raises the BatchError naming the place
 
 
 def map_tensors_with_path(batch: Any, fn: Callable[[str, torch.Tensor], torch.Tensor], path: str = "batch") -> Any:
-    """`map_tensors`, with each tensor's place in the batch (`batch['x'][0]`) passed to `fn`.
+    """`map_tensors`, with each tensor's place in the batch (`batch['x'][0]`) passed to `fn`."""
+    return _walk(batch, lambda where, t: fn(where(), t), path, located=True)
 
-    torch's pytree walks the containers it knows (and those libraries register, like Hugging Face's
+
+class _Unwalkable(Exception):
+    """A leaf that is neither a tensor, a plain value nor a container (the located walk names it)."""
+
+
+def _walk(batch: Any, fn: Callable[[Callable[[], str], torch.Tensor], torch.Tensor], path: str, *, located: bool) -> Any:
+    """torch's pytree walks the containers it knows (and those libraries register, like Hugging Face's
     `ModelOutput`); the leaves it leaves are tensors, plain values passed through, and the two
-    containers it does not know: dataclasses and dict subclasses, walked here.
-    """
+    containers it does not know, walked here: dataclasses and dict subclasses. `located` builds each
+    leaf's place (`batch['x'][0]`), which only messages need."""
 
-    def leaf(key_path: Any, value: Any) -> Any:
-        where = path + pytree.keystr(key_path)
+    def leaf(where: Callable[[], str], value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return fn(where, value)
         if isinstance(value, _PASSTHROUGH):
             return value
         if isinstance(value, dict):  # a dict subclass pytree does not know
-            return type(value)((k, map_tensors_with_path(v, fn, f"{where}[{k!r}]")) for k, v in value.items())
+            return type(value)((k, _walk(v, fn, f"{where()}[{k!r}]", located=located)) for k, v in value.items())
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            changes = {f.name: map_tensors_with_path(getattr(value, f.name), fn, f"{where}.{f.name}") for f in dataclasses.fields(value) if f.init}
+            changes = {f.name: _walk(getattr(value, f.name), fn, f"{where()}.{f.name}", located=located) for f in dataclasses.fields(value) if f.init}
             return dataclasses.replace(value, **changes)
+        if not located:
+            raise _Unwalkable
         raise BatchError(
-            f"{where} is a {type(value).__module__}.{type(value).__qualname__}, not a tensor or a "
+            f"{where()} is a {type(value).__module__}.{type(value).__qualname__}, not a tensor or a "
             "tuple/list/dict/namedtuple/dataclass of tensors. HINT: return tensors from the Dataset "
             "(torch.as_tensor(x)) or convert in a collate_fn."
         )
 
-    return pytree.tree_map_with_path(leaf, batch)
+    if located:
+        return pytree.tree_map_with_path(lambda key_path, value: leaf(lambda: path + pytree.keystr(key_path), value), batch)
+    return pytree.tree_map(lambda value: leaf(lambda: path, value), batch)
 
 
 def to_device(batch: Any, device: torch.device, *, non_blocking: bool = True) -> Any:
