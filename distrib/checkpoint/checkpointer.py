@@ -72,8 +72,7 @@ class Checkpointer:
         With ckpt.async it returns once the state is copied to host memory; the write and commit
         finish in the background (`wait`).
         """
-        shared: dict[str, Any] | None = {"objects": {}, "world_size": self.world_size, "config": self.cfg.to_dict(), **job}
-        assert shared is not None
+        shared: dict[str, Any] = {"objects": {}, "world_size": self.world_size, "config": self.cfg.to_dict(), **job}
         per_rank: dict[str, Any] = {"objects": {}, "rng": checkpoint.capture_rng()}
         # dist.strategy=fsdp: models and optimizers go through DCP, each rank writing its shard.
         to_shard = {k: _unwrapped(v) for k, v in state.items() if self.cfg.dist.strategy == "fsdp" and sharded.is_sharded_state(v)}
@@ -94,9 +93,8 @@ class Checkpointer:
             return checkpoint.step_dir(self.root, step)
         # state_dicts alias the live tensors: copy them now, before the next step changes them. Only
         # rank 0 writes the replicated state, so only rank 0 pays for its copy.
-        shared = snapshot(shared) if self.rank == 0 else None
-        per_rank, shards = snapshot(per_rank), snapshot(shards)
-        self._saver.submit(functools.partial(write, shared=shared, per_rank=per_rank, sharded=shards, group=self._group))
+        copied = snapshot(shared) if self.rank == 0 else None
+        self._saver.submit(functools.partial(write, shared=copied, per_rank=snapshot(per_rank), sharded=snapshot(shards), group=self._group))
         return checkpoint.step_dir(self.root, step)
 
     def wait(self, timeout: float | None = None) -> None:

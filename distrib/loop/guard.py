@@ -56,7 +56,7 @@ class NonfiniteGuard:
     def note_loss(self, loss: torch.Tensor, step: int) -> None:
         """Remember the step at which this rank's own loss was first non-finite (before any reduction)."""
         first = (self._own_loss_bad < 0) & ~torch.isfinite(loss.detach()).all()
-        self._own_loss_bad = torch.where(first, torch.full_like(self._own_loss_bad, step), self._own_loss_bad)
+        self._own_loss_bad = torch.where(first, step, self._own_loss_bad)
 
     def step(self, optimizer: torch.optim.Optimizer, norm: torch.Tensor, step: int) -> None:
         """Apply `optimizer`'s step unless the gradients' norm is non-finite (see the module's table)."""
@@ -78,6 +78,11 @@ class NonfiniteGuard:
             at = torch.where(bad, step, -1)
             first = self._first_applied_bad
             self._first_applied_bad = at if first is None else torch.where(first < 0, at, first)
+
+    def take_unlogged(self) -> list[int]:
+        """The dropped steps no metrics line has listed yet; a log line lists them once."""
+        steps, self.unlogged = self.unlogged, []
+        return steps
 
     def scaler_step(self, found_inf: torch.Tensor, step: int) -> None:
         """fp16: GradScaler dropped (or applied) the update; count its drops like the guard's own."""

@@ -298,7 +298,7 @@ class Trainer:
         votes = self.stop.count(sums.stop_ballot)
         s.stopping(votes, f"at step {loader.step}")  # said once, when the ranks first agree
         s.check_steps()  # the guard's read rides on this interval's sync
-        skipped, s.guard.unlogged = s.guard.unlogged, []
+        skipped = s.guard.take_unlogged()
         samples = r.pop("samples", 0)
         items = r.pop("items", None)
         record: dict[str, Any] = {

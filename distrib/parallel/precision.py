@@ -68,20 +68,19 @@ class Precision:
             dropped(sum(found.values()) if found else torch.zeros(()))
             self.scaler.update()
             return
-        with_grads = [p for p in params if p.grad is not None]
         if clip_norm is not None:  # its norm is the one the guard checks: no second pass over the gradients
-            norm = torch.nn.utils.clip_grad_norm_(with_grads, clip_norm) if with_grads else torch.zeros(())
-            full = getattr(norm, "full_tensor", None)
-            norm = full() if callable(full) else norm
+            norm = _whole(torch.nn.utils.clip_grad_norm_(params, clip_norm))
         else:
-            norm = total_norm([p.grad for p in with_grads if p.grad is not None])
+            norm = total_norm([p.grad for p in params if p.grad is not None])
         apply(optimizer, norm)
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """The global L2 norm of `grads` on the device; a sharded (DTensor) norm is all-reduced to the whole."""
-    if not grads:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    return _whole(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) if grads else torch.zeros(())
+
+
+def _whole(norm: torch.Tensor) -> torch.Tensor:
+    """A norm over sharded (DTensor) gradients is partial on each rank: all-reduce it to the whole."""
     full = getattr(norm, "full_tensor", None)
     return full() if callable(full) else norm
