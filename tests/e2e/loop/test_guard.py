@@ -7,6 +7,7 @@ at step 7 and `skip` drops step 7 on every rank, with the result of one process 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from distrib import params_sha256
@@ -17,31 +18,40 @@ from tests.unit.loop.test_guard import run, saved_model  # the one-process halve
 
 
 def _rank(rank: int, world: int, run_dir: str, mode: str, strategy: str) -> dict:
+    """One rank of a run with the global batch of 8 that one process takes at once."""
     from pathlib import Path
 
     try:
-        summary, model = run(Path(run_dir), mode, batch=4, **{"dist.strategy": strategy})
+        summary, model = run(Path(run_dir), mode, batch=8 // world, **{"dist.strategy": strategy})
     except NonFiniteError as error:
         return {"error": str(error), "exit_code": error.exit_code}
     plain = not any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP's shards need the group, gone now
     return {"summary": summary, "params": [p.detach().clone() for p in model.parameters()] if plain else None, "sha": params_sha256(model) if plain else None}
 
 
-def test_error_stops_every_rank_at_step_7_naming_rank_1_and_its_samples(tmp_path):
-    results = spawn(_rank, 2, tmp_path, str(tmp_path), "error", "ddp")
+@pytest.mark.parametrize(
+    "world, culprit",
+    [
+        (2, "rank 1's loss was the first not finite, at step 7 (epoch 0, dataset indices [49, 51, 53, 55])"),
+        (4, "rank 3's loss was the first not finite, at step 7 (epoch 0, dataset indices [51, 55])"),
+    ],
+)
+def test_error_stops_every_rank_at_step_7_naming_the_rank_and_its_samples(tmp_path, world, culprit):
+    results = spawn(_rank, world, tmp_path, str(tmp_path), "error", "ddp")
     for r in results:
         assert r.get("exit_code") == 1, r
         assert "the gradients of optimizer step 7 are not finite" in r["error"]
-        assert "rank 1's loss was the first not finite, at step 7 (epoch 0, dataset indices [49, 51, 53, 55])" in r["error"], r["error"]
+        assert culprit in r["error"], r["error"]
     newest = ck.newest_good(tmp_path / "run" / "checkpoints")
     assert newest is not None and newest[0].name == "step-000000006"
     assert all(torch.isfinite(t).all() for t in saved_model(tmp_path / "run", 6).values())
 
 
-def test_skip_drops_step_7_on_every_rank_as_one_process_does(tmp_path):
-    two = spawn(_rank, 2, tmp_path / "two", str(tmp_path / "two"), "skip", "ddp")
-    assert [r["summary"]["skipped_steps"] for r in two] == [[7], [7]]
-    assert two[0]["sha"] == two[1]["sha"]  # the ranks still hold one model
+@pytest.mark.parametrize("world", [2, 4])
+def test_skip_drops_step_7_on_every_rank_as_one_process_does(tmp_path, world):
+    two = spawn(_rank, world, tmp_path / "two", str(tmp_path / "two"), "skip", "ddp")
+    assert [r["summary"]["skipped_steps"] for r in two] == [[7]] * world
+    assert len({r["sha"] for r in two}) == 1  # the ranks still hold one model
     at6, at7 = saved_model(tmp_path / "two" / "run", 6), saved_model(tmp_path / "two" / "run", 7)
     assert all(torch.equal(at6[k], at7[k]) for k in at6)  # step 7 moved nothing
     one, _ = run(tmp_path / "one", "skip", batch=8)  # the same global batches in one process
