@@ -68,6 +68,10 @@ class NonFiniteError(FaultError):
     """An optimizer step's gradients were not finite (`train.nonfinite`); no checkpoint holds them. Exit 1."""
 
 
+class HangError(FaultError):
+    """No rank made progress for `train.hang_timeout_s`; the message names the rank holding the others up. Exit 1."""
+
+
 def error_exit(error: DistribError | str, exit_code: int | None = None) -> int:
     """Print `distrib: error: <message>` on stderr and return the exit status for a command to return.
 

@@ -32,6 +32,7 @@ from distrib.errors import ConfigError, FaultError
 from distrib.parallel.wrap import unwrap_model
 from distrib.runtime.collectives import broadcast_object
 from distrib.runtime.console import log
+from distrib.runtime.ledger import LEDGER
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,6 +67,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
+    @LEDGER.busy_with("saving a checkpoint")  # progress however long it takes (the hang watchdog's)
     def save(self, state: Mapping[str, Any], *, step: int, models: list[nn.Module], job: Mapping[str, Any]) -> Path:
         """Checkpoint `state` at `step`; `job` is the session's own replicated state (run id, scaler, ...).
 
@@ -97,6 +99,7 @@ class Checkpointer:
         self._saver.submit(functools.partial(write, shared=copied, per_rank=snapshot(per_rank), sharded=snapshot(shards), group=self._group))
         return checkpoint.step_dir(self.root, step)
 
+    @LEDGER.busy_with("waiting for a checkpoint save")
     def wait(self, timeout: float | None = None) -> None:
         """Block until the checkpoint in flight is committed (raises its error, if it failed)."""
         self._saver.wait(timeout=timeout)
@@ -116,6 +119,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ resume
 
+    @LEDGER.busy_with("choosing a checkpoint to resume")
     def choose(self, lock: RunLock) -> Path | None:
         """Rank 0 takes the run directory's lock and picks the checkpoint (so all ranks agree); errors reach every rank."""
         choice: Any = None
@@ -136,6 +140,7 @@ class Checkpointer:
             raise choice
         return Path(choice) if choice is not None else None
 
+    @LEDGER.busy_with("loading a checkpoint")
     def restore(self, path: Path, state: dict[str, Any], *, models: list[nn.Module], started: Mapping[str, Any]) -> Restored:
         """Load `path` into `state` in place (modules and `Stateful` objects loaded, plain values replaced).
 

@@ -113,7 +113,8 @@ class TrainConfig:
     """Warn when (slowest - fastest) / slowest rank step time passes this for 3 log intervals in a row,
     by at least 5 ms a step (shorter spreads are a busy machine's noise, not a slow rank)."""
     hang_timeout_s: float | None = 300.0
-    """Dump every rank's Python stacks when no step completes for this long; None disables."""
+    """When no rank makes progress for this long, print a verdict naming the rank that holds the others up, keep every
+    rank's stacks in run.dir/hang-<time>/ and end the job with exit 1 (docs/guards.md); None disables."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device, for MFU (needs the task's FLOPs per sample); None: no MFU."""
     progress: str = "auto"

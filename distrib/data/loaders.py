@@ -24,6 +24,7 @@ from distrib.data.stream import Position, PositionedCollate, StreamShard, declar
 from distrib.data.transfer import device_batches, leading_dim
 from distrib.data.workers import init_worker, worker_context
 from distrib.errors import BatchError, ConfigError
+from distrib.runtime.ledger import COMPUTING, LEDGER
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -261,6 +262,7 @@ class TrainLoader:
     # ------------------------------------------------------------------ iteration
 
     def _next(self, it: Iterator[Any], expected: int) -> Any:
+        LEDGER.next_micro()
         waited = time.perf_counter()
         batch = next(it)
         self.wait_s += time.perf_counter() - waited
@@ -316,6 +318,7 @@ class TrainLoader:
                     self.step += 1
                     self.epoch_samples += local
                     self.samples_seen += local * world
+                LEDGER.at(COMPUTING)
                 yield MicroBatch(
                     batch=batch,
                     size=n,

@@ -7,7 +7,6 @@ every rank joins each forward's parameter gather.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,6 +17,7 @@ from distrib.data.loaders import EvalLoader
 from distrib.data.transfer import leading_dim
 from distrib.loop.loss import LossStep
 from distrib.observe.metrics import Metrics
+from distrib.runtime.ledger import EVALUATING, LEDGER
 
 if TYPE_CHECKING:
     from distrib.loop.session import Session
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def evaluate_batches(
-    session: Session, module: nn.Module, loader: EvalLoader, step: LossStep, items: ItemCounter | None, *, beat: Callable[[], None], yield_to_stop: bool
+    session: Session, module: nn.Module, loader: EvalLoader, step: LossStep, items: ItemCounter | None, *, yield_to_stop: bool
 ) -> dict[str, Any] | None:
     """`module`'s global metrics over `loader` (`Metrics.compute`: means, and `samples`), in eval mode.
 
@@ -41,7 +41,7 @@ def evaluate_batches(
         for i, batch in enumerate(loader):
             if yield_to_stop and i < loader.common_batches and session.should_stop():
                 return None
-            beat()
+            LEDGER.at(EVALUATING, i)
             n = leading_dim(batch)
             counted = items(batch) if items is not None else None
             with session.autocast():

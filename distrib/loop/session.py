@@ -38,6 +38,7 @@ from distrib.errors import ConfigError, FaultError, NonFiniteError
 from distrib.loop.debug import apply_debug, debug_checks
 from distrib.loop.guard import NonfiniteGuard
 from distrib.loop.stopping import StopAgreement
+from distrib.observe.hang import Watchdog
 from distrib.observe.metrics import console_line
 from distrib.observe.run_files import RunFiles, RunWriter
 from distrib.parallel import fsdp
@@ -46,11 +47,12 @@ from distrib.parallel.precision import Precision
 from distrib.parallel.wrap import release_reducers, set_grad_sync, unwrap_model, wrap_model
 from distrib.runtime.collectives import all_reduce
 from distrib.runtime.console import log, setup_console
-from distrib.runtime.group import Runtime, distributed
+from distrib.runtime.group import Runtime, RuntimeView, distributed, side_store
+from distrib.runtime.ledger import BACKWARD, COMPUTING, LEDGER
 from distrib.runtime.stop import EXIT_STOPPED, STOPPED_FILE, SignalRoute, StopRequest
 
 
-class Session:
+class Session(RuntimeView):
     """The run's environment and the verbs a loop needs; a context manager torn down on success and error."""
 
     def __init__(self, cfg: Config) -> None:
@@ -80,6 +82,8 @@ class Session:
         cfg, stack = self.cfg, contextlib.ExitStack()
         check_run_dir(cfg.run.dir)  # a file or a read-only path fails now, before anything is started or written
         signals = stack.enter_context(SignalRoute(self.stop))  # before the process group: it outlives the group's teardown
+        self.watchdog = Watchdog(cfg.train.hang_timeout_s)
+        stack.callback(self.watchdog.close)  # after the group's teardown: a hang in its last barrier is judged too
         self.rt: Runtime = stack.enter_context(distributed(device=cfg.run.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s, single=cfg.debug))
         self._stack = stack
         try:
@@ -95,6 +99,9 @@ class Session:
             """The non-finite guard (`train.nonfinite`): `step` goes through it; `check_steps` reads it."""
             self.checkpointer = Checkpointer(cfg, rank=self.rank, world_size=self.world_size, sharded=self.sharded)
             """Saves and restores checkpoints (`save`/`load` delegate to it)."""
+            self.watchdog.start(
+                rank=self.rank, world_size=self.world_size, store=side_store(), hang_dir=self._files.hang_dir, last_good=self.checkpointer.last_good
+            )
             signals.install()
         except BaseException:
             stack.close()
@@ -147,33 +154,7 @@ class Session:
         release_reducers(self._models)
         self._models.clear()
 
-    # ------------------------------------------------------------------ where we run
-
-    @property
-    def device(self) -> torch.device:
-        return self.rt.device
-
-    @property
-    def rank(self) -> int:
-        """This process's rank, 0 to world_size - 1 (0 in one process)."""
-        return self.rt.rank
-
-    @property
-    def local_rank(self) -> int:
-        """This process's rank on its node (its GPU index)."""
-        return self.rt.env.local_rank
-
-    @property
-    def world_size(self) -> int:
-        """How many processes train together (1 in one process)."""
-        return self.rt.world_size
-
-    @property
-    def is_rank_zero(self) -> bool:
-        """Whether this is rank 0, the one that writes files and talks to the tracker."""
-        return self.rt.is_rank_zero
-
-    is_main_process = is_rank_zero  # Accelerate's name for it
+    # ------------------------------------------------------------------ where we run (device, rank, world_size: `RuntimeView`)
 
     def seed_everything(self, seed: int | None = None) -> None:
         """Seed python, numpy and torch from (`seed` or cfg.seed, rank): dropout differs per rank, reproducibly."""
@@ -247,7 +228,9 @@ class Session:
     def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()`, scaled for fp16 (and its finiteness noted for the guard, on the device)."""
         self.guard.note_loss(loss, self._steps_done + 1)
+        LEDGER.at(BACKWARD)  # where DDP all-reduces the gradients (FSDP reduce-scatters them)
         self.precision.backward(loss)
+        LEDGER.at(COMPUTING)
 
     def step(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
         """Unscale and clip (train.clip_grad_norm, the global norm), step, zero the gradients, step the schedule."""
@@ -256,6 +239,7 @@ class Session:
             params = self._params[id(optimizer)] = [p for group in optimizer.param_groups for p in group["params"]]
         self._steps_done += 1
         step = self._steps_done
+        LEDGER.stepping(step)
         guard, clip = self.guard, self.cfg.train.clip_grad_norm
         self.precision.step(optimizer, params, clip, apply=lambda o, norm: guard.step(o, norm, step), dropped=lambda f: guard.scaler_step(f, step))
         optimizer.zero_grad(set_to_none=True)
@@ -337,6 +321,7 @@ class Session:
         """`run.dir/name`, written atomically by rank 0."""
         self.open_run_files().json(name, obj)
 
+    @LEDGER.busy_with("saving the model")  # a gather and a write that may outlast train.hang_timeout_s
     def save_model(self, model: nn.Module) -> None:
         """`run.dir/model.pt`: the plain module's whole state_dict, its own keys, written by rank 0.
 

@@ -28,7 +28,7 @@ from distrib.loop.preflight import check_datasets, collate_probe, complete_run, 
 from distrib.loop.session import Session
 from distrib.observe.interval import IntervalSums, IntervalTimes, Stragglers, interval_rates
 from distrib.observe.metrics import Metrics, one_line, shown
-from distrib.observe.monitor import Progress, Watchdog
+from distrib.observe.monitor import Progress
 from distrib.parallel.wrap import params_sha256, unwrap_model
 from distrib.runtime.console import log
 
@@ -139,8 +139,6 @@ class Trainer:
                     group["lr"] = rate
             self.total_steps = total
             self._complete = self._finished_summary(resumed)
-        self.watchdog = Watchdog(cfg.train.hang_timeout_s, s.rank)
-        s.defer(self.watchdog.close)  # also when only prepare() and evaluate() ran
         want_bar = cfg.train.progress == "bar" or (cfg.train.progress == "auto" and sys.stdout.isatty())
         self.progress = Progress(s.is_rank_zero and want_bar, total=self.total_steps, initial=self.train.step)
         s.defer(self.progress.close)
@@ -277,7 +275,6 @@ class Trainer:
         self._lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the schedule moves on after it)
         self.session.step(optimizer, self.scheduler)
         self._interval_steps += 1
-        self.watchdog.beat()
         self.progress.step()
         step = self.train.step
         if step % self.cfg.train.log_every == 0:
@@ -345,9 +342,7 @@ class Trainer:
             return {}
         self._before_workers_start()
         agreed_before = self.session.stop_agreed
-        r = evaluate_batches(
-            self.session, unwrap_model(self.model), self.eval_loader, self.step_logic, self.items, beat=self.watchdog.beat, yield_to_stop=yield_to_stop
-        )
+        r = evaluate_batches(self.session, unwrap_model(self.model), self.eval_loader, self.step_logic, self.items, yield_to_stop=yield_to_stop)
         if r is None:
             if not agreed_before:
                 log.info(f"{self.stop.reason} received during the eval at step {self.train.step}: stopping with a checkpoint, the resumed run evaluates again")

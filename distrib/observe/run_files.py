@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,21 @@ class RunFiles:
                 self._writer.rewind(lines=self.rewind[0], step=self.rewind[1])
             self._writer.json(CONFIG_FILE, cfg.to_dict())
         return self._writer
+
+    def hang_dir(self) -> Path:
+        """Rank 0: a new `run.dir/hang-<time>/` for the hang watchdog's verdict and stacks."""
+        self._lock.acquire()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for n in range(100):
+            path = Path(self.cfg.run.dir) / (f"hang-{stamp}" + (f"-{n}" if n else ""))
+            try:
+                path.mkdir()  # never an existing directory (or a planted link): one of our own
+                return path
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise storage_error(path, exc) from None
+        raise storage_error(path, FileExistsError(17, "every hang directory name of this second is taken"))
 
     def close(self) -> None:
         if self._writer is not None:

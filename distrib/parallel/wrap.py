@@ -14,6 +14,7 @@ from distrib.errors import ConfigError
 from distrib.parallel import fsdp
 from distrib.runtime.console import log
 from distrib.runtime.group import Runtime
+from distrib.runtime.ledger import LEDGER
 
 
 def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
@@ -54,6 +55,7 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
             **bucket,
         )
     if compile:
+        LEDGER.track_compiles()  # a first step's long compile is progress, not a hang
         model = cast(nn.Module, torch.compile(model))  # an OptimizedModule
     return model
 

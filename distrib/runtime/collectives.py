@@ -1,7 +1,8 @@
 """Collectives that are no-ops in a single process.
 
 Single-process debugging then runs the very same code path as an N-rank job (torchtitan's
-`dist_sum` returns its input; Fabric's `barrier` returns early).
+`dist_sum` returns its input; Fabric's `barrier` returns early). Each one a rank issues is numbered
+in its ledger (`ledger.py`) with its op, shapes and caller, for the hang verdict.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as tdist
 
 from distrib.errors import ConfigError
+from distrib.runtime.ledger import LEDGER
 
 
 def active() -> bool:
@@ -32,14 +34,16 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over ranks in place and return it; returns it unchanged in a single process."""
     if active():
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        with LEDGER.collective("all_reduce", tensor):
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
     return tensor
 
 
 def all_reduce_sum_async(tensor: torch.Tensor) -> Any:
     """Start summing `tensor` over ranks in place; returns the work to `wait()` on (None in a single process)."""
     if active():
-        return tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, async_op=True)
+        with LEDGER.collective("all_reduce (async)", tensor):  # numbered; its wait is the caller's
+            return tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM, async_op=True)
     return None
 
 
@@ -48,7 +52,8 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not active():
         return [obj]
     out: list[Any] = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)
+    with LEDGER.collective("all_gather_object"):
+        tdist.all_gather_object(out, obj)
     return out
 
 
@@ -57,10 +62,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not active():
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=src)
+    with LEDGER.collective("broadcast_object"):
+        tdist.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def barrier(group: Any = None) -> None:
     if active():
-        tdist.barrier(group=group)
+        with LEDGER.collective("barrier"):
+            tdist.barrier(group=group)

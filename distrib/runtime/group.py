@@ -15,6 +15,7 @@ import torch.distributed as tdist
 
 from distrib.errors import ConfigError, EnvironmentConfigError, PeerError, RendezvousError
 from distrib.runtime.env import DistEnv, check_visible_gpus, detect, resolves
+from distrib.runtime.ledger import ENDING, LEDGER
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,38 @@ class Runtime:
     @property
     def rank(self) -> int:
         return self.env.rank
+
+
+class RuntimeView:
+    """Where a run is, read off the `Runtime` its holder keeps as `rt` (`Session`'s device, rank, world size)."""
+
+    rt: Runtime
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+    @property
+    def rank(self) -> int:
+        """This process's rank, 0 to world_size - 1 (0 in one process)."""
+        return self.rt.rank
+
+    @property
+    def local_rank(self) -> int:
+        """This process's rank on its node (its GPU index)."""
+        return self.rt.env.local_rank
+
+    @property
+    def world_size(self) -> int:
+        """How many processes train together (1 in one process)."""
+        return self.rt.world_size
+
+    @property
+    def is_rank_zero(self) -> bool:
+        """Whether this is rank 0, the one that writes files and talks to the tracker."""
+        return self.rt.is_rank_zero
+
+    is_main_process = is_rank_zero  # Accelerate's name for it
 
 
 def pick_device(requested: str, denv: DistEnv) -> torch.device:
@@ -118,8 +151,22 @@ def distributed(
         # peers that may never come, and destroy_process_group does not block on them.
         if tdist.is_initialized():
             if not failed:
-                tdist.barrier()
+                LEDGER.at(ENDING)
+                with LEDGER.collective("barrier (end of the run)"):
+                    tdist.barrier()
             tdist.destroy_process_group()
+
+
+def side_store() -> tdist.Store | None:
+    """A connection of its own to the rendezvous store, for a thread that must not share the process
+    group's (the hang watchdog); None without a process group."""
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return None
+    store = tdist.distributed_c10d._get_default_store()
+    try:
+        return store.clone()  # type: ignore[attr-defined]  # torch's stub lacks it
+    except (AttributeError, RuntimeError, NotImplementedError):  # a store that cannot be cloned: shared, then
+        return store
 
 
 def _rendezvous_error(exc: BaseException, denv: DistEnv, timeout_s: float) -> RendezvousError:

@@ -40,7 +40,9 @@ def _signature(obj: object) -> str:
 def _describe(name: str, obj: object) -> list[str]:
     if inspect.isclass(obj):
         lines = [f"class {name}{_signature(obj)}"]
-        for attr, member in sorted(vars(obj).items()):
+        # Inherited from distrib's own classes too: moving a member to a base class is not an API change.
+        members = {k: v for c in reversed(obj.__mro__) if c.__module__.startswith("distrib") for k, v in vars(c).items()}
+        for attr, member in sorted(members.items()):
             if attr.startswith("_"):
                 continue
             if isinstance(member, property):

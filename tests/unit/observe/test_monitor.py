@@ -1,4 +1,4 @@
-"""wandb (the real package, offline), console output, interval metrics, stragglers, the report, the watchdog."""
+"""Interval metrics and stragglers (the hang watchdog: test_hang.py)."""
 
 from __future__ import annotations
 
