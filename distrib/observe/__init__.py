@@ -1,6 +1,6 @@
 """What a run shows: run.dir's files written by rank 0 (`run_files.py`), exact all-reduced metrics
-(`metrics.py`), the log interval's record, throughput and stragglers (`interval.py`), peak memory,
-the progress bar and the hang watchdog (`monitor.py`), wandb in its own process (`tracking.py`,
+(`metrics.py`), the log interval's record, throughput and stragglers (`interval.py`), peak memory
+and the progress bar (`monitor.py`), the hang watchdog (`hang.py`) and its verdict (`verdict.py`), wandb in its own process (`tracking.py`,
 `wandb_worker.py`) and the report plot (`report.py`).
 
 Imports: `errors`, `config`, `runtime`, `parallel`, `data`, `checkpoint` (atomic files, the run

@@ -151,29 +151,33 @@ class Watchdog:
             self._judge()
 
     def _judge(self) -> None:
-        """Rank 0: once every rank's report has stood for two checks, write the verdict and end the job."""
+        """Rank 0: once every rank's report has stood for two checks, write the verdict and end the job (one process: say it)."""
         store = self._store
         if store is None:
-            reports = [self._mine]
-        else:
-            keys = [f"distrib/hang/report/{r}" for r in range(self.world_size)]
-            if not store.check(keys):
-                self._complete_once = False
-                return
-            if not self._complete_once:  # a rank that has just moved on withdraws its report within a check
+            # One process: no peer waits for it, and a debugger's breakpoint looks the same as a hang.
+            # Say where it is, once per stall, and let it be.
+            if not self._complete_once:
                 self._complete_once = True
-                return
-            reports = [json.loads(store.get(k)) for k in keys]
+                text, _ = verdict([self._mine])
+                log.warning(f"[watchdog] {text}\nIts stacks are in {self._write(text, [self._mine])}/; one process keeps waiting.")
+            return
+        keys = [f"distrib/hang/report/{r}" for r in range(self.world_size)]
+        if not store.check(keys):
+            self._complete_once = False
+            return
+        if not self._complete_once:  # a rank that has just moved on withdraws its report within a check
+            self._complete_once = True
+            return
+        reports = [json.loads(store.get(k)) for k in keys]
         text, _ = verdict(reports)
         where = self._write(text, reports)
         error = HangError(
-            f"no rank made progress for train.hang_timeout_s={self.timeout_s:g} s. {text}\nEvery rank's stacks are in {where}/. "
+            f"no rank made progress for train.hang_timeout_s={self.timeout_s:g} s: {text}\nEvery rank's stacks are in {where}/. "
             "HINT: fix the frame named above; if that phase is legitimately slow, raise --train.hang_timeout_s.",
             last_good=self._last_good(),
         )
-        if store is not None:
-            store.set("distrib/hang/verdict", str(where))
-        self._end(error, grace_s=2.0 if store is not None else 0.0)
+        store.set("distrib/hang/verdict", str(where))
+        self._end(error, grace_s=2.0)
 
     def _write(self, text: str, reports: list[dict[str, Any]]) -> Path:
         """`run.dir/hang-<time>/`: the verdict and each rank's stacks (its DataLoader workers' too)."""

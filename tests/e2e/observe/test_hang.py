@@ -77,7 +77,7 @@ def test_a_rank_that_skips_a_collective_is_named_at_4_ranks(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=180)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     verdict = _verdict(done)
-    head = verdict.removeprefix("distrib: error: no rank made progress for train.hang_timeout_s=5 s. ")
+    head = verdict.removeprefix("distrib: error: no rank made progress for train.hang_timeout_s=5 s: ")
     assert re.match(r"rank 1 skipped all_reduce #1 \(shapes 1; hang_job\.py:\d+ own_loop\), which ranks 0, 2, 3 are waiting in", head), head
     assert re.search(r"Rank 1 is in hang_job\.py:\d+ own_loop, in barrier \(end of the run\) #1", head), head
     assert (tmp_path / "run" / "metrics.jsonl").exists() is False  # the run wrote nothing of its own but the verdict
