@@ -6,6 +6,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from distrib.checkpoint.rundir import METRICS_FILE
 from distrib.errors import CommandParser, DistribError, error_exit
 from distrib.observe.report import load, plot, summarize
 
@@ -19,6 +20,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = load(ns.run_dir)
     except FileNotFoundError as exc:
         return error_exit(str(exc))
+    if not records:
+        return error_exit(
+            f"{ns.run_dir / METRICS_FILE} holds no metrics yet (a run writes its first line at step train.log_every), so there is nothing "
+            "to plot and nothing was written. HINT: run `distrib report` again once the run has logged."
+        )
     out = ns.out or ns.run_dir / "report.png"
     if out.is_dir() or not out.suffix:  # a directory, or a path that names one: report.png inside
         out = out / "report.png"

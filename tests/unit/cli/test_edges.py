@@ -115,6 +115,15 @@ def test_a_run_dir_past_the_path_limit_is_bad_input(tmp_path, capsys):
     assert "passes the system's limit of" in capsys.readouterr().err and not (tmp_path / ("d" * 200)).exists()
 
 
+def test_report_of_a_run_that_logged_nothing_yet_says_so_and_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    assert report.main([str(run)]) == 2
+    assert "metrics.jsonl holds no metrics yet" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
 def test_report_skips_records_without_a_kind_or_a_step(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
