@@ -130,7 +130,7 @@ class Checkpointer:
                 if resume != "auto":
                     # `never` and an explicit checkpoint both start a new line of checkpoints here: the
                     # previous run's files go aside, so the two never mix (and its checkpoints never win).
-                    resume = _moved(resume, self.cfg.run.dir, set_aside(self.cfg.run.dir))
+                    resume = _moved(resume, self.cfg.run.dir, set_aside(self.cfg.run.dir, f"ckpt.resume={resume}"))
                 path = checkpoint.resolve_resume(resume, self.root)
                 choice = str(path) if path is not None else None
             except ConfigError as exc:

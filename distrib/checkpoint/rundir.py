@@ -176,7 +176,7 @@ def previous_run_files(run_dir: str | Path) -> list[Path]:
     return [path / name for name in RUN_FILES if (path / name).exists()]
 
 
-def set_aside(run_dir: str | Path) -> Path | None:
+def set_aside(run_dir: str | Path, why: str = "ckpt.resume=never") -> Path | None:
     """Move a previous run's files into run.dir/previous/<time>/ (nothing is deleted); the new place, or None."""
     found = previous_run_files(run_dir)
     if not found:
@@ -204,5 +204,5 @@ def set_aside(run_dir: str | Path) -> Path | None:
                 "there by a rename (and distrib does not copy them). HINT: unmount or remove it, or pass another --run.dir."
             ) from None
         raise storage_error(target, exc) from None
-    log.warning(f"ckpt.resume=never: the previous run's {', '.join(f.name for f in found)} moved to {target} (nothing deleted)")
+    log.warning(f"{why}: the previous run's {', '.join(f.name for f in found)} moved to {target} (nothing deleted)")
     return target

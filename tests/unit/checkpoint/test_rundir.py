@@ -224,7 +224,7 @@ def test_an_explicit_checkpoint_sets_the_previous_run_aside_too(tmp_path, capsys
     start = ck.step_dir(other / "checkpoints", 8)
     assert main([*SMALL, *SAME, "--seed", "7", "--ckpt.resume", str(start), "--train.max_steps", "12", "--run.dir", str(run)]) == 0
     said = _said(capsys)
-    assert f"resumed from {start}" in said and "moved to" in said
+    assert f"resumed from {start}" in said and f"ckpt.resume={start}: the previous run's" in said and "moved to" in said
     assert [p.name for p in ck.candidates(run / "checkpoints")] == ["step-000000012"]  # not the old run's 16
     (aside,) = (run / "previous").iterdir()
     assert [p.name for p in ck.candidates(aside / "checkpoints")][0] == "step-000000016"
