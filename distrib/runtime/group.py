@@ -174,7 +174,13 @@ def _rendezvous_error(exc: BaseException, denv: DistEnv, timeout_s: float) -> Re
     where = f"{denv.master_addr}:{denv.master_port}"
     text = " ".join(str(exc).split()).rstrip(".")
     lowered = text.lower()
-    if "address already in use" in lowered or "eaddrinuse" in lowered:
+    unset = [k for k in ("MASTER_ADDR", "MASTER_PORT") if f"{k.lower()} expected" in lowered]
+    if unset:  # a hand-made launch: torch names the variable, but not the fix
+        hint = (
+            f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set: export MASTER_ADDR=<rank 0's host> and MASTER_PORT=<a free port> "
+            "in every process (torchrun and srun set them), or start the job with torchrun."
+        )
+    elif "address already in use" in lowered or "eaddrinuse" in lowered:
         hint = f"MASTER_PORT={denv.master_port} is taken on this host: pick a free port (or let torchrun --standalone pick one)."
     elif not resolves(denv.master_addr):  # torch reports it only as a connect timeout
         hint = f"MASTER_ADDR={denv.master_addr} does not resolve here: use a hostname or IP every node can reach (`distrib doctor` checks it)."

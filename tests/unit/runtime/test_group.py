@@ -29,3 +29,10 @@ def test_debug_refuses_a_multi_process_launch():
 def test_nccl_on_cpu_is_explained():
     with pytest.raises(dist.ConfigError, match="dist.backend='nccl' needs CUDA"):
         dist.pick_backend("nccl", torch.device("cpu"))
+
+
+def test_a_launch_without_master_addr_is_told_to_set_it_not_to_check_reachability():
+    torch_says = ValueError("Error initializing torch.distributed using env:// rendezvous: environment variable MASTER_ADDR expected, but not set")
+    error = dist._rendezvous_error(torch_says, DistEnv(rank=1, world_size=2, launcher="torchrun"), 600.0)
+    assert "HINT: MASTER_ADDR is not set: export MASTER_ADDR=<rank 0's host> and MASTER_PORT=<a free port>" in str(error), error
+    assert "reachable" not in str(error)
