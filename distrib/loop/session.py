@@ -43,6 +43,7 @@ from distrib.observe.metrics import console_line
 from distrib.observe.run_files import RunFiles, RunWriter
 from distrib.parallel import fsdp
 from distrib.parallel.buckets import continue_reductions
+from distrib.parallel.materialize import is_meta
 from distrib.parallel.precision import Precision
 from distrib.parallel.wrap import release_reducers, set_grad_sync, unwrap_model, wrap_model
 from distrib.runtime.collectives import all_reduce
@@ -162,16 +163,21 @@ class Session(RuntimeView):
 
     # ------------------------------------------------------------------ model and data
 
-    def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
+    def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer, init_fn: Callable[[nn.Module], Any] | None = None) -> Any:
         """Move `model` to the device and wrap it (DDP or FSDP with several processes, torch.compile if asked).
+
+        A model built under `with torch.device("meta"):` is allocated here (FSDP: each rank only its
+        shards) and initialised by `init_fn(module)`, a Hugging Face model's `_init_weights`, or each
+        module's `reset_parameters`, to the same values at any world size (`distrib/parallel/materialize.py`).
 
         Returns the wrapped model, or `(model, *optimizers)`: optimizers built on `model.parameters()`
         before the call stay valid (DDP moves parameters in place; FSDP replaces them with sharded
         ones, and the optimizers given here are pointed at those).
         """
-        names = {id(p): n for n, p in model.named_parameters()}
-        wrapped = wrap_model(model, self.rt, self.cfg.dist, compile=self.cfg.train.compile, param_dtype=self.precision.param_dtype)
-        if self.sharded:
+        names, replaced = {id(p): n for n, p in model.named_parameters()}, self.sharded or is_meta(model)
+        cfg = self.cfg
+        wrapped = wrap_model(model, self.rt, cfg.dist, compile=cfg.train.compile, param_dtype=self.precision.param_dtype, seed=cfg.seed, init_fn=init_fn)
+        if replaced:
             fsdp.rebind(optimizers, names, dict(unwrap_model(wrapped).named_parameters()))
         self._models.append(wrapped)
         if self.resumed_from is not None:  # load() came first

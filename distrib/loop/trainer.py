@@ -29,6 +29,7 @@ from distrib.loop.session import Session
 from distrib.observe.interval import IntervalSums, IntervalTimes, Stragglers, interval_rates
 from distrib.observe.metrics import Metrics, one_line, shown
 from distrib.observe.monitor import Progress
+from distrib.parallel.materialize import is_meta
 from distrib.parallel.wrap import params_sha256, unwrap_model
 from distrib.runtime.console import log
 
@@ -104,11 +105,15 @@ class Trainer:
         self.train = s.train_loader(self.train_data, collate_fn=self.collate_fn, items=self.items)
         self.eval_loader = s.eval_loader(self.eval_data, collate_fn=self.collate_fn) if self.eval_data is not None else None
         self.total_steps = min(cfg.train.max_steps or 2**62, cfg.train.epochs * self.train.steps_per_epoch)
-        probe(self.model, self.step_logic, self.items, sample, self.session, f"train.batch_size={tc.batch_size}")
-        if eval_sample is not None:
-            probe(self.model, self.step_logic, self.items, eval_sample, self.session, f"train.eval_batch_size={tc.eval_batch_size or tc.batch_size}")
-        optimizer = self._build_optimizer()
-        self.model, self.optimizer = s.setup(self.model, optimizer)
+        probes = [(sample, f"train.batch_size={tc.batch_size}")] + (
+            [(eval_sample, f"train.eval_batch_size={tc.eval_batch_size or tc.batch_size}")] if eval_sample is not None else []
+        )
+        meta = is_meta(self.model)  # a meta-built model has no values to probe until setup allocates them
+        for batch, key in [] if meta else probes:
+            probe(self.model, self.step_logic, self.items, batch, self.session, key)
+        self.model, self.optimizer = s.setup(self.model, self._build_optimizer())
+        for batch, key in probes if meta else []:
+            probe(self.model, self.step_logic, self.items, batch, self.session, key)
         s.seed_everything()
         self.metrics = Metrics(s.device)
         self.times = IntervalTimes()

@@ -162,20 +162,21 @@ def reshard(model: nn.Module) -> None:
 
 
 def rebind(optimizers: Iterable[torch.optim.Optimizer], names: Mapping[int, str], sharded: Mapping[str, nn.Parameter]) -> None:
-    """Point optimizers built before `shard` at the sharded parameters (`names`: id of the old -> its name)."""
+    """Point optimizers built before setup at the parameters setup made (FSDP's shards, a meta-built model's
+    allocated ones; `names`: id of the old -> its name)."""
     for opt in optimizers:
         if opt.state:
             raise ConfigError(
-                "with dist.strategy=fsdp, session.setup() got an optimizer that has already stepped; its state "
-                "is not sharded. HINT: pass the optimizer to setup() before training (or build it after setup)."
+                "session.setup() got an optimizer that has already stepped, for a model whose parameters setup replaces "
+                "(dist.strategy=fsdp shards them; a meta-built model is allocated); its state would not follow. "
+                "HINT: pass the optimizer to setup() before training (or build it after setup)."
             )
         for group in opt.param_groups:
             try:
                 group["params"] = [sharded[names[id(p)]] for p in group["params"]]
             except KeyError:
                 raise ConfigError(
-                    "with dist.strategy=fsdp, an optimizer given to session.setup() holds parameters of "
-                    "another model. HINT: build it on model.parameters() of the model you pass."
+                    "an optimizer given to session.setup() holds parameters of another model. HINT: build it on model.parameters() of the model you pass."
                 ) from None
 
 

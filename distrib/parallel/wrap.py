@@ -12,16 +12,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from distrib.config import DistConfig
 from distrib.errors import ConfigError
 from distrib.parallel import fsdp
+from distrib.parallel.materialize import InitFn, is_meta, materialize
 from distrib.runtime.console import log
 from distrib.runtime.group import Runtime
 from distrib.runtime.ledger import LEDGER
 
 
-def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool = False, param_dtype: torch.dtype | None = None) -> nn.Module:
+def wrap_model(
+    model: nn.Module,
+    rt: Runtime,
+    cfg: DistConfig,
+    *,
+    compile: bool = False,
+    param_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    init_fn: InitFn | None = None,
+) -> nn.Module:
     """Move `model` to the rank's device and, with more than one process, wrap it in DDP or shard it (FSDP2).
 
     In a single process there is no wrapper: the debug run executes the plain module.
-    `param_dtype`: FSDP's mixed-precision compute dtype (bf16), None for fp32.
+    `param_dtype`: FSDP's mixed-precision compute dtype (bf16), None for fp32. A model built on the
+    meta device is allocated and initialised here (`materialize.py`: `seed`, `init_fn`).
     """
     if cfg.sync_batchnorm and rt.device.type != "cuda":
         raise ConfigError(
@@ -30,19 +41,27 @@ def wrap_model(model: nn.Module, rt: Runtime, cfg: DistConfig, *, compile: bool 
         )
     if cfg.sync_batchnorm and rt.env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    # module.to() moves parameters in place, so an optimizer built on model.parameters() before
-    # wrapping still points at the right tensors.
-    model = model.to(rt.device)
-    if cfg.strategy == "fsdp" and cfg.fsdp_blocks:
-        fsdp.find_blocks(model, cfg.fsdp_blocks)  # a name that matches nothing fails in one process too
+    meta = is_meta(model)
+    if not meta:
+        # module.to() moves parameters in place, so an optimizer built on model.parameters() before
+        # wrapping still points at the right tensors.
+        model = model.to(rt.device)
+    blocks: list[nn.Module] = []
+    if cfg.strategy == "fsdp" and cfg.fsdp_blocks or meta:
+        # A name that matches nothing fails in one process too. A meta model is initialised block by
+        # block whatever the strategy, so DDP and FSDP runs start from the same values.
+        blocks = fsdp.find_blocks(model, cfg.fsdp_blocks)
     unused = _other_strategys_keys(cfg)
     if unused and rt.env.distributed:
         log.warning(f"dist.strategy={cfg.strategy}: {', '.join(unused)} apply to the other strategy and have no effect here")
-    if rt.env.distributed and cfg.strategy == "fsdp":
+    sharding = rt.env.distributed and cfg.strategy == "fsdp"
+    if sharding:  # a meta model is sharded first: each rank then allocates only its shards
         model = fsdp.shard(
             model, device=rt.device, world_size=rt.world_size, blocks=cfg.fsdp_blocks, reshard_after_forward=cfg.reshard_after_forward, param_dtype=param_dtype
         )
-    elif rt.env.distributed:
+    if meta:
+        materialize(model, rt.device, seed=seed, blocks=blocks, init_fn=init_fn)
+    if rt.env.distributed and not sharding:
         bucket: dict[str, Any] = {} if cfg.bucket_cap_mb is None else {"bucket_cap_mb": cfg.bucket_cap_mb}
         model = DDP(
             model,
