@@ -26,6 +26,7 @@ from distrib.checkpoint.background import Saver, snapshot
 from distrib.checkpoint.protocols import RankStateful, Stateful, is_per_rank
 from distrib.checkpoint.resume import apply_hparams, config_diff, describe_diff, hparams, incompatibilities
 from distrib.checkpoint.rundir import RunLock, set_aside
+from distrib.checkpoint.weights import load_weights
 from distrib.config import Config
 from distrib.data.loaders import TrainLoader
 from distrib.errors import ConfigError, FaultError
@@ -139,6 +140,21 @@ class Checkpointer:
         if isinstance(choice, ConfigError):
             raise choice
         return Path(choice) if choice is not None else None
+
+    @LEDGER.busy_with("loading pretrained weights")
+    def init_from(self, models: list[nn.Module]) -> None:
+        """`ckpt.init_from`, when there is no checkpoint to resume: the pretrained weights into the session's one model."""
+        source = self.cfg.ckpt.init_from
+        if source is None:
+            return
+        if len(models) != 1:
+            raise ConfigError(
+                f"ckpt.init_from={source!r} needs exactly one model set up before load(), and there are {len(models)}. "
+                "HINT: call session.setup(model) first, or use session.load_weights(model, path) for each model."
+            )
+        done = load_weights(models[0], source, strict=self.cfg.ckpt.init_strict)
+        if self.rank == 0:
+            log.info(f"initialised from {source}: {len(done.loaded)} tensors ({done.bytes_read / 2**20:.1f} MiB read by rank 0)")
 
     @LEDGER.busy_with("loading a checkpoint")
     def restore(self, path: Path, state: dict[str, Any], *, models: list[nn.Module], started: Mapping[str, Any]) -> Restored:

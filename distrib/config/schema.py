@@ -211,11 +211,19 @@ class CkptConfig:
     async_: bool = True
     """`--ckpt.async`: the step waits only for a host copy of the state; writing, fsync and the commit
     run in the background (one save in flight). `false`: every rank waits for the whole save."""
+    init_from: str | None = None
+    """Pretrained weights for a run that starts fresh (no checkpoint to resume): a Hugging Face model directory,
+    a .safetensors file, a model.pt or a distrib run directory. Under FSDP each rank reads only its shards."""
+    init_strict: bool = True
+    """With ckpt.init_from: every tensor must match by name, shape and dtype. `false`: load what matches, keep the
+    rest at its initialisation (a new head) and list it."""
 
     def __post_init__(self) -> None:
         positive("ckpt", every=self.every, keep=self.keep)
         if not self.resume:
             raise ConfigError("ckpt.resume is empty. HINT: pass --ckpt.resume auto, never, or a checkpoint directory.")
+        if self.init_from == "":
+            raise ConfigError("ckpt.init_from is empty. HINT: pass a Hugging Face model directory, a .safetensors file or a model.pt, or leave it unset.")
 
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from distrib.checkpoint.checkpointer import Checkpointer, hparams_of, step_of
 from distrib.checkpoint.rundir import RunLock, check_run_dir
+from distrib.checkpoint.weights import Loaded, load_weights
 from distrib.config import Config
 from distrib.data.accumulate import ItemCounter
 from distrib.data.build import build_eval_loader, build_train_loader
@@ -363,6 +364,11 @@ class Session(RuntimeView):
         }
         return self.checkpointer.save(state, step=step, models=[unwrap_model(m) for m in self._models], job=job)
 
+    def load_weights(self, model: nn.Module, path: str | Path, *, strict: bool = True) -> Loaded:
+        """Pretrained weights (a Hugging Face directory, .safetensors, model.pt or run directory) into the model
+        `setup` returned; under FSDP each rank reads only its shards. Every rank calls it (`distrib/checkpoint/weights.py`)."""
+        return load_weights(model, path, strict=strict)
+
     def wait_for_save(self) -> None:
         """Block until the checkpoint in flight is committed (raises its error, if it failed)."""
         self.checkpointer.wait()
@@ -378,6 +384,7 @@ class Session(RuntimeView):
         path = self.checkpointer.choose(self._lock)
         self._hparams = hparams_of(state)
         if path is None:
+            self.checkpointer.init_from(self._models)  # ckpt.init_from: pretrained weights for a fresh start
             return None
         restored = self.checkpointer.restore(path, state, models=[unwrap_model(m) for m in self._models], started=self._hparams)
         self.precision.scaler.load_state_dict(restored.scaler)
