@@ -2,8 +2,9 @@
 
 `load_weights(model, path)` takes the model `session.setup` returned (FSDP-sharded or not) and a
 source: a Hugging Face model directory (`model.safetensors`, or sharded `model-0000k-of-0000n.safetensors`
-with its index JSON), a single `.safetensors` file, a `model.pt` (a whole state_dict), or a distrib
-run directory (its `model.pt`). safetensors files are read through `safe_open(...).get_slice`, which
+with its index JSON), a single `.safetensors` file, a `model.pt` (a whole state_dict), a distrib run
+directory (its `model.pt`, else its newest checkpoint) or a distrib checkpoint (its `model`; an FSDP
+checkpoint's shards are read by DCP, each rank its part). safetensors files are read through `safe_open(...).get_slice`, which
 maps the file and copies out only the rows asked for: under FSDP a rank reads its shard of each
 tensor and never holds the whole model. A `model.pt` is opened with `mmap=True` to the same effect.
 
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from distrib.checkpoint import sharded
+from distrib.checkpoint import store as checkpoint
 from distrib.checkpoint.rundir import MODEL_FILE
 from distrib.errors import ConfigError
 from distrib.parallel.wrap import unwrap_model
@@ -56,10 +59,11 @@ class Loaded:
 
 def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> Loaded:
     """Copy the weights at `path` into `model` (see the module doc); every rank calls it."""
-    source = Path(path)
+    source = _checkpoint_of(Path(path))
     with ExitStack() as stack:
-        tensors = _open(source, stack)  # name -> (shape, dtype, read(slices) -> tensor), nothing read yet
-        targets = _targets(unwrap_model(model))
+        module = unwrap_model(model)
+        tensors = _open(source, stack, module)  # name -> (shape, dtype, read(slices) -> tensor), nothing read yet
+        targets = _targets(module)
         pairs, problems, missing, unexpected = _compare(targets, tensors)
         if problems or (strict and (missing or unexpected)):
             parts = (
@@ -75,6 +79,9 @@ def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> 
         with torch.no_grad():
             for name, src in pairs.items():
                 read += _copy_into(targets[name][0], tensors[src][2])
+        if (source / sharded.SHARDED_DIR).is_dir():  # an FSDP checkpoint: DCP reads each rank's part of the shards
+            sharded.load_sharded(source / sharded.SHARDED_DIR, {"model": module}, [module])
+            read = sum(_local_bytes(targets[name][0]) for name in pairs)
     if missing:
         log.info(f"loaded {source}; kept at their initialisation (not in the source): {_few(missing)}")
     if unexpected:
@@ -114,8 +121,24 @@ def _compare(targets: dict[str, tuple[torch.Tensor, list[str]]], tensors: dict[s
     return pairs, problems, [n for n, src in found.items() if src is None], [n for n in tensors if n not in known]
 
 
-def _open(source: Path, stack: ExitStack) -> dict[str, tuple[torch.Size, torch.dtype, Any]]:
+def _checkpoint_of(path: Path) -> Path:
+    """A run directory without a model.pt stands for its newest good checkpoint."""
+    if path.is_dir() and not (path / MODEL_FILE).exists() and (path / "checkpoints").is_dir():
+        found = checkpoint.newest_good(path / "checkpoints")
+        if found is not None:
+            return found[0]
+    return path
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def _open(source: Path, stack: ExitStack, module: nn.Module) -> dict[str, tuple[torch.Size, torch.dtype, Any]]:
     """The source's tensors by name: (shape, dtype, read(slices)), nothing read yet."""
+    if (source / checkpoint.MANIFEST).is_file():
+        return _checkpoint_tensors(source)
     if source.is_dir():
         if (source / INDEX_FILE).is_file():
             index = json.loads((source / INDEX_FILE).read_text())
@@ -123,7 +146,7 @@ def _open(source: Path, stack: ExitStack) -> dict[str, tuple[torch.Size, torch.d
         elif (source / "model.safetensors").is_file():
             files = [source / "model.safetensors"]
         elif (source / MODEL_FILE).is_file():
-            return _open(source / MODEL_FILE, stack)
+            return _open(source / MODEL_FILE, stack, module)
         else:
             files = sorted(source.glob("*.safetensors"))
         if not files:
@@ -140,6 +163,38 @@ def _open(source: Path, stack: ExitStack) -> dict[str, tuple[torch.Size, torch.d
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{source} is not a state_dict of tensors (a model.pt). HINT: pass a file written by torch.save(model.state_dict()).")
     return {k: (v.shape, v.dtype, lambda slices, v=v: v[slices]) for k, v in state.items()}
+
+
+def _checkpoint_tensors(path: Path) -> dict[str, tuple[torch.Size, torch.dtype, Any]]:
+    """A distrib checkpoint's model (under the key `model`, as fit saves it): DDP's from state.pt, mapped;
+    FSDP's described by its DCP metadata (`load_weights` then has DCP read each rank's part)."""
+    try:
+        checkpoint.verify(path)
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(f"{path} is not a usable checkpoint: {exc}. HINT: pass a directory like RUN_DIR/checkpoints/step-000000100.") from None
+    if (path / sharded.SHARDED_DIR).is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        meta = dcp.FileSystemReader(path / sharded.SHARDED_DIR).read_metadata().state_dict_metadata
+        prefix = "model."
+        return {
+            k[len(prefix) :]: (v.size, v.properties.dtype, _dcp_reads)
+            for k, v in meta.items()
+            if k.startswith(prefix) and hasattr(v, "size") and hasattr(v, "properties")
+        }
+    state = torch.load(path / "state.pt", map_location="cpu", mmap=True, weights_only=True)
+    objects = state.get("objects", {}) if isinstance(state, dict) else {}
+    model = objects.get("model")
+    if not isinstance(model, dict):
+        raise ConfigError(
+            f"{path} holds no model under the key 'model' (it holds: {', '.join(map(str, objects)) or 'nothing'}). "
+            "HINT: pass a checkpoint fit wrote, or export your model with session.save_model and pass its model.pt."
+        )
+    return {k: (v.shape, v.dtype, lambda slices, v=v: v[slices]) for k, v in model.items() if isinstance(v, torch.Tensor)}
+
+
+def _dcp_reads(slices: Any) -> None:
+    """The reader of an FSDP checkpoint's tensors: none here, DCP reads them (`load_weights`)."""
 
 
 def _safetensors(path: Path, stack: ExitStack) -> dict[str, tuple[torch.Size, torch.dtype, Any]]:
@@ -160,6 +215,8 @@ def _copy_into(t: torch.Tensor, read: Any) -> int:
     """Copy this rank's part of a source tensor into `t` (a DTensor shard: its rows only); the bytes read."""
     from torch.distributed.tensor import DTensor
 
+    if read is _dcp_reads:  # an FSDP checkpoint's tensor: DCP loads it after the comparison
+        return 0
     if isinstance(t, DTensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

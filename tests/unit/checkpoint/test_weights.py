@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from distrib import Config, Session
+from distrib.checkpoint.store import newest_good
 from distrib.checkpoint.weights import load_weights
+from distrib.cli.export import model_state
 from distrib.errors import ConfigError
 from distrib.parallel.wrap import params_sha256
+from tests.helpers import REPO
 
 transformers = pytest.importorskip("transformers")
 
@@ -107,3 +110,29 @@ def test_a_source_that_is_not_there_or_holds_no_weights_says_what_to_pass(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no weights distrib can read"):
         load_weights(torch.nn.Linear(2, 2), tmp_path / "empty")
+
+
+def test_a_ddp_and_an_fsdp_checkpoint_and_a_run_directory_without_model_pt_load_their_model():
+    for fixture in ("ckpt-format2-ddp", "ckpt-format2-fsdp"):
+        run = REPO / "tests" / "fixtures" / fixture
+        found = newest_good(run / "checkpoints")
+        assert found is not None
+        expected = model_state(found[0])  # what `distrib export` makes of it
+        for source in (found[0], run):  # the checkpoint, and the run directory standing for its newest one
+            model = _model_like(expected)
+            done = load_weights(model, source)
+            assert done.kept == [] and all(torch.equal(model.state_dict()[k], v) for k, v in expected.items()), (fixture, source)
+
+
+def _model_like(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module with `state`'s names and shapes, zero-filled (the fixtures' built-in model, whatever it is)."""
+    root = torch.nn.Module()
+    for name, t in state.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(torch.zeros_like(t), requires_grad=t.is_floating_point()))
+    return root
