@@ -42,7 +42,9 @@ SUMMARY_FILE = "summary.json"
 """Written at the end of a finished run: steps, samples, the last eval, params_sha256."""
 MODEL_FILE = "model.pt"
 """The plain module's state_dict at the end of a finished run."""
-RUN_FILES = ("checkpoints", METRICS_FILE, CONFIG_FILE, SUMMARY_FILE, MODEL_FILE, STOPPED_FILE)
+HF_CONFIG_FILE = "hf_config.json"
+"""A Hugging Face model's own config, recorded when one is set up (`distrib export --format hf` writes it as config.json)."""
+RUN_FILES = ("checkpoints", METRICS_FILE, CONFIG_FILE, SUMMARY_FILE, MODEL_FILE, STOPPED_FILE, HF_CONFIG_FILE)
 """What a run leaves in its directory (a user's own files there are left alone)."""
 
 

@@ -249,14 +249,16 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_file(path: Path) -> Any:
-    """A checkpoint file as data: `weights_only=True`, so a planted pickle cannot run code."""
+def load_file(path: Path, *, mmap: bool = False) -> Any:
+    """A checkpoint file as data: `weights_only=True`, so a planted pickle cannot run code.
+
+    `mmap`: tensors stay in the file until read (a model's weights read row by row, `weights.py`)."""
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         from distrib.errors import ConfigError
 

@@ -16,6 +16,7 @@ loads what matches, keeps the rest at its initialisation and says which.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distrib.checkpoint import sharded
+from distrib.checkpoint import export, sharded
 from distrib.checkpoint import store as checkpoint
 from distrib.checkpoint.rundir import MODEL_FILE
 from distrib.errors import ConfigError
@@ -124,9 +125,7 @@ def _compare(targets: dict[str, tuple[torch.Tensor, list[str]]], tensors: dict[s
 def _checkpoint_of(path: Path) -> Path:
     """A run directory without a model.pt stands for its newest good checkpoint."""
     if path.is_dir() and not (path / MODEL_FILE).exists() and (path / "checkpoints").is_dir():
-        found = checkpoint.newest_good(path / "checkpoints")
-        if found is not None:
-            return found[0]
+        return export.resolve(path)
     return path
 
 
@@ -168,29 +167,11 @@ def _open(source: Path, stack: ExitStack, module: nn.Module) -> dict[str, tuple[
 def _checkpoint_tensors(path: Path) -> dict[str, tuple[torch.Size, torch.dtype, Any]]:
     """A distrib checkpoint's model (under the key `model`, as fit saves it): DDP's from state.pt, mapped;
     FSDP's described by its DCP metadata (`load_weights` then has DCP read each rank's part)."""
-    try:
-        checkpoint.verify(path)
-    except checkpoint.CheckpointError as exc:
-        raise ConfigError(f"{path} is not a usable checkpoint: {exc}. HINT: pass a directory like RUN_DIR/checkpoints/step-000000100.") from None
-    if (path / sharded.SHARDED_DIR).is_dir():
-        import torch.distributed.checkpoint as dcp
+    return {s.name: (torch.Size(s.shape), s.dtype, _dcp_reads if s.sharded else functools.partial(_rows, s.read)) for s in export.sources(path)}
 
-        meta = dcp.FileSystemReader(path / sharded.SHARDED_DIR).read_metadata().state_dict_metadata
-        prefix = "model."
-        return {
-            k[len(prefix) :]: (v.size, v.properties.dtype, _dcp_reads)
-            for k, v in meta.items()
-            if k.startswith(prefix) and hasattr(v, "size") and hasattr(v, "properties")
-        }
-    state = torch.load(path / "state.pt", map_location="cpu", mmap=True, weights_only=True)
-    objects = state.get("objects", {}) if isinstance(state, dict) else {}
-    model = objects.get("model")
-    if not isinstance(model, dict):
-        raise ConfigError(
-            f"{path} holds no model under the key 'model' (it holds: {', '.join(map(str, objects)) or 'nothing'}). "
-            "HINT: pass a checkpoint fit wrote, or export your model with session.save_model and pass its model.pt."
-        )
-    return {k: (v.shape, v.dtype, lambda slices, v=v: v[slices]) for k, v in model.items() if isinstance(v, torch.Tensor)}
+
+def _rows(read: Any, slices: Any) -> torch.Tensor:
+    return read()[slices]
 
 
 def _dcp_reads(slices: Any) -> None:

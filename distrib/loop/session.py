@@ -181,6 +181,7 @@ class Session(RuntimeView):
         if replaced:
             fsdp.rebind(optimizers, names, dict(unwrap_model(wrapped).named_parameters()))
         self._models.append(wrapped)
+        self._files.record_hf_config(unwrap_model(wrapped))  # for `distrib export --format hf`
         if self.resumed_from is not None:  # load() came first
             continue_reductions(self._models)  # a resumed DDP model adds its ranks' gradients in the uninterrupted run's order
         return (wrapped, *optimizers) if optimizers else wrapped

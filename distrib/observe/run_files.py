@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from distrib.checkpoint.fileio import check_own, open_own, save_torch, storage_error, write_atomic
-from distrib.checkpoint.rundir import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunLock
+from distrib.checkpoint.rundir import CONFIG_FILE, HF_CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunLock
 from distrib.config import Config
 from distrib.observe import tracking
 from distrib.runtime.console import log
@@ -136,6 +136,8 @@ class RunFiles:
         self._writer: RunWriter | None = None
         self.run_id: str | None = None
         """The tracker's run id: fixed at open (or by a resume) and checkpointed, so a resumed run continues it."""
+        self.hf_config: dict[str, Any] | None = None
+        """A Hugging Face model's config (`record_hf_config`), written as hf_config.json when the files open."""
         self.rewind: tuple[int | None, int] | None = None
         """(metrics lines, step) of the checkpoint a resume restored: metrics.jsonl is cut back to it at open."""
 
@@ -157,7 +159,18 @@ class RunFiles:
             if self.rewind is not None:
                 self._writer.rewind(lines=self.rewind[0], step=self.rewind[1])
             self._writer.json(CONFIG_FILE, cfg.to_dict())
+            if self.hf_config is not None:
+                self._writer.json(HF_CONFIG_FILE, self.hf_config)
         return self._writer
+
+    def record_hf_config(self, model: Any) -> None:
+        """Keep `model`'s Hugging Face config, if it has one (written with the run's files, now if they are open)."""
+        config = getattr(model, "config", None)
+        if config is None or not (hasattr(config, "to_json_string") and hasattr(config, "model_type")):
+            return
+        self.hf_config = json.loads(config.to_json_string())
+        if self._writer is not None:
+            self._writer.json(HF_CONFIG_FILE, self.hf_config)
 
     def hang_dir(self) -> Path:
         """Rank 0: a new `run.dir/hang-<time>/` for the hang watchdog's verdict and stacks."""

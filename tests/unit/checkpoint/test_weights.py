@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from distrib import Config, Session
+from distrib.checkpoint.export import model_state
 from distrib.checkpoint.store import newest_good
 from distrib.checkpoint.weights import load_weights
-from distrib.cli.export import model_state
 from distrib.errors import ConfigError
 from distrib.parallel.wrap import params_sha256
 from tests.helpers import REPO
