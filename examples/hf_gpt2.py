@@ -3,6 +3,17 @@
     python examples/hf_gpt2.py --train.max_steps 100
     torchrun --nproc_per_node=2 examples/hf_gpt2.py
 
+Fine-tune a pretrained one, larger than a rank should hold whole, and hand it back to Hugging Face:
+
+    distrib export runs/hf_gpt2 --format hf --out pretrained      # (any save_pretrained directory will do)
+    torchrun --nproc_per_node=2 examples/hf_gpt2.py --gpt2.meta true --dist.strategy fsdp \
+        --ckpt.init_from pretrained --run.dir runs/finetuned
+    distrib export runs/finetuned --format hf --out finetuned     # GPT2LMHeadModel.from_pretrained("finetuned")
+
+`--gpt2.meta true` builds the model on the meta device: under FSDP each rank allocates only its
+shards, and `ckpt.init_from` reads only their bytes from the safetensors (docs/large-models.md).
+`--gpt2.pretrained DIR` instead loads the whole model with `from_pretrained` on every rank.
+
 The data is examples/gpt.py's: byte windows of the Python standard library's source, so the
 vocabulary is the 256 byte values. The batch is the dict the model takes (`input_ids`, `labels`);
 `fit` calls `model(**batch)`, reads `.loss`, and, as for any Hugging Face causal LM with labels,
@@ -34,6 +45,10 @@ class HFGPT2Config:
     corpus_mb: float = 1.0
     """Megabytes of standard-library source to read."""
     eval_fraction: float = 0.05
+    meta: bool = False
+    """Build the model on the meta device (allocated, and under FSDP sharded, by setup; weights from ckpt.init_from)."""
+    pretrained: str | None = None
+    """A save_pretrained directory to start from with from_pretrained (the whole model on every rank)."""
 
 
 SECTIONS = {"gpt2": HFGPT2Config, "optim": distrib.OptimConfig}
@@ -67,11 +82,16 @@ class CausalWindows(ByteWindows):
 
 
 def train(cfg: distrib.Config) -> dict[str, Any]:
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     train, held_out = split(stdlib_bytes(cfg.gpt2.corpus_mb), cfg.gpt2.eval_fraction)
     torch.manual_seed(cfg.seed)
-    model = GPT2LMHeadModel(gpt2_config(cfg.gpt2))
+    if cfg.gpt2.pretrained is not None:
+        model = GPT2LMHeadModel.from_pretrained(cfg.gpt2.pretrained)
+    else:
+        config = GPT2Config.from_pretrained(cfg.ckpt.init_from) if cfg.ckpt.init_from else gpt2_config(cfg.gpt2)
+        with torch.device("meta" if cfg.gpt2.meta else "cpu"):
+            model = GPT2LMHeadModel(config)
     return distrib.fit(cfg, model=model, train_data=CausalWindows(train, cfg.gpt2.context), eval_data=CausalWindows(held_out, cfg.gpt2.context))
 
 
