@@ -93,7 +93,7 @@ def run_worker(args: argparse.Namespace) -> None:
             session.setup(_model(8, 2))  # FSDP's (and DDP's) one-time cost, paid before measuring
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            before, start = _rss("VmRSS"), time.perf_counter()
+            before, anon_before, start = _rss("VmRSS"), _rss("RssAnon"), time.perf_counter()
             with torch.device("meta" if args.runner.startswith(("meta", "load")) else "cpu"):
                 model = _model(args.width, args.depth)
             whole = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -102,7 +102,14 @@ def run_worker(args: argparse.Namespace) -> None:
             read = 0
             if args.runner == "load-fsdp":
                 read = session.load_weights(model, args.weights).bytes_read
-            mine = {"peak": _rss("VmHWM") - before, "setup_s": setup_s, "total_s": time.perf_counter() - start, "bytes_read": read}
+            mine = {
+                "peak": _rss("VmHWM") - before,
+                "setup_s": setup_s,
+                "total_s": time.perf_counter() - start,
+                "bytes_read": read,
+                # What the rank owns after setup (+ load), without the file pages a load has mapped (page cache, reclaimable).
+                "anon": _rss("RssAnon") - anon_before,
+            }
             if args.save:
                 session.save({"model": model}, step=1)
                 session.wait_for_save()
@@ -174,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                         "model_mb": r["whole"] / 2**20,
                         "peak_mb": top["peak"] / 2**20,
                         "peak_x": top["peak"] / r["whole"],
+                        "anon_x": max(m["anon"] for m in r["ranks"]) / r["whole"],
                         "setup_s": max(m["setup_s"] for m in r["ranks"]),
                         "total_s": max(m["total_s"] for m in r["ranks"]),
                         "read_x": max(m["bytes_read"] for m in r["ranks"]) / file_bytes if path == "load-fsdp" else None,
@@ -201,14 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "export": exported, "width": args.width, "depth": args.depth}, indent=2))
     lines = [
         f"Model: {args.depth} blocks of LayerNorm + Linear({args.width}, {args.width}), {rows[0]['model_mb']:.0f} MB fp32. Peak: the largest rank's resident "
-        "memory over build + setup (+ load), above what it held before.",
+        "memory over build + setup (+ load), above what it held before (VmHWM: it counts the file pages a load maps, which are page cache). "
+        "Owned after: its anonymous memory after setup (+ load), above what it held before (RssAnon: without mapped files).",
         "",
-        "| path | ranks | peak MB | peak / model | setup s | setup + load s | bytes read / files |",
-        "|---|---|---|---|---|---|---|",
+        "| path | ranks | peak MB | peak / model | owned after / model | setup s | setup + load s | bytes read / files |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         read = f"{r['read_x']:.2f}" if r["read_x"] is not None else ""
-        lines.append(f"| {r['path']} | {r['world']} | {r['peak_mb']:.0f} | {r['peak_x']:.2f} | {r['setup_s']:.2f} | {r['total_s']:.2f} | {read} |")
+        lines.append(
+            f"| {r['path']} | {r['world']} | {r['peak_mb']:.0f} | {r['peak_x']:.2f} | {r['anon_x']:.2f} | {r['setup_s']:.2f} | {r['total_s']:.2f} | {read} |"
+        )
     lines += [
         "",
         f"Export (`--format safetensors`, one process, from the 2-rank FSDP checkpoint): peak {exported['peak_mb']:.0f} MB, of which "

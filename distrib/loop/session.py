@@ -164,6 +164,7 @@ class Session(RuntimeView):
 
     # ------------------------------------------------------------------ model and data
 
+    @LEDGER.busy_with("setting up the model")  # a large model's allocation, init and sharding is progress, not a hang
     def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer, init_fn: Callable[[nn.Module], Any] | None = None) -> Any:
         """Move `model` to the device and wrap it (DDP or FSDP with several processes, torch.compile if asked).
 
@@ -365,6 +366,7 @@ class Session(RuntimeView):
         }
         return self.checkpointer.save(state, step=step, models=[unwrap_model(m) for m in self._models], job=job)
 
+    @LEDGER.busy_with("loading pretrained weights")
     def load_weights(self, model: nn.Module, path: str | Path, *, strict: bool = True) -> Loaded:
         """Pretrained weights (a Hugging Face directory, .safetensors, model.pt or run directory) into the model
         `setup` returned; under FSDP each rank reads only its shards. Every rank calls it (`distrib/checkpoint/weights.py`)."""

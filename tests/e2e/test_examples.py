@@ -80,16 +80,24 @@ def test_hf_gpt2_trains_with_no_glue_and_its_model_pt_loads_into_gpt2(tmp_path):
         loss = model(input_ids=ids, labels=ids).loss
     assert torch.isfinite(loss)
 
-    # The run as a Hugging Face model, then fine-tuned two ways: meta-built under FSDP from ckpt.init_from
+    # The run as a Hugging Face model, then fine-tuned for 6 steps two ways: meta-built under FSDP from ckpt.init_from
     # (each rank reading its shards), and from_pretrained under DDP. They end alike.
     from distrib.cli.export import main as export
 
     assert export([str(tmp_path / "hf"), "--format", "hf", "--out", str(tmp_path / "pretrained"), "--max-shard-size", "100KB"]) == 0
     pretrained = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "pretrained")
     assert all(torch.equal(pretrained.state_dict()[k], v) for k, v in state.items())
-    more = ["--train.max_steps", "10", "--train.log_every", "5", "--data.shuffle", "false"]
+    more = ["--train.max_steps", "6", "--train.log_every", "3", "--gpt2.corpus_mb", "0.2"]
     _torchrun("hf_gpt2.py", tmp_path / "fsdp", *more, "--gpt2.meta", "true", "--dist.strategy", "fsdp", "--ckpt.init_from", str(tmp_path / "pretrained"))
     _torchrun("hf_gpt2.py", tmp_path / "ddp", *more, "--gpt2.pretrained", str(tmp_path / "pretrained"))
     fsdp, ddp = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("fsdp", "ddp"))
     assert max((fsdp[k] - v).abs().max().item() for k, v in ddp.items()) <= 1e-5
     assert any(not torch.equal(ddp[k], v) for k, v in state.items())  # they did train on from the pretrained weights
+    # The FSDP run's own checkpoint (2 ranks' shards) exported as a Hugging Face model: from_pretrained gives
+    # bitwise the logits of its model.pt.
+    assert export([str(tmp_path / "fsdp"), "--format", "hf", "--out", str(tmp_path / "finetuned")]) == 0
+    finetuned = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "finetuned").eval()
+    reference = transformers.GPT2LMHeadModel(transformers.GPT2Config.from_pretrained(tmp_path / "finetuned")).eval()
+    reference.load_state_dict(fsdp)
+    with torch.no_grad():
+        assert torch.equal(finetuned(ids).logits, reference(ids).logits)

@@ -194,3 +194,19 @@ def test_a_torch_compile_in_progress_is_a_busy_phase():
     LEDGER.track_compiles()
     torch.compile(lambda x: torch.sin(x) + 1, backend=backend)(torch.ones(3))
     assert seen == ["compiling (torch.compile)"] and LEDGER.busy is None
+
+
+def test_setting_up_a_model_is_a_busy_phase(tmp_path):
+    seen: list[str | None] = []
+
+    def init_fn(module: nn.Module) -> None:  # called by setup while it initialises a meta-built model
+        seen.append(LEDGER.busy)
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+
+    with torch.device("meta"):
+        model = nn.Linear(3, 2)
+    with Session(Config().replace(**{"run.dir": str(tmp_path / "run"), "run.device": "cpu"})) as session:
+        session.setup(model, init_fn=init_fn)
+        assert LEDGER.busy is None
+    assert seen == ["setting up the model"]
