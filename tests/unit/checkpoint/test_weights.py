@@ -136,3 +136,16 @@ def _model_like(state: dict[str, torch.Tensor]) -> torch.nn.Module:
             module = getattr(module, part)
         module.register_parameter(leaf, torch.nn.Parameter(torch.zeros_like(t), requires_grad=t.is_floating_point()))
     return root
+
+
+def test_distrib_train_with_weights_that_do_not_fit_exits_2_naming_them_and_writes_nothing(tmp_path, capsys):
+    from distrib.cli.train import main
+
+    saved_gpt2(tmp_path / "hf")
+    capsys.readouterr()  # save_pretrained's progress bar
+    small = ["--data.train_size", "256", "--data.eval_size", "64", "--train.epochs", "1", "--wandb.mode", "disabled"]
+    assert main([*small, "--ckpt.init_from", str(tmp_path / "hf"), "--run.dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distrib: error: The weights at") and "missing from the source: 0.weight, 0.bias" in err and "not in the model: " in err
+    assert "transformer.wte.weight" in err and "Nothing was loaded" in err
+    assert not (tmp_path / "run").exists() or not [p for p in (tmp_path / "run").iterdir() if p.name != ".lock"], list((tmp_path / "run").iterdir())
