@@ -91,9 +91,9 @@ def test_a_rank_that_skips_a_collective_is_named_at_4_ranks(tmp_path):
 
 
 def test_a_clean_run_with_slow_evals_and_checkpoints_raises_no_verdict(tmp_path):
-    # 200 steps; each eval takes ~4 s, more than hang_timeout_s, in batches of ~2 s; checkpoints every 50 steps.
-    args = ["--data.train_size", "12800", "--data.eval_size", "256", "--train.epochs", "2", "--train.log_every", "20", "--ckpt.every", "50"]
-    done = slow_job(tmp_path, *args, "--train.hang_timeout_s", "3", SLOW_EVAL_MS="30", EVAL_MARKER=str(tmp_path / "eval-started"))
+    # 200 steps, then an eval of ~6 s, more than hang_timeout_s, in batches of ~2 s; checkpoints every 50 steps.
+    args = ["--data.train_size", "25600", "--data.eval_size", "384", "--train.epochs", "1", "--train.log_every", "20", "--ckpt.every", "50"]
+    done = slow_job(tmp_path, *args, "--train.hang_timeout_s", "4", SLOW_EVAL_MS="30", EVAL_MARKER=str(tmp_path / "eval-started"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = done.stdout + done.stderr
     assert "[watchdog]" not in text and not list((tmp_path / "run").glob("hang-*")), text[-3000:]
