@@ -32,19 +32,7 @@ from distrib.errors import ConfigError
 from distrib.parallel.wrap import unwrap_model
 from distrib.runtime.console import log
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-INDEX_FILE = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {name: dtype for dtype, name in export.DTYPES.items()}  # the writer's table, read the other way
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -139,8 +127,8 @@ def _open(source: Path, stack: ExitStack, module: nn.Module) -> dict[str, tuple[
     if (source / checkpoint.MANIFEST).is_file():
         return _checkpoint_tensors(source)
     if source.is_dir():
-        if (source / INDEX_FILE).is_file():
-            index = json.loads((source / INDEX_FILE).read_text())
+        if (source / export.INDEX_FILE).is_file():
+            index = json.loads((source / export.INDEX_FILE).read_text())
             files = sorted({source / f for f in index.get("weight_map", {}).values()})
         elif (source / "model.safetensors").is_file():
             files = [source / "model.safetensors"]
@@ -150,7 +138,7 @@ def _open(source: Path, stack: ExitStack, module: nn.Module) -> dict[str, tuple[
             files = sorted(source.glob("*.safetensors"))
         if not files:
             raise ConfigError(
-                f"{source} holds no weights distrib can read: no {INDEX_FILE}, model.safetensors, *.safetensors or {MODEL_FILE}. "
+                f"{source} holds no weights distrib can read: no {export.INDEX_FILE}, model.safetensors, *.safetensors or {MODEL_FILE}. "
                 "HINT: pass a Hugging Face model directory (save_pretrained), a .safetensors file, a model.pt, or a distrib run directory."
             )
         return {k: v for f in files for k, v in _safetensors(f, stack).items()}
