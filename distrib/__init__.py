@@ -14,6 +14,7 @@ from distrib.loop.fit import fit, main
 from distrib.loop.loss import label_tokens
 from distrib.loop.session import Session
 from distrib.loop.trainer import Trainer
+from distrib.observe.activations import ActivationBytes
 from distrib.observe.metrics import Metrics
 from distrib.parallel.wrap import params_sha256, state_bytes, unwrap_model, wrap_model
 from distrib.runtime.collectives import all_gather_object, all_reduce_sum, barrier, broadcast_object
@@ -23,6 +24,7 @@ from distrib.runtime.shutdown import quick_exit
 from distrib.runtime.stop import EXIT_STOPPED, StopRequest
 
 __all__ = [
+    "ActivationBytes",
     "BatchError",
     "Callback",
     "Config",

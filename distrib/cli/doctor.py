@@ -11,7 +11,9 @@ import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from distrib.errors import CommandParser, EnvironmentConfigError
+from distrib.config import STRATEGIES, DistConfig
+from distrib.errors import CommandParser, ConfigError, EnvironmentConfigError, error_exit
+from distrib.parallel.fsdp import describe_mesh
 from distrib.runtime.env import DistEnv, detect, expand_hostlist, resolves, tasks_on_node
 
 
@@ -109,8 +111,8 @@ def _int(env: Mapping[str, str], name: str) -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
-def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, str]], list[Finding]]:
-    """(facts as (name, value) rows, findings) for this process's environment."""
+def diagnose(env: Mapping[str, str], probes: Probes, dist: DistConfig | None = None) -> tuple[list[tuple[str, str]], list[Finding]]:
+    """(facts as (name, value) rows, findings) for this process's environment (and the run's dist.* keys)."""
     facts: list[tuple[str, str]] = []
     found: list[Finding] = []
     try:
@@ -127,6 +129,7 @@ def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, st
         ("nccl", probes.nccl_version or "-"),
         ("strategy", strategy_advice(probes.device_memory, denv.world_size, bool(probes.gpus))),
     ]
+    found += _mesh(facts, denv, dist or DistConfig())
 
     in_slurm = "SLURM_JOB_ID" in env
     nnodes = _int(env, "SLURM_JOB_NUM_NODES") or _int(env, "SLURM_NNODES") or 1
@@ -242,6 +245,29 @@ def diagnose(env: Mapping[str, str], probes: Probes) -> tuple[list[tuple[str, st
     return facts, found
 
 
+def _mesh(facts: list[tuple[str, str]], denv: DistEnv, dist: DistConfig) -> list[Finding]:
+    """The mesh a launch with these dist.* keys builds (a `mesh` fact), and a multi-node FSDP that would cross the network."""
+    world, local = denv.world_size, denv.local_world_size
+    nodes = world // local if local and world % local == 0 else 1
+    if dist.strategy == "ddp" or world == 1:
+        what = "DDP" if dist.strategy == "ddp" else "FSDP"
+        facts.append(("mesh", f"{what} in 1 process: nothing to shard or reduce" if world == 1 else f"DDP: all {world} ranks hold the whole model"))
+        return []
+    try:
+        facts.append(("mesh", describe_mesh(world, dist.replicate, local)))
+    except ConfigError as exc:
+        return [Finding("error", str(exc).split(" HINT:")[0], f"pass --dist.replicate with a divisor of {world}, e.g. {nodes} (one replica per node)")]
+    if nodes > 1 and dist.replicate == 1:
+        return [
+            Finding(
+                "warning",
+                f"FSDP shards over all {world} ranks on {nodes} nodes: every block's reduce-scatter and all-gather cross the network.",
+                f"pass --dist.replicate {nodes} (HSDP: shard within each node, all-reduce across nodes once per step)",
+            )
+        ]
+    return []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -251,14 +277,21 @@ def _free_port() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     import os
 
-    # No options of its own; argparse gives it --help and refuses a typo rather than running the checks.
-    CommandParser(
+    # The dist.* keys that decide the mesh; argparse gives it --help and refuses a typo rather than running the checks.
+    parser = CommandParser(
         prog="distrib doctor",
-        description="Print what distrib sees (launcher, ranks, devices, Slurm, "
-        "master address and port) and flag launch mistakes, each with its fix. Exit 1 on an error found.",
-    ).parse_args(argv)
+        description="Print what distrib sees (launcher, ranks, devices, Slurm, master address and port, the mesh "
+        "a launch builds) and flag launch mistakes, each with its fix. Exit 1 on an error found.",
+    )
+    parser.add_argument("--dist.strategy", dest="strategy", choices=STRATEGIES, default="ddp", help="the run's dist.strategy (default ddp)")
+    parser.add_argument("--dist.replicate", dest="replicate", type=int, default=1, help="the run's dist.replicate (HSDP replicas; default 1)")
+    args = parser.parse_args(argv)
     try:
-        facts, found = diagnose(os.environ, real_probes())
+        dist = DistConfig(strategy=args.strategy, replicate=args.replicate)
+    except ConfigError as exc:
+        raise SystemExit(error_exit(str(exc))) from None
+    try:
+        facts, found = diagnose(os.environ, real_probes(), dist)
     except Exception as exc:  # the doctor must report, never crash: say what it could not check
         print(
             f"distrib doctor could not finish its checks: {type(exc).__name__}: {exc}\n"

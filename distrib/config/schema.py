@@ -124,10 +124,16 @@ class TrainConfig:
     `skip` drops the step on every rank and trains on (docs/guards.md: what each costs)."""
     max_skipped_steps: int = 5
     """Dropped steps in a row (train.nonfinite=skip, or fp16's loss scaler) after which the run stops as with `error`."""
+    activation_checkpointing: str = "none"
+    """Recompute each block's activations in backward instead of keeping them: `none`, `full` (keep only each block's
+    input) or `selective` (keep matmul and attention outputs, recompute the rest). The blocks are FSDP's
+    (dist.fsdp_blocks, or found automatically) under any strategy; RNG state is restored for the recompute, so
+    results do not change (docs/memory.md)."""
 
     def __post_init__(self) -> None:
         one_of("train", "progress", self.progress, ("auto", "bar", "lines"))
         one_of("train", "nonfinite", self.nonfinite, ("error", "skip"))
+        one_of("train", "activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
         positive("train", max_skipped_steps=self.max_skipped_steps)
         positive("train", straggler_threshold=self.straggler_threshold, hang_timeout_s=self.hang_timeout_s, peak_flops=self.peak_flops)
         positive(
@@ -178,6 +184,13 @@ class DistConfig:
     reshard_after_forward: bool = True
     """FSDP: free each block's gathered parameters after its forward (less memory) and gather them again
     for backward (one more all-gather per block)."""
+    replicate: int = 1
+    """FSDP: replicas of the model (HSDP). The world of R x S ranks shards within each group of S consecutive ranks
+    and replicates across the R groups: pass the number of nodes to keep the per-block reduce-scatter inside a node
+    (gradients are then all-reduced across nodes once per step). 1: shard over every rank."""
+    fsdp_offload: bool = False
+    """FSDP: keep the sharded parameters, gradients and optimizer state in (pinned) host memory and step the
+    optimizer on the CPU (FSDP2's CPUOffloadPolicy), for a model that does not fit the GPUs at all."""
     backend: str = "auto"
     """`auto` (NCCL on CUDA, gloo on CPU), `gloo` or `nccl`."""
     timeout_s: float = 600.0
@@ -197,7 +210,13 @@ class DistConfig:
     def __post_init__(self) -> None:
         one_of("dist", "backend", self.backend, BACKENDS)
         one_of("dist", "strategy", self.strategy, STRATEGIES)
-        positive("dist", timeout_s=self.timeout_s, bucket_cap_mb=self.bucket_cap_mb)
+        positive("dist", timeout_s=self.timeout_s, bucket_cap_mb=self.bucket_cap_mb, replicate=self.replicate)
+        if self.strategy != "fsdp" and (self.replicate > 1 or self.fsdp_offload):
+            key = f"dist.replicate={self.replicate}" if self.replicate > 1 else "dist.fsdp_offload=true"
+            raise ConfigError(
+                f"{key} applies to sharded training, but dist.strategy={self.strategy} keeps the whole model on every rank. "
+                f"HINT: pass --dist.strategy fsdp, or drop --{key.split('=')[0]}."
+            )
 
 
 @dataclasses.dataclass(kw_only=True)

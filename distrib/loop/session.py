@@ -44,7 +44,6 @@ from distrib.observe.metrics import console_line
 from distrib.observe.run_files import RunFiles, RunWriter
 from distrib.parallel import fsdp
 from distrib.parallel.buckets import continue_reductions
-from distrib.parallel.materialize import is_meta
 from distrib.parallel.precision import Precision
 from distrib.parallel.wrap import release_reducers, set_grad_sync, unwrap_model, wrap_model
 from distrib.runtime.collectives import all_reduce
@@ -76,8 +75,7 @@ class Session(RuntimeView):
     # ------------------------------------------------------------------ lifecycle
 
     last_exit_status: int | None = None
-    """75 (`EXIT_STOPPED`) once the latest session in this process has ended in a graceful stop (its
-    stopped.json written), else None: `distrib.main` exits 75 on it, 0 without."""
+    """75 (`EXIT_STOPPED`) once this process's latest session ended in a graceful stop (stopped.json written), else None."""
 
     def __enter__(self) -> Session:
         Session.last_exit_status = None
@@ -94,7 +92,7 @@ class Session(RuntimeView):
             if cfg.debug:
                 stack.enter_context(debug_checks(self.rt.device))
                 log.info(f"debug mode: 1 process on {self.rt.device}, no process group, num_workers=0, max_steps={cfg.train.max_steps}")
-            self.sharded = cfg.dist.strategy == "fsdp" and self.rt.env.distributed
+            self.sharded = fsdp.sharded_layout(cfg.dist, self.rt.world_size)
             """Whether models from `setup` are FSDP2-sharded (dist.strategy=fsdp with more than one process)."""
             self.precision = Precision(cfg.train.precision, self.rt.device, sharded=self.sharded)
             self.guard = NonfiniteGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps, self.rt.device, scaler=self.precision.scaler.is_enabled())
@@ -166,21 +164,24 @@ class Session(RuntimeView):
 
     @LEDGER.busy_with("setting up the model")  # a large model's allocation, init and sharding is progress, not a hang
     def setup(self, model: nn.Module, *optimizers: torch.optim.Optimizer, init_fn: Callable[[nn.Module], Any] | None = None) -> Any:
-        """Move `model` to the device and wrap it (DDP or FSDP with several processes, torch.compile if asked).
-
-        A model built under `with torch.device("meta"):` is allocated here (FSDP: each rank only its
-        shards) and initialised by `init_fn(module)`, a Hugging Face model's `_init_weights`, or each
-        module's `reset_parameters`, to the same values at any world size (`distrib/parallel/materialize.py`).
-
-        Returns the wrapped model, or `(model, *optimizers)`: optimizers built on `model.parameters()`
-        before the call stay valid (DDP moves parameters in place; FSDP replaces them with sharded
-        ones, and the optimizers given here are pointed at those).
+        """Move `model` to the device and wrap it (DDP or FSDP with several processes; train.activation_checkpointing,
+        torch.compile). A model built under `with torch.device("meta"):` is allocated here (FSDP: each rank only its shards)
+        and initialised by `init_fn(module)`, a Hugging Face model's `_init_weights`, or each module's `reset_parameters`,
+        the same at any world size (`distrib/parallel/materialize.py`). Returns the wrapped model, or `(model, *optimizers)`:
+        optimizers built on `model.parameters()` before the call stay valid (pointed at FSDP's shards, or the allocated ones).
         """
-        names, replaced = {id(p): n for n, p in model.named_parameters()}, self.sharded or is_meta(model)
-        cfg = self.cfg
-        wrapped = wrap_model(model, self.rt, cfg.dist, compile=cfg.train.compile, param_dtype=self.precision.param_dtype, seed=cfg.seed, init_fn=init_fn)
-        if replaced:
-            fsdp.rebind(optimizers, names, dict(unwrap_model(wrapped).named_parameters()))
+        cfg, dtype = self.cfg, self.precision.param_dtype
+        wrapped = wrap_model(
+            model,
+            self.rt,
+            cfg.dist,
+            compile=cfg.train.compile,
+            param_dtype=dtype,
+            seed=cfg.seed,
+            init_fn=init_fn,
+            activation_checkpointing=cfg.train.activation_checkpointing,
+            optimizers=optimizers,
+        )
         self._models.append(wrapped)
         self._files.record_hf_config(unwrap_model(wrapped))  # for `distrib export --format hf`
         if self.resumed_from is not None:  # load() came first

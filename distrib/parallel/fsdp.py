@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distrib.config import DistConfig
 from distrib.errors import ConfigError
 
 
@@ -78,19 +79,78 @@ def find_blocks(model: nn.Module, names: Sequence[str] = ()) -> list[nn.Module]:
     return blocks
 
 
+def sharded_layout(cfg: DistConfig, world_size: int) -> bool:
+    """Whether models are FSDP-sharded at `world_size` (dist.strategy=fsdp with more than one process), after
+    checking the layout the dist.* keys ask for can be built there (a ConfigError before the run starts)."""
+    if cfg.strategy != "fsdp":
+        return False
+    if cfg.fsdp_offload and world_size == 1:
+        raise ConfigError(
+            "dist.fsdp_offload=true in one process: offload moves FSDP's shards to host memory, and one process shards "
+            "nothing. HINT: launch several ranks (torchrun --nproc_per_node=N), or drop --dist.fsdp_offload."
+        )
+    mesh_shape(world_size, cfg.replicate)
+    return world_size > 1
+
+
+def mesh_shape(world_size: int, replicate: int = 1) -> tuple[int, ...]:
+    """The device mesh FSDP builds: `(world_size,)`, or `(replicate, world_size // replicate)` for HSDP."""
+    if world_size % replicate:
+        raise ConfigError(
+            f"dist.replicate={replicate} does not divide the world size {world_size}: HSDP needs R x S ranks, "
+            f"S ranks sharding each of R replicas. HINT: pass --dist.replicate with a divisor of {world_size} "
+            "(the number of nodes, to shard within each node), or 1."
+        )
+    return (world_size,) if replicate == 1 else (replicate, world_size // replicate)
+
+
+def describe_mesh(world_size: int, replicate: int = 1, local_world_size: int | None = None) -> str:
+    """One line on the mesh a launch builds: which ranks shard together and which replicate."""
+    shape = mesh_shape(world_size, replicate)
+    if len(shape) == 1:
+        return f"FSDP over all {world_size} ranks (1-D mesh: every block's gradients reduce-scattered across all of them)"
+    r, s = shape
+    groups = ", ".join(f"{i * s}-{i * s + s - 1}" for i in range(min(r, 3))) + (", ..." if r > 3 else "")
+    where = ""
+    if local_world_size:
+        where = (
+            " (each within one node)"
+            if s <= local_world_size and local_world_size % s == 0
+            else " (groups span nodes: the per-block reduce-scatter crosses the network)"
+        )
+    return (
+        f"HSDP {r} x {s} (2-D mesh replicate x shard): ranks {groups} each hold one sharded copy{where}; "
+        f"gradients reduce-scattered within a group, then all-reduced across the {r} replicas once per step"
+    )
+
+
 def shard(
-    model: nn.Module, *, device: torch.device, world_size: int, blocks: Sequence[str], reshard_after_forward: bool, param_dtype: torch.dtype | None
+    model: nn.Module,
+    *,
+    device: torch.device,
+    world_size: int,
+    blocks: Sequence[str],
+    reshard_after_forward: bool,
+    param_dtype: torch.dtype | None,
+    replicate: int = 1,
+    offload: bool = False,
 ) -> nn.Module:
-    """`fully_shard` each block, then the root, on a 1-D mesh of all ranks (in place; returns `model`).
+    """`fully_shard` each block, then the root, on a mesh of all ranks (in place; returns `model`).
 
     `param_dtype` (bf16): FSDP2's mixed precision, parameters gathered in bf16 for compute, gradients
     reduced in fp32, the model's output in fp32 (so the loss is computed in fp32). The mesh's device
     type is the run's device: with gloo on a GPU machine (`run.device cpu`) nothing moves to CUDA.
+    `replicate` > 1: HSDP, a 2-D mesh (`mesh_shape`) that shards within groups of consecutive ranks
+    (a node under torchrun and srun, which number a node's ranks together) and replicates across them.
+    `offload`: FSDP2's CPUOffloadPolicy, sharded state in host memory (pinned on CUDA) and the optimizer
+    step on the CPU.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (world_size,))
+    shape = mesh_shape(world_size, replicate)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard") if len(shape) == 2 else None)
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     # Blocks hand bf16 activations on (the next module computes in bf16 too); only the root's output,
     # what the loss is computed from, comes back in fp32.
     inner = MixedPrecisionPolicy() if param_dtype is None else MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -112,11 +172,12 @@ def shard(
                     mesh=mesh,
                     reshard_after_forward=reshard_after_forward,
                     mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=param_dtype),
+                    offload_policy=policy,
                 )
             units = [u for u in units if all(u is not m for m in norms)]
         for block in units:
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=inner)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=outer)
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=inner, offload_policy=policy)
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=outer, offload_policy=policy)
     except ValueError as exc:  # e.g. a parameter shared by two blocks
         raise ConfigError(
             f"FSDP could not shard this model's blocks: {str(exc).strip().splitlines()[0][:300]}. HINT: name blocks that share no "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -11,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from distrib.config import DistConfig
 from distrib.errors import ConfigError
-from distrib.parallel import fsdp
+from distrib.parallel import activations, fsdp
 from distrib.parallel.materialize import InitFn, is_meta, materialize
 from distrib.runtime.console import log
 from distrib.runtime.group import Runtime
@@ -27,6 +28,8 @@ def wrap_model(
     param_dtype: torch.dtype | None = None,
     seed: int = 0,
     init_fn: InitFn | None = None,
+    activation_checkpointing: str = "none",
+    optimizers: Sequence[torch.optim.Optimizer] = (),
 ) -> nn.Module:
     """Move `model` to the rank's device and, with more than one process, wrap it in DDP or shard it (FSDP2).
 
@@ -42,25 +45,37 @@ def wrap_model(
     if cfg.sync_batchnorm and rt.env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     meta = is_meta(model)
+    names = {id(p): n for n, p in model.named_parameters()}
     if not meta:
         # module.to() moves parameters in place, so an optimizer built on model.parameters() before
         # wrapping still points at the right tensors.
         model = model.to(rt.device)
     blocks: list[nn.Module] = []
-    if cfg.strategy == "fsdp" and cfg.fsdp_blocks or meta:
+    checkpointing = activation_checkpointing != "none"
+    if cfg.strategy == "fsdp" and cfg.fsdp_blocks or meta or checkpointing:
         # A name that matches nothing fails in one process too. A meta model is initialised block by
         # block whatever the strategy, so DDP and FSDP runs start from the same values.
         blocks = fsdp.find_blocks(model, cfg.fsdp_blocks)
-    unused = _other_strategys_keys(cfg)
+    activations.apply(blocks, activation_checkpointing)
+    unused = _other_strategys_keys(cfg, checkpointing)
     if unused and rt.env.distributed:
         log.warning(f"dist.strategy={cfg.strategy}: {', '.join(unused)} apply to the other strategy and have no effect here")
     sharding = rt.env.distributed and cfg.strategy == "fsdp"
     if sharding:  # a meta model is sharded first: each rank then allocates only its shards
         model = fsdp.shard(
-            model, device=rt.device, world_size=rt.world_size, blocks=cfg.fsdp_blocks, reshard_after_forward=cfg.reshard_after_forward, param_dtype=param_dtype
+            model,
+            device=rt.device,
+            world_size=rt.world_size,
+            blocks=cfg.fsdp_blocks,
+            reshard_after_forward=cfg.reshard_after_forward,
+            param_dtype=param_dtype,
+            replicate=cfg.replicate,
+            offload=cfg.fsdp_offload,
         )
     if meta:
         materialize(model, rt.device, seed=seed, blocks=blocks, init_fn=init_fn)
+    if sharding or meta:
+        fsdp.rebind(optimizers, names, dict(model.named_parameters()))
     if rt.env.distributed and not sharding:
         bucket: dict[str, Any] = {} if cfg.bucket_cap_mb is None else {"bucket_cap_mb": cfg.bucket_cap_mb}
         model = DDP(
@@ -79,10 +94,10 @@ def wrap_model(
     return model
 
 
-def _other_strategys_keys(cfg: DistConfig) -> list[str]:
+def _other_strategys_keys(cfg: DistConfig, checkpointing: bool) -> list[str]:
     defaults = DistConfig()
     ddp_only = ("find_unused_parameters", "static_graph", "gradient_as_bucket_view", "bucket_cap_mb")
-    fsdp_only = ("fsdp_blocks", "reshard_after_forward")
+    fsdp_only = ("reshard_after_forward",) if checkpointing else ("fsdp_blocks", "reshard_after_forward")  # the blocks checkpointed
     other = ddp_only if cfg.strategy == "fsdp" else fsdp_only
     return [f"dist.{k}" for k in other if getattr(cfg, k) != getattr(defaults, k)]
 

@@ -48,15 +48,21 @@ def test_gpt_on_the_standard_library_beats_a_byte_unigram_model_by_far(tmp_path)
     assert config["optim"]["schedule"] == "cosine" and config["gpt"]["context"] == 64
 
 
-def test_gpt_reads_its_corpus_as_a_stream_with_the_same_result(tmp_path):
+def test_gpt_streamed_or_with_activation_checkpointing_is_the_same_run(tmp_path):
     """--gpt.stream: an IterableDataset over the files, read by 2 DataLoader workers per rank; in corpus
-    order it is the same run as the map-style windows in corpus order."""
-    args = ["--data.shuffle", "false", "--train.max_steps", "30", "--train.log_every", "15", "--gpt.corpus_mb", "0.3"]
+    order it is the same run as the map-style windows in corpus order. With dropout on, bf16 and
+    accumulation, train.activation_checkpointing full (with the stream) and selective recompute the
+    blocks in backward with the same dropout masks: the same parameters, bitwise."""
+    args = ["--data.shuffle", "false", "--train.max_steps", "16", "--train.log_every", "8", "--gpt.corpus_mb", "0.3"]
+    args += ["--gpt.dropout", "0.1", "--train.precision", "bf16", "--train.grad_accum", "2"]
     _torchrun("gpt.py", tmp_path / "windows", *args)
-    _torchrun("gpt.py", tmp_path / "stream", *args, "--gpt.stream", "true", "--data.num_workers", "2")
-    windows, stream = read_summary(tmp_path / "windows"), read_summary(tmp_path / "stream")
-    assert stream["optimizer_steps"] == 30 and stream["samples_seen"] == 30 * 2 * 16
-    assert stream["params_sha256"] == windows["params_sha256"]
+    _torchrun("gpt.py", tmp_path / "stream", *args, "--gpt.stream", "true", "--data.num_workers", "2", "--train.activation_checkpointing", "full")
+    _torchrun("gpt.py", tmp_path / "selective", *args, "--train.activation_checkpointing", "selective")
+    windows, stream, selective = (read_summary(tmp_path / d) for d in ("windows", "stream", "selective"))
+    assert stream["optimizer_steps"] == 16 and stream["samples_seen"] == 16 * 2 * 2 * 16
+    assert stream["params_sha256"] == windows["params_sha256"] == selective["params_sha256"]
+    config = json.loads((tmp_path / "selective" / "config.json").read_text())
+    assert config["train"]["activation_checkpointing"] == "selective" and config["gpt"]["dropout"] == 0.1
 
 
 def test_hf_gpt2_trains_with_no_glue_and_its_model_pt_loads_into_gpt2(tmp_path):

@@ -22,7 +22,7 @@ from distrib.checkpoint.sharded import SHARDED_DIR
 from distrib.cli.task import TaskConfig, make_datasets, make_model
 from distrib.parallel.wrap import state_bytes
 from distrib.runtime.stop import EXIT_STOPPED
-from tests.helpers import REPO, TaskData, child_env, read_metrics, read_summary, run_train, spawn, wait_for_checkpoints, wait_for_training
+from tests.helpers import REPO, TaskData, child_env, read_metrics, read_summary, rewind, run_train, spawn, wait_for_checkpoints, wait_for_training
 
 # SGD (its update is linear in the gradient, so float sums agree closely), clipping that bites (the
 # global norm of sharded gradients), accumulation, a short tail step (4000 = 62.5 global batches of
@@ -167,6 +167,51 @@ def test_fsdp_stop_then_resume_bit_exact_at_two_ranks_and_resharded_on_one(tmp_p
     assert summary["eval"]["accuracy"] > read_summary(runs["fsdp"])["eval"]["accuracy"] - 0.05  # it trained on
 
 
+# ----------------------------------------------------------------------------- HSDP and CPU offload
+
+
+@pytest.fixture(scope="module")
+def hsdp_runs(tmp_path_factory) -> dict:
+    """4 ranks, the same global batch of 32 as `runs`: HSDP 2 x 2 (with activation checkpointing) and DDP."""
+    root = tmp_path_factory.mktemp("hsdp")
+    out = {"hsdp": root / "hsdp", "ddp4": root / "ddp4"}
+    hsdp = ["--dist.replicate", "2", "--train.activation_checkpointing", "full"]
+    run_train([*ARGS, *FSDP, *hsdp, "--train.batch_size", "8", "--run.dir", str(out["hsdp"])], nproc=4)
+    run_train([*ARGS, "--train.batch_size", "8", "--run.dir", str(out["ddp4"])], nproc=4)
+    return out
+
+
+def test_hsdp_2x2_ends_where_ddp_at_4_ranks_and_one_process_do(runs, hsdp_runs):
+    hsdp, ddp4 = hsdp_runs["hsdp"], hsdp_runs["ddp4"]
+    _assert_close(hsdp, ddp4)
+    _assert_close(hsdp, runs["one"])
+    s = read_summary(hsdp)
+    assert s["world_size"] == 4 and s["optimizer_steps"] == 2 * 63 and s["samples_seen"] == 2 * 4000 and s["eval"]["count"] == 301
+    assert abs(s["eval"]["loss"] - read_summary(runs["one"])["eval"]["loss"]) < 1e-5
+    config = json.loads((hsdp / "config.json").read_text())
+    assert config["dist"]["replicate"] == 2 and config["train"]["activation_checkpointing"] == "full"
+    newest = ck.candidates(hsdp / "checkpoints")[0]
+    assert sorted(p.name for p in (newest / SHARDED_DIR).glob("*.distcp"))  # sharded DCP, as under FSDP
+
+
+def test_an_hsdp_checkpoint_resumes_on_two_ranks_under_fsdp_and_ends_the_same(hsdp_runs, tmp_path):
+    run = tmp_path / "resharded"
+    shutil.copytree(hsdp_runs["hsdp"], run)
+    rewind(run, 100)
+    proc = run_train([*ARGS, *FSDP, "--train.batch_size", "16", "--run.dir", str(run)], nproc=2)
+    assert "resumed" in (proc.stdout + proc.stderr).lower()
+    s = read_summary(run)
+    assert s["world_size"] == 2 and s["epochs_completed"] == 2 and s["samples_seen"] == 2 * 4000 and s["eval"]["count"] == 301
+    _assert_close(run, hsdp_runs["hsdp"])
+
+
+def test_fsdp_cpu_offload_ends_where_fsdp_does(runs, tmp_path):
+    run = tmp_path / "offload"
+    run_train([*ARGS, *FSDP, "--dist.fsdp_offload", "true", "--train.batch_size", "16", "--run.dir", str(run)], nproc=2)
+    _assert_close(run, runs["fsdp"])
+    assert json.loads((run / "config.json").read_text())["dist"]["fsdp_offload"] is True
+
+
 def test_a_ddp_checkpoint_resumed_under_fsdp_is_refused_and_changes_nothing(tmp_path, runs):
     run = tmp_path / "ddp"
     shutil.copytree(runs["ddp"], run)
@@ -188,17 +233,24 @@ class Counting:
     def __init__(self) -> None:
         from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
-        self.inner, self.calls = DefaultReduceScatter(), 0
+        self.inner, self.calls, self.numel = DefaultReduceScatter(), 0, 0
+        self.after_calls, self.after_numel = 0, 0
 
     def allocate(self, *args, **kwargs):
         return self.inner.allocate(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
+        self.numel += kwargs["input_tensor"].numel() if "input_tensor" in kwargs else args[1].numel()
         return self.inner(*args, **kwargs)
 
+    def after(self, reduced: torch.Tensor) -> None:
+        """FSDP's all-reduce hook: after the all-reduce across replicas under HSDP (after the reduce-scatter without)."""
+        self.after_calls += 1
+        self.after_numel += reduced.numel()
 
-def _fsdp_counts(rank: int, world: int, run_dir: str, accum: int) -> dict:
+
+def _fsdp_counts(rank: int, world: int, run_dir: str, accum: int, replicate: int = 1) -> dict:
     from torch.distributed.fsdp import FSDPModule
 
     cfg = TaskData().replace(
@@ -208,6 +260,7 @@ def _fsdp_counts(rank: int, world: int, run_dir: str, accum: int) -> dict:
             "task.hidden": 16,
             "task.depth": 1,
             "dist.strategy": "fsdp",
+            "dist.replicate": replicate,
             "data.train_size": 200,
             "train.batch_size": 8,
             "train.grad_accum": accum,
@@ -226,8 +279,9 @@ def _fsdp_counts(rank: int, world: int, run_dir: str, accum: int) -> dict:
         counter = Counting()
         for m in units:
             m.set_custom_reduce_scatter(counter)
+            m.set_all_reduce_hook(counter.after)
         summary = trainer.fit()
-        calls = counter.calls
+        calls = {"rs": counter.calls, "rs_numel": counter.numel, "after": counter.after_calls, "after_numel": counter.after_numel}
         # Memory: this rank's parameters, gradients and AdamW state after one more backward.
         x, y = train.tensors[0][:8], train.tensors[1][:8]
         torch.nn.functional.cross_entropy(trainer.model(x), y).backward()
@@ -241,7 +295,19 @@ def test_fsdp_reduces_gradients_once_per_optimizer_step(tmp_path, accum):
     steps = 2 * -(-13 // accum)  # 100 samples per rank, batch 8: 13 micro-batches an epoch
     for r in results:
         assert r["units"] == 2 and r["steps"] == steps  # the MLP's two Linear layers are the blocks
-        assert r["calls"] == steps * r["units"], f"{r['calls']} reduce-scatters for {steps} steps ({13 * 2} micro-batches)"
+        assert r["calls"]["rs"] == steps * r["units"], f"{r['calls']} reduce-scatters for {steps} steps ({13 * 2} micro-batches)"
+
+
+def test_hsdp_reduce_scatters_within_a_pair_and_all_reduces_across_pairs_once_per_optimizer_step(tmp_path):
+    results = spawn(_fsdp_counts, 4, tmp_path, str(tmp_path / "run"), 4, 2)  # 4 ranks, 2 x 2, accumulating 4
+    params = sum(p.numel() for p in make_model(TaskConfig(hidden=16, depth=1), seed=0).parameters())
+    steps = 2 * -(-7 // 4)  # 50 samples per rank, batch 8: 7 micro-batches an epoch
+    for r in results:
+        assert r["units"] == 2 and r["steps"] == steps
+        c = r["calls"]
+        assert c["rs"] == c["after"] == steps * r["units"], c  # each reduce-scatter followed by one all-reduce, per step
+        assert c["rs_numel"] == steps * params  # the whole gradient goes into the reduce-scatter within the pair
+        assert c["after_numel"] == steps * params // 2  # and the all-reduce across the pairs moves a half: the shard
 
 
 def test_fsdp_state_bytes_per_rank_are_half_at_two_ranks(tmp_path):
@@ -314,12 +380,15 @@ def test_fsdp_with_buffers_an_unused_layer_and_no_reshard_ends_at_max_steps_resu
 # ----------------------------------------------------------------------------- configuration
 
 
-def test_fsdp_refuses_fp16_and_unknown_blocks_before_writing_anything(tmp_path):
+def test_fsdp_refuses_fp16_unknown_blocks_and_layouts_one_process_cannot_build_before_writing_anything(tmp_path):
     for extra, message in (
         (["--train.precision", "fp16"], "train.precision=fp16 with dist.strategy=fsdp"),
         (["--dist.fsdp_blocks", "Block"], "dist.fsdp_blocks=Block matches no submodule"),
         (["--dist.strategy", "zero3"], "dist.strategy='zero3' is not one of ddp, fsdp"),
         (["--dist.strategy", "FSDP"], "HINT: pass --dist.strategy fsdp"),
+        (["--dist.fsdp_offload", "true"], "dist.fsdp_offload=true in one process"),
+        (["--dist.replicate", "2"], "dist.replicate=2 does not divide the world size 1"),
+        (["--train.activation_checkpointing", "all"], "train.activation_checkpointing='all' is not one of none, full, selective"),
     ):
         run = tmp_path / extra[-1]
         proc = run_train([*FSDP, *extra, "--train.epochs", "1", "--data.train_size", "64", "--run.dir", str(run)], check=False)

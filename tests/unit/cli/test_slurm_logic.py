@@ -137,3 +137,39 @@ def test_doctor_says_when_fsdp_is_the_strategy_to_pick():
     advice = dict(facts)["strategy"]
     assert "up to ~5B parameters in this GPU" in advice and "fsdp splits them over 8 ranks: up to ~40B" in advice
     assert "ddp (default) while the model" in dict(_diag({})[0])["strategy"]  # no memory figure: the rule in words
+
+
+def test_doctor_says_which_mesh_a_launch_builds_and_when_hsdp_keeps_sharding_in_a_node():
+    from distrib.config import DistConfig
+
+    # torchrun on 2 nodes of 4: the ranks of one node are numbered together.
+    env = {
+        "WORLD_SIZE": "8",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+        "TORCHELASTIC_RUN_ID": "x",
+    }
+    facts, found = diagnose(env, Probes(), DistConfig(strategy="fsdp", replicate=2))
+    mesh = dict(facts)["mesh"]
+    assert "HSDP 2 x 4" in mesh and "ranks 0-3, 4-7 each hold one sharded copy (each within one node)" in mesh and not found
+    facts, found = diagnose(env, Probes(), DistConfig(strategy="fsdp"))
+    assert dict(facts)["mesh"].startswith("FSDP over all 8 ranks")
+    assert [f.fix for f in found] == ["pass --dist.replicate 2 (HSDP: shard within each node, all-reduce across nodes once per step)"]
+    _, found = diagnose(env, Probes(), DistConfig(strategy="fsdp", replicate=3))
+    assert found[0].level == "error" and "dist.replicate=3 does not divide the world size 8" in found[0].message
+    assert dict(diagnose(env, Probes())[0])["mesh"] == "DDP: all 8 ranks hold the whole model"
+
+
+def test_doctor_takes_the_mesh_keys_and_refuses_hsdp_without_fsdp(capsys):
+    from distrib.cli.doctor import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dist.replicate", "2"])
+    assert exit_.value.code == 2
+    assert "dist.replicate=2 applies to sharded training, but dist.strategy=ddp" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dist.strategy", "fdsp"])
+    assert exit_.value.code == 2
