@@ -55,7 +55,7 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.sharded = sharded
-        """Whether this run's models are FSDP-sharded (a DDP checkpoint cannot resume into them)."""
+        """Whether this run's models are FSDP-sharded (a DDP checkpoint's whole state is loaded shard by shard)."""
         self.root = Path(cfg.run.dir) / "checkpoints"
         self._group: Any = None
         if cfg.ckpt.async_ and world_size > 1:
@@ -176,7 +176,9 @@ class Checkpointer:
             if key not in wanted or key in layouts:
                 continue  # this rank's share of a different world (start it fresh), or loaded from the shards
             loaded = saved[key]
-            if isinstance(value, nn.Module):
+            if self.sharded and sharded.is_sharded_state(value):  # saved whole (DDP), resumed sharded: each rank takes its shards
+                sharded.load_whole(_unwrapped(value), loaded)
+            elif isinstance(value, nn.Module):
                 unwrap_model(value).load_state_dict(loaded)
             elif isinstance(value, Stateful):
                 value.load_state_dict(loaded)
@@ -212,12 +214,6 @@ class Checkpointer:
                 "same state keys, or start fresh with --ckpt.resume never."
             )
         problems = [p for key in sorted(wanted) for p in incompatibilities(key, _unwrapped(state[key]), saved[key])]
-        whole = [k for k in sorted(wanted) if k not in layouts and self.sharded and sharded.is_sharded_state(state[k])]
-        if whole:
-            raise ConfigError(
-                f"cannot resume from {path}: its {', '.join(whole)} were saved whole (dist.strategy=ddp) and this run "
-                "shards them (dist.strategy=fsdp). HINT: finish it with --dist.strategy ddp, or start fresh with --ckpt.resume never."
-            )
         if problems:
             diff = config_diff(dict(config), self.cfg.to_dict())
             raise ConfigError(

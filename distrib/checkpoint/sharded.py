@@ -136,6 +136,33 @@ def load_sharded(path: Path, state: Mapping[str, Any], models: Sequence[nn.Modul
                     value.state.pop(param, None)  # no state in the checkpoint: none now, as in the uninterrupted run
 
 
+def load_whole(value: nn.Module | torch.optim.Optimizer, saved: Mapping[str, Any]) -> None:
+    """Load a state_dict saved whole (dist.strategy=ddp) into a sharded module or optimizer: each rank keeps its shards.
+
+    An optimizer's state tensors shaped like their parameter (AdamW's moments) are cut like it: setup keeps the
+    optimizer's parameter order when it points it at the shards, so position i of a group is the same parameter.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(value, nn.Module):
+        set_model_state_dict(value, dict(saved), options=StateDictOptions(full_state_dict=True))
+        return
+
+    def cut(t: Any, param: torch.Tensor) -> Any:
+        if isinstance(param, DTensor) and isinstance(t, torch.Tensor) and t.shape == param.shape and t.dim() > 0:
+            # Every rank read the whole tensor: each keeps its own piece, nothing is sent.
+            return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return t
+
+    state: dict[Any, Any] = {}
+    for group, saved_group in zip(value.param_groups, saved["param_groups"]):
+        for index, param in zip(saved_group["params"], group["params"]):
+            if index in saved["state"]:
+                state[index] = {k: cut(v, param) for k, v in saved["state"][index].items()}
+    value.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+
+
 def convert(checkpoint: Path, key: str = "model") -> dict[str, torch.Tensor]:
     """The plain `state_dict` of `key` (a module) from a sharded checkpoint, in one process (no process group)."""
     import torch.distributed.checkpoint as dcp

@@ -141,3 +141,13 @@ def test_fsdp_benchmark_smoke_measures_both_strategies(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
     assert {"either", "ddp", "fsdp"} <= set(rows) and "FSDP / DDP step time at 2 ranks" in done.stdout
     assert rows["fsdp"].split("|")[7].strip() == "0.50"  # each rank holds half the state
+
+
+def test_memory_benchmark_smoke_counts_activations_and_hsdp_collectives(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench/memory.py"), "--smoke"], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    held = {r["mode"]: r["held"] for r in rows if "mode" in r}
+    assert held["full"] < held["selective"] < held["none"]
+    hsdp = next(r for r in rows if r.get("layout") == "hsdp")
+    assert hsdp["ops"]["reduce_scatter_base"]["count"] == hsdp["ops"]["allreduce"]["count"] - 1  # per unit, plus the guard's norms

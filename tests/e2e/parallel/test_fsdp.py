@@ -212,16 +212,18 @@ def test_fsdp_cpu_offload_ends_where_fsdp_does(runs, tmp_path):
     assert json.loads((run / "config.json").read_text())["dist"]["fsdp_offload"] is True
 
 
-def test_a_ddp_checkpoint_resumed_under_fsdp_is_refused_and_changes_nothing(tmp_path, runs):
-    run = tmp_path / "ddp"
-    shutil.copytree(runs["ddp"], run)
-    (run / "summary.json").unlink()  # as if it had not finished
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    proc = run_train([*ARGS, *FSDP, "--train.batch_size", "16", "--train.epochs", "3", "--run.dir", str(run)], nproc=2, check=False)
-    assert proc.returncode != 0
-    assert "saved whole (dist.strategy=ddp) and this run shards them" in proc.stdout + proc.stderr
-    assert "--dist.strategy ddp" in proc.stdout + proc.stderr
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+def test_checkpoints_move_between_layouts_ddp_to_fsdp_and_hsdp_to_ddp(runs, hsdp_runs, tmp_path):
+    """A DDP checkpoint (saved whole) resumes under FSDP, each rank taking its shards of the model and of AdamW's
+    state; an HSDP one (DCP shards) resumes under DDP at another world size. Each ends where its run did."""
+    for source, dotted, nproc in ((runs["ddp"], FSDP, 2), (hsdp_runs["hsdp"], [], 2)):
+        run = tmp_path / f"{source.name}-to-{'fsdp' if dotted else 'ddp'}"
+        shutil.copytree(source, run)
+        rewind(run, 100)
+        run_train([*ARGS, *dotted, "--train.batch_size", "16", "--run.dir", str(run)], nproc=nproc)
+        s = read_summary(run)
+        assert s["epochs_completed"] == 2 and s["samples_seen"] == 2 * 4000 and s["eval"]["count"] == 301 and s["optimizer_steps"] == 126
+        _assert_close(run, source)
+        assert [r["step"] for r in read_metrics(run) if r["kind"] == "train"][-1] == 126
 
 
 # ----------------------------------------------------------------------------- in-process ranks
@@ -395,3 +397,40 @@ def test_fsdp_refuses_fp16_unknown_blocks_and_layouts_one_process_cannot_build_b
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr, proc.stderr[-2000:]
         assert not run.exists()
+
+
+def _whole_to_shards(rank: int, world: int) -> float:
+    """A model and AdamW trained whole (as a DDP checkpoint holds them), loaded into FSDP shards; one more step each."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from distrib.checkpoint.sharded import load_whole
+
+    torch.manual_seed(0)
+    whole = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    fresh = copy.deepcopy(whole)
+    opt = torch.optim.AdamW(whole.parameters(), lr=0.05)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        whole(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    saved_model, saved_opt = copy.deepcopy(whole.state_dict()), copy.deepcopy(opt.state_dict())
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in fresh:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(fresh, mesh=mesh)
+    sharded_opt = torch.optim.AdamW(fresh.parameters(), lr=0.05)
+    load_whole(fresh, saved_model)
+    load_whole(sharded_opt, saved_opt)
+    assert all(hasattr(v, "to_local") for s in sharded_opt.state.values() for k, v in s.items() if k != "step")
+    for model, optimizer in ((whole, opt), (fresh, sharded_opt)):
+        model(x).pow(2).mean().backward()  # the same batch on every rank: FSDP's averaged gradient is the whole one
+        optimizer.step()
+    return max((a - b.full_tensor()).abs().max().item() for a, b in zip(whole.parameters(), fresh.parameters()))
+
+
+def test_a_whole_model_and_adamw_state_load_into_fsdp_shards_and_step_alike(tmp_path):
+    assert max(spawn(_whole_to_shards, 2, tmp_path)) < 1e-6
