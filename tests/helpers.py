@@ -53,7 +53,10 @@ def spawn(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -
     """Run `fn(rank, world_size, *args)` in `world_size` real processes; return each rank's result."""
     out = tmp_path / f"spawn-{fn.__name__}"
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_child, args=(fn, world_size, free_port(), str(out), args), nprocs=world_size, start_method="spawn")
+    # forkserver: each rank is forked from a server that imported torch and distrib once (a fresh interpreter
+    # per rank costs ~2 s of CPU), and never from pytest itself (fork after OpenMP or gloo threads is unsafe).
+    mp.set_forkserver_preload(["torch", "distrib", "tests.helpers"])
+    mp.start_processes(_child, args=(fn, world_size, free_port(), str(out), args), nprocs=world_size, start_method="forkserver")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
 

@@ -205,11 +205,13 @@ def test_an_hsdp_checkpoint_resumes_on_two_ranks_under_fsdp_and_ends_the_same(hs
     _assert_close(run, hsdp_runs["hsdp"])
 
 
-def test_fsdp_cpu_offload_ends_where_fsdp_does(runs, tmp_path):
+def test_fsdp_cpu_offload_with_selective_checkpointing_ends_where_fsdp_does(runs, tmp_path):
     run = tmp_path / "offload"
-    run_train([*ARGS, *FSDP, "--dist.fsdp_offload", "true", "--train.batch_size", "16", "--run.dir", str(run)], nproc=2)
+    more = ["--dist.fsdp_offload", "true", "--train.activation_checkpointing", "selective"]
+    run_train([*ARGS, *FSDP, *more, "--train.batch_size", "16", "--run.dir", str(run)], nproc=2)
     _assert_close(run, runs["fsdp"])
-    assert json.loads((run / "config.json").read_text())["dist"]["fsdp_offload"] is True
+    config = json.loads((run / "config.json").read_text())
+    assert config["dist"]["fsdp_offload"] is True and config["train"]["activation_checkpointing"] == "selective"
 
 
 def test_checkpoints_move_between_layouts_ddp_to_fsdp_and_hsdp_to_ddp(runs, hsdp_runs, tmp_path):
