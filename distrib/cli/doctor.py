@@ -249,6 +249,16 @@ def _mesh(facts: list[tuple[str, str]], denv: DistEnv, dist: DistConfig) -> list
     """The mesh a launch with these dist.* keys builds (a `mesh` fact), and a multi-node FSDP that would cross the network."""
     world, local = denv.world_size, denv.local_world_size
     nodes = world // local if local and world % local == 0 else 1
+    if dist.strategy == "fsdp" and world == 1 and (dist.replicate > 1 or dist.fsdp_offload):
+        key = f"dist.replicate={dist.replicate}" if dist.replicate > 1 else "dist.fsdp_offload=true"
+        facts.append(("mesh", "FSDP in 1 process: nothing to shard or reduce"))
+        return [
+            Finding(
+                "error",
+                f"{key} needs several ranks, and this process is 1 of 1.",
+                "run doctor as the job runs (torchrun ... -m distrib.doctor, srun distrib doctor)",
+            )
+        ]
     if dist.strategy == "ddp" or world == 1:
         what = "DDP" if dist.strategy == "ddp" else "FSDP"
         facts.append(("mesh", f"{what} in 1 process: nothing to shard or reduce" if world == 1 else f"DDP: all {world} ranks hold the whole model"))
@@ -280,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The dist.* keys that decide the mesh; argparse gives it --help and refuses a typo rather than running the checks.
     parser = CommandParser(
         prog="distrib doctor",
+        allow_abbrev=False,
         description="Print what distrib sees (launcher, ranks, devices, Slurm, master address and port, the mesh "
         "a launch builds) and flag launch mistakes, each with its fix. Exit 1 on an error found.",
     )

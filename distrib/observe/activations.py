@@ -46,10 +46,16 @@ class _Created(TorchDispatchMode):
 
 
 class ActivationBytes:
-    """Counts a forward's activation bytes (`held` and `saved`, module docstring) while the block runs."""
+    """Counts the activation bytes a forward of `model` leaves for its backward, while the `with` block runs.
 
-    def __init__(self, model: nn.Module | None = None) -> None:
-        self._weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]} if model is not None else set()
+    `held`: every storage an op made in the block that is still alive when it ends (what a backward starts
+    from, whoever keeps it: autograd, activation checkpointing's inputs or cache); `saved`: what autograd's
+    saved-tensor hooks see (blind to checkpointing's cache). In bytes; parameters and buffers excluded.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        """`model`: its parameters and buffers are not activations (the views of them a forward makes neither)."""
+        self._weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
         self._saved: dict[int, int] = {}
         self._mode = _Created(self._weights)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)

@@ -61,13 +61,15 @@ def _selective_contexts() -> Any:
 
 
 def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    from torch.utils.checkpoint import checkpoint, noop_context_fn
+    from torch.utils.checkpoint import checkpoint
 
     forward = type(self).forward  # the class's own (FSDP's subclass inherits it)
-    context = _selective_contexts if self._distrib_checkpointing == "selective" else noop_context_fn
     if not torch.is_grad_enabled():  # eval: nothing is saved, nothing to recompute
         return forward(self, *args, **kwargs)
-    return checkpoint(forward, self, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context, **kwargs)
+    if self._distrib_checkpointing == "selective":
+        return checkpoint(forward, self, *args, use_reentrant=False, preserve_rng_state=True, context_fn=_selective_contexts, **kwargs)
+    # `full` passes no context_fn: torch.compile traces checkpoint's default, not an explicitly given no-op one.
+    return checkpoint(forward, self, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 
 def apply(blocks: Sequence[nn.Module], mode: str) -> None:

@@ -96,10 +96,11 @@ def sharded_layout(cfg: DistConfig, world_size: int) -> bool:
 def mesh_shape(world_size: int, replicate: int = 1) -> tuple[int, ...]:
     """The device mesh FSDP builds: `(world_size,)`, or `(replicate, world_size // replicate)` for HSDP."""
     if world_size % replicate:
+        divisors = ", ".join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)
         raise ConfigError(
             f"dist.replicate={replicate} does not divide the world size {world_size}: HSDP needs R x S ranks, "
-            f"S ranks sharding each of R replicas. HINT: pass --dist.replicate with a divisor of {world_size} "
-            "(the number of nodes, to shard within each node), or 1."
+            f"S ranks sharding each of R replicas. HINT: pass --dist.replicate {divisors} (a divisor of {world_size}; "
+            "the number of nodes shards within each node)" + (", and launch several ranks." if world_size == 1 else ".")
         )
     return (world_size,) if replicate == 1 else (replicate, world_size // replicate)
 

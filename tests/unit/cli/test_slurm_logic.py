@@ -161,6 +161,10 @@ def test_doctor_says_which_mesh_a_launch_builds_and_when_hsdp_keeps_sharding_in_
     _, found = diagnose(env, Probes(), DistConfig(strategy="fsdp", replicate=3))
     assert found[0].level == "error" and "dist.replicate=3 does not divide the world size 8" in found[0].message
     assert dict(diagnose(env, Probes())[0])["mesh"] == "DDP: all 8 ranks hold the whole model"
+    # Run plainly (1 process), HSDP or offload cannot be built: the error training would give.
+    _, found = diagnose({}, Probes(), DistConfig(strategy="fsdp", replicate=2))
+    assert [f.level for f in found] == ["error"] and "dist.replicate=2 needs several ranks" in found[0].message
+    assert "torchrun ... -m distrib.doctor" in found[0].fix
 
 
 def test_doctor_takes_the_mesh_keys_and_refuses_hsdp_without_fsdp(capsys):
@@ -172,4 +176,7 @@ def test_doctor_takes_the_mesh_keys_and_refuses_hsdp_without_fsdp(capsys):
     assert "dist.replicate=2 applies to sharded training, but dist.strategy=ddp" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["--dist.strategy", "fdsp"])
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["--dist.replicat", "2"])  # no abbreviations: the training command takes none either
     assert exit_.value.code == 2

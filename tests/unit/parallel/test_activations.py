@@ -60,9 +60,10 @@ def test_recompute_draws_the_same_dropout_masks_and_without_that_the_run_differs
     assert params_sha256(_trained("full")) != params_sha256(_trained("none"))
 
 
-def test_checkpointing_composes_with_torch_compile():
-    eager = _trained("selective", steps=2)
-    compiled = _trained("selective", steps=2, compile_backend="aot_eager")
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpointing_composes_with_torch_compile(mode):
+    eager = _trained(mode, steps=2)
+    compiled = _trained(mode, steps=2, compile_backend="aot_eager")
     for a, b in zip(eager.parameters(), compiled.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -34,7 +34,7 @@ def test_hsdp_mesh_shards_within_groups_of_consecutive_ranks_and_says_so():
     from distrib.parallel.fsdp import describe_mesh, mesh_shape
 
     assert mesh_shape(8) == (8,) and mesh_shape(8, 2) == (2, 4) and mesh_shape(4, 4) == (4, 1)
-    with pytest.raises(ConfigError, match=r"dist.replicate=3 does not divide the world size 4.*HINT: pass --dist.replicate with a divisor of 4"):
+    with pytest.raises(ConfigError, match=r"dist.replicate=3 does not divide the world size 4.*HINT: pass --dist.replicate 1, 2, 4 \(a divisor of 4"):
         mesh_shape(4, 3)
     assert describe_mesh(4).startswith("FSDP over all 4 ranks")
     line = describe_mesh(16, 2, local_world_size=8)
