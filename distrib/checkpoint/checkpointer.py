@@ -24,11 +24,12 @@ from distrib.checkpoint import sharded
 from distrib.checkpoint import store as checkpoint
 from distrib.checkpoint.background import Saver, snapshot
 from distrib.checkpoint.protocols import RankStateful, Stateful, is_per_rank
-from distrib.checkpoint.resume import apply_hparams, config_diff, describe_diff, hparams, incompatibilities
+from distrib.checkpoint.resume import apply_hparams, config_diff, describe_diff, hparams, incompatibilities, trajectory_changes
 from distrib.checkpoint.rundir import RunLock, set_aside
 from distrib.checkpoint.weights import load_weights
 from distrib.config import Config
 from distrib.data.loaders import TrainLoader
+from distrib.data.sampling import mix_seed, seed_all
 from distrib.errors import ConfigError, FaultError
 from distrib.parallel.wrap import unwrap_model
 from distrib.runtime.collectives import broadcast_object
@@ -170,6 +171,7 @@ class Checkpointer:
         saved = {**shared["objects"], **{k: sharded.saved_stub(v) for k, v in layouts.items()}, **per_rank["objects"]}
         wanted = {k for k, v in state.items() if same_world or not is_per_rank(v)}
         self._check(path, state, saved, wanted, layouts, shared.get("config", {}))
+        self._check_trajectory(path, state, saved, shared)
         if layouts:  # every rank reads what it needs from every shard: DCP reshards to this world size
             sharded.load_sharded(path / sharded.SHARDED_DIR, {k: _unwrapped(state[k]) for k in layouts if k in wanted}, models)
         for key, value in state.items():
@@ -188,16 +190,14 @@ class Checkpointer:
             if key in state and isinstance(state[key], RankStateful):
                 state[key].load_rank_state_dict(part)
         self._apply_changes(path, state, wanted, shared, started)
+        step = int(checkpoint.verify(path)["step"])
         if same_world:
             checkpoint.restore_rng(per_rank["rng"])
-        else:
-            log.warning(
-                f"resuming a {shared['world_size']}-process checkpoint ({path}) on {self.world_size} processes: training "
-                "continues at the same number of samples seen, but the result will not be bit-identical to an uninterrupted run"
-            )
+        else:  # another layout: each rank's generators start from (seed, rank, step), never replaying step 0's draws
+            seed_all(mix_seed(self.cfg.seed, self.rank, step))
         return Restored(
             path=path,
-            step=int(checkpoint.verify(path)["step"]),
+            step=step,
             scaler=shared["scaler"],
             logger_run_id=shared.get("logger_run_id"),
             metrics_lines=shared.get("metrics_lines"),
@@ -233,11 +233,30 @@ class Checkpointer:
                 changed += [f"{key} {c}" for c in apply_hparams(value, saved_hparams, started[key], schedulers)]
         if diff:
             log.info(f"resuming with a changed config: {describe_diff(diff)} (applied{'; ' + ', '.join(changed) if changed else ''})")
-        regrouped = [k for k in ("train.batch_size", "train.grad_accum") if k in diff]
-        if regrouped:
+
+    def _check_trajectory(self, path: Path, state: Mapping[str, Any], saved: Mapping[str, Any], shared: Mapping[str, Any]) -> None:
+        """A resume that leaves the trajectory of the run it continues says what changes (`ckpt.elastic`)."""
+        key = next((k for k, v in state.items() if isinstance(v, TrainLoader) and isinstance(saved.get(k), Mapping)), None)
+        if key is None:
+            return
+        loader, old = state[key], saved[key]
+        changes = trajectory_changes(old, shared.get("config", {}), loader)
+        moved = f"a {old['world_size']}-process checkpoint ({path}) on {self.world_size} process{'es' if self.world_size > 1 else ''}"
+        keep = f"keep --train.global_batch_size {old.get('global_batch') or 'N'} (distrib splits it over any number of processes)"
+        if changes and self.cfg.ckpt.elastic == "strict":
+            raise ConfigError(
+                f"cannot resume {moved} on the same trajectory (ckpt.elastic=strict): {'; '.join(changes)}. HINT: {keep} and the "
+                "training set, or pass --ckpt.elastic warn to train on anyway."
+            )
+        if changes:
             log.warning(
-                f"resuming with another {' and '.join(regrouped)}: training continues at the same number of samples seen, "
-                "but the result will not be bit-identical to an uninterrupted run"
+                f"resuming {moved}: {'; '.join(changes)}. Training continues at the same samples seen, but will not end where the "
+                f"uninterrupted run would. HINT: {keep}; --ckpt.elastic strict refuses such a resume."
+            )
+        elif old["world_size"] != self.world_size:
+            log.info(
+                f"resuming {moved} with the same global batch of {loader.global_batch}: every later step trains on the samples it "
+                "would have, so the run continues its trajectory (to float tolerance: the sums run in another order)"
             )
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from distrib.config.keys import flatten
+from distrib.data.loaders import TrainLoader
 
 IGNORED_KEYS = ("ckpt.resume", "run.dir")
 """Config keys that say where a run is, not what it trains."""
@@ -105,4 +106,27 @@ def apply_hparams(optimizer: torch.optim.Optimizer, started: list[dict[str, Any]
     for sched in schedulers:
         if getattr(sched, "optimizer", None) is optimizer and hasattr(sched, "base_lrs"):
             sched.base_lrs = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
+    return changes
+
+
+def trajectory_changes(saved: Mapping[str, Any], config: Mapping[str, Any], loader: TrainLoader) -> list[str]:
+    """Why resuming the loader state `saved` (written under `config`) leaves the trajectory of the run it
+    continues; empty when every later step trains on the samples it would have (`docs/elastic.md`)."""
+    old_world, flat = saved["world_size"], flatten(dict(config))
+    old_global = saved.get("global_batch") or flat.get("train.batch_size", 0) * flat.get("train.grad_accum", 1) * old_world
+    changes = []
+    if old_global != loader.global_batch:
+        changes.append(
+            f"the global batch changes from {old_global} to {loader.global_batch} samples per optimizer step "
+            f"({loader.batch_size} x {loader.grad_accum} micro-batches x {loader.world_size} processes now), so every later step trains "
+            "on other samples and an epoch takes another number of steps"
+        )
+    n, now = saved.get("dataset_size", loader.dataset_size), loader.dataset_size
+    if n != now:
+        changes.append(f"the training set changes from {n} to {now} samples")
+    elif old_world != loader.world_size:
+        for world in sorted({old_world, loader.world_size}):
+            if n % world:
+                what = f"drops {n % world}" if loader.drop_last else f"repeats {world - n % world}"
+                changes.append(f"the training set's {n} samples do not split evenly over {world} processes (each epoch's last step {what} of them)")
     return changes

@@ -90,7 +90,13 @@ class DataConfig:
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
     batch_size: int = 64
-    """Samples per process per micro-batch (the global batch is batch_size * world_size * grad_accum)."""
+    """Samples per process per micro-batch (the global batch is batch_size * world_size * grad_accum). With
+    train.global_batch_size: the largest micro-batch a process may take."""
+    global_batch_size: int | None = None
+    """Samples per optimizer step over all processes. Set, distrib derives the micro-batch (at most train.batch_size)
+    and train.grad_accum for the world size, so the same command trains the same samples in each step on any number
+    of processes, and a resume on another number continues the same run (docs/elastic.md). None: batch_size x
+    grad_accum x processes."""
     eval_batch_size: int | None = None
     """Samples per process per evaluation batch; defaults to batch_size."""
     grad_accum: int = 1
@@ -141,6 +147,7 @@ class TrainConfig:
             batch_size=self.batch_size,
             eval_batch_size=self.eval_batch_size,
             grad_accum=self.grad_accum,
+            global_batch_size=self.global_batch_size,
             epochs=self.epochs,
             max_steps=self.max_steps,
             log_every=self.log_every,
@@ -148,6 +155,12 @@ class TrainConfig:
             debug_steps=self.debug_steps,
         )
         one_of("train", "precision", self.precision, PRECISIONS)
+        if self.global_batch_size is not None and self.grad_accum != 1:
+            raise ConfigError(
+                f"train.grad_accum={self.grad_accum} with train.global_batch_size={self.global_batch_size}: with a global "
+                "batch, distrib derives the accumulation for the world size. HINT: drop --train.grad_accum (train.batch_size "
+                "caps the micro-batch)."
+            )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -236,9 +249,14 @@ class CkptConfig:
     init_strict: bool = True
     """With ckpt.init_from: every tensor must match by name, shape and dtype. `false`: load what matches, keep the
     rest at its initialisation (a new head) and list it."""
+    elastic: str = "warn"
+    """A resume that cannot continue the trajectory of the run it resumes (another global batch or training set
+    size, or another world size over which the training set does not split evenly): `warn` names what changes and
+    trains on; `strict` refuses it (exit 2) before anything is loaded."""
 
     def __post_init__(self) -> None:
         positive("ckpt", every=self.every, keep=self.keep)
+        one_of("ckpt", "elastic", self.elastic, ("warn", "strict"))
         if not self.resume:
             raise ConfigError("ckpt.resume is empty. HINT: pass --ckpt.resume auto, never, or a checkpoint directory.")
         if self.init_from == "":

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from distrib.config import DataConfig
 from distrib.data.accumulate import ItemCounter, MicroBatch, StepCount
 from distrib.data.sampling import EvalSampler, TrainSampler, mix_seed
-from distrib.data.stream import Position, PositionedCollate, StreamShard, declared_length, is_stream
+from distrib.data.stream import Position, PositionedCollate, StreamShard, is_stream, stream_length
 from distrib.data.transfer import device_batches, leading_dim
 from distrib.data.workers import init_worker, worker_context
 from distrib.errors import BatchError, ConfigError
@@ -78,27 +78,6 @@ def _dataloader(
     )
 
 
-def _stream_length(dataset: Any, max_steps: int | None, step_samples: int, opts: LoaderOptions) -> int:
-    """Samples in one epoch of a stream: its declared len(), else what train.max_steps reads."""
-    if opts.num_workers > 0 and opts.persistent_workers:
-        raise ConfigError(
-            "data.persistent_workers=true with a streaming (Iterable) training dataset: its workers must start "
-            "each epoch afresh to read their share of it. HINT: pass --data.persistent_workers false."
-        )
-    n = declared_length(dataset)
-    if n is None:
-        if max_steps is None:
-            raise ConfigError(
-                f"The training dataset is a stream ({type(dataset).__name__}, an IterableDataset) with no len() and train.max_steps "
-                "is not set, so no rank can know where an epoch ends. HINT: give it a __len__ returning the samples it yields "
-                "per pass, or pass --train.max_steps N (the run then reads N steps of it as one epoch)."
-            )
-        n = max_steps * step_samples
-    if n < 1:
-        raise ConfigError(f"The training stream ({type(dataset).__name__}) declares len() = {n}. HINT: make __len__ return the samples it yields.")
-    return n
-
-
 def _check_size(dataset: Any, what: str, world_size: int) -> int:
     try:
         n = len(dataset)
@@ -144,7 +123,13 @@ class TrainLoader:
         self.stream: StreamShard | None = None
         """For an IterableDataset: the share of the stream this rank's workers read (`distrib.data.stream`)."""
         if is_stream(dataset):
-            n = _check_size(range(_stream_length(dataset, max_steps, opts.batch_size * grad_accum * world_size, opts)), "train", world_size)
+            n = _check_size(
+                range(
+                    stream_length(dataset, max_steps, opts.batch_size * grad_accum * world_size, workers=opts.num_workers, persistent=opts.persistent_workers)
+                ),
+                "train",
+                world_size,
+            )
             # The sampler only does the arithmetic (samples per rank, padding, skip); the stream is read in its order.
             self.sampler = TrainSampler(range(n), num_replicas=world_size, rank=rank, shuffle=False, seed=seed, drop_last=drop_last)
             self.stream = StreamShard(cast(Iterable[Any], dataset), length=n, rank=rank, world_size=world_size, batch_size=opts.batch_size)
@@ -167,6 +152,8 @@ class TrainLoader:
         """Optimizer steps begun: incremented as a step's last micro-batch is handed out."""
         self.samples_seen = 0
         """Global samples handed out in whole steps (all ranks)."""
+        self.splits: list[dict[str, int]] = [self._split()]
+        """Each layout the run has trained with, from the step it started at: world size, micro-batch, accumulation."""
         self.wait_s = 0.0
         """Seconds spent waiting for batches (the input pipeline); the monitor reads and resets it."""
         self._positions: collections.deque[Position | None] = collections.deque()  # a stateful stream's, read ahead with its batches
@@ -191,18 +178,37 @@ class TrainLoader:
         """Every step of the current epoch has been handed out (a loop broken after the last one included)."""
         return self.epoch_samples >= self._epoch_total
 
-    def state_dict(self) -> dict[str, int]:
+    @property
+    def global_batch(self) -> int:
+        """Samples in a full optimizer step over all ranks."""
+        return self.batch_size * self.grad_accum * self.world_size
+
+    @property
+    def dataset_size(self) -> int:
+        """Samples in one epoch of the training set (before the sampler pads or drops any)."""
+        return len(self.sampler.dataset)  # type: ignore[arg-type]
+
+    def _split(self) -> dict[str, int]:
+        return {"step": self.step, "world_size": self.world_size, "micro_batch": self.batch_size, "grad_accum": self.grad_accum}
+
+    def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "epoch_samples": 0 if self.epoch_done else self.epoch_samples,
             "step": self.step,
             "samples_seen": self.samples_seen,
             "world_size": self.world_size,
+            "global_batch": self.global_batch,
+            "dataset_size": self.dataset_size,
+            "splits": self.splits,
         }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where `state` was saved; from another world size, at the same global sample count."""
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self.splits = [*state.get("splits", [])]  # (a checkpoint before splits were kept: this one on)
+        if not self.splits or {**self.splits[-1], "step": 0} != {**self._split(), "step": 0}:
+            self.splits.append(self._split())
         samples = state["epoch_samples"] * state["world_size"] // self.world_size
         if samples == 0 and state["epoch"] > 0:
             # Saved at an epoch's end: the same position as before the save, "epoch e done" (its eval may be due).

@@ -36,7 +36,7 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from distrib.errors import BatchError
+from distrib.errors import BatchError, ConfigError
 from distrib.runtime.console import log
 
 
@@ -50,6 +50,27 @@ def declared_length(dataset: Any) -> int | None:
         return len(dataset)
     except TypeError:
         return None
+
+
+def stream_length(dataset: Any, max_steps: int | None, step_samples: int, *, workers: int, persistent: bool) -> int:
+    """Samples in one epoch of a stream: its declared len(), else what train.max_steps reads."""
+    if workers > 0 and persistent:
+        raise ConfigError(
+            "data.persistent_workers=true with a streaming (Iterable) training dataset: its workers must start "
+            "each epoch afresh to read their share of it. HINT: pass --data.persistent_workers false."
+        )
+    n = declared_length(dataset)
+    if n is None:
+        if max_steps is None:
+            raise ConfigError(
+                f"The training dataset is a stream ({type(dataset).__name__}, an IterableDataset) with no len() and train.max_steps "
+                "is not set, so no rank can know where an epoch ends. HINT: give it a __len__ returning the samples it yields "
+                "per pass, or pass --train.max_steps N (the run then reads N steps of it as one epoch)."
+            )
+        n = max_steps * step_samples
+    if n < 1:
+        raise ConfigError(f"The training stream ({type(dataset).__name__}) declares len() = {n}. HINT: make __len__ return the samples it yields.")
+    return n
 
 
 def is_stateful(stream: Any) -> bool:

@@ -63,8 +63,8 @@ def probe(model: nn.Module, step: LossStep, items: ItemCounter | None, sample: A
     except torch.OutOfMemoryError as exc:
         raise BatchError(
             f"The pre-flight probe ran out of memory on one batch of {leading_dim(batch)} samples ({size_key}), before anything "
-            f"was written: {str(exc).strip().splitlines()[0][:300]}\nHINT: lower --{size_key.split('=')[0]} (train.grad_accum keeps the "
-            "optimizer's batch: batch_size x grad_accum x processes), or use train.precision bf16."
+            f"was written: {str(exc).strip().splitlines()[0][:300]}\nHINT: lower --{size_key.split('=')[0]} (with train.global_batch_size "
+            "set, distrib keeps the optimizer's batch; otherwise raise train.grad_accum to keep batch_size x grad_accum x processes), or use train.precision bf16."
         ) from None
     except Exception as exc:  # the user's model or step: say where it failed, and what distrib called
         how = (

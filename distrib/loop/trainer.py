@@ -62,8 +62,7 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_data, self.eval_data, self.collate_fn = train_data, eval_data, collate_fn
         self.step_logic = LossStep(unwrap_model(model), loss_fn=loss_fn, step_fn=step_fn)
-        self.items = items
-        self.callbacks = list(callbacks)
+        self.items, self.callbacks = items, list(callbacks)
         # Declared by the task, for tokens/s and MFU in the log (a model's FLOPs are not measurable cheaply).
         self.tokens_per_sample, self.flops_per_sample = tokens_per_sample, flops_per_sample
         self.stop = session.stop
@@ -386,6 +385,7 @@ class Trainer:
             "optimizer_steps": self.train.step,
             "epochs_completed": self.train.epoch,
             "samples_seen": self.train.samples_seen,
+            "batch_splits": self.train.splits,  # the global batch's split at each world size the run used
             "eval": self.last_eval,
             "params_sha256": params_sha256(module),
             "skipped_steps": s.guard.skipped,

@@ -265,16 +265,26 @@ def test_resume_with_dataloader_workers_is_bit_exact(tmp_path):
     assert read_summary(run)["params_sha256"] == whole["params_sha256"]
 
 
-def test_resume_at_another_world_size_continues_at_the_same_sample_count(tmp_path):
+def test_a_resume_that_changes_the_global_batch_is_refused_with_strict_and_warned_of_without(tmp_path):
     args = [*RESUME, "--data.train_size", "2048", "--ckpt.every", "10", "--run.dir", str(tmp_path / "run")]
-    run_train(args, nproc=2)
+    run_train(args, nproc=2)  # 16 x 2 micro-batches x 2 processes: 64 a step, 32 steps an epoch
     ckpts = tmp_path / "run" / "checkpoints"
     for later in ("step-000000060", "step-000000064"):
         shutil.rmtree(ckpts / later)
-    out = run_train([*args, "--train.batch_size", "32"], nproc=1)
-    assert "resuming a 2-process checkpoint" in out.stderr + out.stdout and "not be bit-identical" in out.stderr + out.stdout
+    files = lambda: sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*") if p.is_file())  # noqa: E731
+    before = files()
+    # One process with the same batch_size and grad_accum: a global batch of 32, another trajectory.
+    out = run_train([*args, "--ckpt.elastic", "strict"], nproc=1, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "the global batch changes from 64 to 32 samples per optimizer step" in out.stderr and "ckpt.elastic=strict" in out.stderr
+    assert "--train.global_batch_size 64" in out.stderr
+    assert files() == before  # nothing written
+    out = run_train(args, nproc=1)
+    assert "the global batch changes from 64 to 32" in out.stdout + out.stderr and "will not end where the uninterrupted run would" in out.stdout + out.stderr
     s = read_summary(tmp_path / "run")
-    assert s["world_size"] == 1 and s["samples_seen"] == 2 * 2048 and s["optimizer_steps"] == 64
+    # Resumed at step 50 (1152 of epoch 1's 2048 samples); the other 896 take 28 steps of 32.
+    assert s["world_size"] == 1 and s["samples_seen"] == 2 * 2048 and s["optimizer_steps"] == 50 + 28
+    assert [(b["step"], b["world_size"], b["micro_batch"], b["grad_accum"]) for b in s["batch_splits"]] == [(0, 2, 16, 2), (50, 1, 16, 2)]
 
 
 def test_resume_never_starts_fresh(tmp_path):

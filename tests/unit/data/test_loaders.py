@@ -75,7 +75,11 @@ def test_micro_batches_carry_exact_weights_and_the_position_advances_per_step():
     assert [(mb.size, mb.last) for mb in mbs] == [(16, False), (16, True), (16, False), (2, True)]
     assert [mb.weight for mb in mbs] == [0.5, 0.5, 16 / 18, 2 / 18]
     assert (ld.step, ld.samples_seen, ld.epoch, ld.current_epoch) == (2, 100, 1, 0)
-    assert ld.state_dict() == {"epoch": 1, "epoch_samples": 0, "step": 2, "samples_seen": 100, "world_size": 2}
+    split = {"step": 0, "world_size": 2, "micro_batch": 16, "grad_accum": 2}
+    assert ld.state_dict() == {
+        **{"epoch": 1, "epoch_samples": 0, "step": 2, "samples_seen": 100, "world_size": 2},
+        **{"global_batch": 64, "dataset_size": 100, "splits": [split]},
+    }
 
 
 def test_skip_resumes_at_the_next_unseen_sample():
