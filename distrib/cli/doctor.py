@@ -11,18 +11,10 @@ import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from distrib.cli.launch_checks import Elastic, Finding, elastic_findings, env_int, mesh_findings
 from distrib.config import STRATEGIES, DistConfig
 from distrib.errors import CommandParser, ConfigError, EnvironmentConfigError, error_exit
-from distrib.parallel.fsdp import describe_mesh
 from distrib.runtime.env import DistEnv, detect, expand_hostlist, resolves, tasks_on_node
-
-
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    level: str
-    """`error` (the job will fail or silently misbehave) or `warning`."""
-    message: str
-    fix: str
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -106,13 +98,10 @@ def _is_local(host: str) -> bool:
     return bool(addrs & {"127.0.0.1", "::1"}) or host in (socket.gethostname(), socket.getfqdn())
 
 
-def _int(env: Mapping[str, str], name: str) -> int | None:
-    raw = env.get(name, "")
-    return int(raw) if raw.isdigit() else None
-
-
-def diagnose(env: Mapping[str, str], probes: Probes, dist: DistConfig | None = None) -> tuple[list[tuple[str, str]], list[Finding]]:
-    """(facts as (name, value) rows, findings) for this process's environment (and the run's dist.* keys)."""
+def diagnose(
+    env: Mapping[str, str], probes: Probes, dist: DistConfig | None = None, elastic: Elastic | None = None
+) -> tuple[list[tuple[str, str]], list[Finding]]:
+    """(facts as (name, value) rows, findings) for this process's environment (and the run's dist.* and batch keys)."""
     facts: list[tuple[str, str]] = []
     found: list[Finding] = []
     try:
@@ -129,13 +118,13 @@ def diagnose(env: Mapping[str, str], probes: Probes, dist: DistConfig | None = N
         ("nccl", probes.nccl_version or "-"),
         ("strategy", strategy_advice(probes.device_memory, denv.world_size, bool(probes.gpus))),
     ]
-    found += _mesh(facts, denv, dist or DistConfig())
+    found += mesh_findings(facts, denv, dist or DistConfig())
 
     in_slurm = "SLURM_JOB_ID" in env
-    nnodes = _int(env, "SLURM_JOB_NUM_NODES") or _int(env, "SLURM_NNODES") or 1
-    gpus_on_node = _int(env, "SLURM_GPUS_ON_NODE") or 0
+    nnodes = env_int(env, "SLURM_JOB_NUM_NODES") or env_int(env, "SLURM_NNODES") or 1
+    gpus_on_node = env_int(env, "SLURM_GPUS_ON_NODE") or 0
     in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
-    step_tasks_here = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""), _int(env, "SLURM_NODEID") or 0)
+    step_tasks_here = tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""), env_int(env, "SLURM_NODEID") or 0)
     if in_slurm:
         facts.append(
             (
@@ -161,7 +150,7 @@ def diagnose(env: Mapping[str, str], probes: Probes, dist: DistConfig | None = N
             )
         )
     # --ntasks is per job, --ntasks-per-node per node; on several nodes they are easy to confuse.
-    ntasks = _int(env, "SLURM_NTASKS")
+    ntasks = env_int(env, "SLURM_NTASKS")
     if in_slurm and not torchrun and nnodes > 1 and gpus_on_node and ntasks and "SLURM_NTASKS_PER_NODE" not in env:
         if ntasks < nnodes * gpus_on_node:
             found.append(
@@ -227,7 +216,7 @@ def diagnose(env: Mapping[str, str], probes: Probes, dist: DistConfig | None = N
                     )
                 )
     addr = env.get("MASTER_ADDR", addr)
-    port = _int(env, "MASTER_PORT") or port
+    port = env_int(env, "MASTER_PORT") or port
     facts.append(("master", f"{addr}:{port}"))
     if not 0 < port < 65536:
         found.append(Finding("error", f"MASTER_PORT={port} is not a TCP port.", "export MASTER_PORT=<a free port between 1024 and 65535>"))
@@ -242,40 +231,8 @@ def diagnose(env: Mapping[str, str], probes: Probes, dist: DistConfig | None = N
                 f"export MASTER_PORT=<a free port, e.g. {_free_port()}>, or stop the process holding it",
             )
         )
+    found += elastic_findings(facts, env, denv, elastic or Elastic())
     return facts, found
-
-
-def _mesh(facts: list[tuple[str, str]], denv: DistEnv, dist: DistConfig) -> list[Finding]:
-    """The mesh a launch with these dist.* keys builds (a `mesh` fact), and a multi-node FSDP that would cross the network."""
-    world, local = denv.world_size, denv.local_world_size
-    nodes = world // local if local and world % local == 0 else 1
-    if dist.strategy == "fsdp" and world == 1 and (dist.replicate > 1 or dist.fsdp_offload):
-        key = f"dist.replicate={dist.replicate}" if dist.replicate > 1 else "dist.fsdp_offload=true"
-        facts.append(("mesh", "FSDP in 1 process: nothing to shard or reduce"))
-        return [
-            Finding(
-                "error",
-                f"{key} needs several ranks, and this process is 1 of 1.",
-                "run doctor as the job runs (torchrun ... -m distrib.doctor, srun distrib doctor)",
-            )
-        ]
-    if dist.strategy == "ddp" or world == 1:
-        what = "DDP" if dist.strategy == "ddp" else "FSDP"
-        facts.append(("mesh", f"{what} in 1 process: nothing to shard or reduce" if world == 1 else f"DDP: all {world} ranks hold the whole model"))
-        return []
-    try:
-        facts.append(("mesh", describe_mesh(world, dist.replicate, local)))
-    except ConfigError as exc:
-        return [Finding("error", str(exc).split(" HINT:")[0], f"pass --dist.replicate with a divisor of {world}, e.g. {nodes} (one replica per node)")]
-    if nodes > 1 and dist.replicate == 1:
-        return [
-            Finding(
-                "warning",
-                f"FSDP shards over all {world} ranks on {nodes} nodes: every block's reduce-scatter and all-gather cross the network.",
-                f"pass --dist.replicate {nodes} (HSDP: shard within each node, all-reduce across nodes once per step)",
-            )
-        ]
-    return []
 
 
 def _free_port() -> int:
@@ -296,13 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dist.strategy", dest="strategy", choices=STRATEGIES, default="ddp", help="the run's dist.strategy (default ddp)")
     parser.add_argument("--dist.replicate", dest="replicate", type=int, default=1, help="the run's dist.replicate (HSDP replicas; default 1)")
+    parser.add_argument("--nnodes", help="torchrun's --nnodes; MIN:MAX is an elastic launch (default: $NNODES)")
+    parser.add_argument("--train.global_batch_size", dest="global_batch_size", type=int, help="the run's train.global_batch_size")
+    parser.add_argument("--train.batch_size", dest="batch_size", type=int, default=64, help="the run's train.batch_size (default 64)")
     args = parser.parse_args(argv)
     try:
         dist = DistConfig(strategy=args.strategy, replicate=args.replicate)
     except ConfigError as exc:
         raise SystemExit(error_exit(str(exc))) from None
     try:
-        facts, found = diagnose(os.environ, real_probes(), dist)
+        elastic = Elastic(nnodes=args.nnodes, global_batch_size=args.global_batch_size, batch_size=args.batch_size)
+        facts, found = diagnose(os.environ, real_probes(), dist, elastic)
     except Exception as exc:  # the doctor must report, never crash: say what it could not check
         print(
             f"distrib doctor could not finish its checks: {type(exc).__name__}: {exc}\n"

@@ -123,13 +123,8 @@ class TrainLoader:
         self.stream: StreamShard | None = None
         """For an IterableDataset: the share of the stream this rank's workers read (`distrib.data.stream`)."""
         if is_stream(dataset):
-            n = _check_size(
-                range(
-                    stream_length(dataset, max_steps, opts.batch_size * grad_accum * world_size, workers=opts.num_workers, persistent=opts.persistent_workers)
-                ),
-                "train",
-                world_size,
-            )
+            n = stream_length(dataset, max_steps, opts.batch_size * grad_accum * world_size, workers=opts.num_workers, persistent=opts.persistent_workers)
+            _check_size(range(n), "train", world_size)
             # The sampler only does the arithmetic (samples per rank, padding, skip); the stream is read in its order.
             self.sampler = TrainSampler(range(n), num_replicas=world_size, rank=rank, shuffle=False, seed=seed, drop_last=drop_last)
             self.stream = StreamShard(cast(Iterable[Any], dataset), length=n, rank=rank, world_size=world_size, batch_size=opts.batch_size)

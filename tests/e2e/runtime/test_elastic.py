@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, child_env, read_metrics, read_summary
+from tests.helpers import REPO, child_env, free_port, kill_tree, read_metrics, read_summary
 
 JOB = str(REPO / "tests" / "elastic_job.py")
 ARGS = [
@@ -141,3 +143,71 @@ def test_two_then_one_then_two_processes_end_where_the_uninterrupted_run_ends(tm
     assert [world for _, world, _, _ in splits(cut)] == [2, 1, 2]
     assert [(m, a) for _, _, m, a in splits(cut)] == [(16, 2), (16, 4), (16, 2)]
     assert_each_sample_once_per_epoch(cut)
+
+
+def _agent(run_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    """One elastic "node": launch/multinode.sh with NNODES=1:2 and one process, in a session of its own."""
+    env = child_env(
+        NNODES="1:2",
+        NPROC_PER_NODE="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RDZV_ID=f"elastic-{port}",
+        # torchrun's defaults wait 30 s for late nodes and 15 s for a dead one's heartbeats; shorter here.
+        RDZV_CONF="last_call_timeout=3,keep_alive_interval=2,keep_alive_max_attempt=5",
+        SCRIPT=JOB,
+        SLOW_MS="15",
+        PYTHON=sys.executable,
+    )
+    cmd = ["bash", str(REPO / "launch/multinode.sh"), *ARGS, "--run.dir", str(run_dir)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(what: str, predicate, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None and time.monotonic() < deadline, f"waiting for {what}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_elastic_agents_lose_a_node_then_gain_one_and_end_on_the_trajectory(tmp_path, uninterrupted):
+    run_dir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / f"agent{i}.log" for i in range(3)]
+    agents: list[subprocess.Popen] = []
+    try:
+        _lose_a_node_then_gain_one(run_dir, port, logs, agents)
+    finally:
+        for agent in agents:  # a failed test leaves no agent or worker behind
+            if agent.poll() is None:
+                kill_tree(agent)
+    log = logs[0].read_text()
+    assert "stopping at step" in log and "on 2 processes with the same global batch of 64" in log
+    assert [world for _, world, _, _ in splits(run_dir)] == [2, 1, 2]
+    assert max_diff(run_dir, uninterrupted["ddp2"]) <= 1e-5
+    s = read_summary(run_dir)
+    assert (s["world_size"], s["optimizer_steps"], s["samples_seen"]) == (2, 16, 1024)
+    assert_each_sample_once_per_epoch(run_dir)
+
+
+def _lose_a_node_then_gain_one(run_dir: Path, port: int, logs: list[Path], agents: list[subprocess.Popen]) -> None:
+    # The first agent hosts the rendezvous store (c10d's endpoint must outlive the job's nodes).
+    agents.append(first := _agent(run_dir, port, logs[0]))
+    _wait_for("the rendezvous store", lambda: _listening(port), first, logs[0])
+    agents.append(second := _agent(run_dir, port, logs[1]))
+    _wait_for("training at world size 2", lambda: train_lines(run_dir) > 0, first, logs[0])
+    # The second node is lost: its agent and worker are SIGKILLed (workers have process groups of their own).
+    worker = subprocess.run(["pgrep", "-P", str(second.pid)], capture_output=True, text=True).stdout.split()
+    for pid in [second.pid, *map(int, worker)]:
+        os.kill(pid, signal.SIGKILL)
+    second.wait()
+    _wait_for("the survivor at world size 1", lambda: "on 1 process with the same global batch" in logs[0].read_text(), first, logs[0])
+    seen = train_lines(run_dir)
+    _wait_for("a step at world size 1", lambda: train_lines(run_dir) > seen, first, logs[0])
+    # A node joins: the agents stop the survivor (SIGTERM: a checkpoint) and restart the group at 2.
+    agents.append(third := _agent(run_dir, port, logs[2]))
+    assert first.wait(timeout=180) == 0 and third.wait(timeout=60) == 0, logs[0].read_text()[-3000:] + logs[2].read_text()[-3000:]
