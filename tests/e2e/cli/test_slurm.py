@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from distrib.runtime.stop import STOPPED_FILE
 from tests.helpers import REPO, child_env, read_summary, run_train
@@ -237,6 +238,40 @@ def test_signals_checkpoint_requeue_resume_twice_and_match_the_uninterrupted_run
     assert "resuming with a changed config: data.num_workers 0 -> 2 (applied)" in log
     assert read_summary(run)["params_sha256"] == local_long["params_sha256"]
     assert read_summary(run)["optimizer_steps"] == 60 * 32
+
+
+ELASTIC = ["--data.train_size", "4096", "--data.eval_size", "256", "--train.epochs", "4", "--train.log_every", "8"]
+ELASTIC += ["--train.global_batch_size", "64", "--train.batch_size", "32"]
+
+
+def test_a_job_resubmitted_on_fewer_nodes_continues_the_trajectory(cluster, tmp_path):
+    # With a global batch, a stopped job that comes back on 1 node instead of 2 trains the same samples in every
+    # step: it ends within float tolerance of the uninterrupted 2-process run (docs/elastic.md).
+    local, run = tmp_path / "local", tmp_path / "run"
+    run_train([*ELASTIC, "--run.dir", str(local)], nproc=2)
+    job, done = _sbatch(tmp_path, "--nodes=2", str(REPO / "slurm/train.sbatch"), *ELASTIC, "--run.dir", str(run), wait=False)
+    assert done.returncode == 0, done.stderr
+    deadline = time.monotonic() + 120
+    while not _trained_past(run, 0):
+        assert time.monotonic() < deadline, _job_log(tmp_path, job)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--full", "--signal=USR1", job], check=True)
+    deadline = time.monotonic() + 120
+    while _job_field(job, "Restarts") != "1":  # stopped with a checkpoint, and requeued
+        assert time.monotonic() < deadline, _job_log(tmp_path, job)
+        time.sleep(0.2)
+    # Only one node to be had now: the requeued job is cancelled and the same command resubmitted on 1 node.
+    subprocess.run(["scancel", job], check=True)
+    _wait_state(job, ENDED)
+    smaller, done = _sbatch(tmp_path, "--nodes=1", str(REPO / "slurm/train.sbatch"), *ELASTIC, "--run.dir", str(run))
+    log = _job_log(tmp_path, smaller)
+    assert done.returncode == 0, log + done.stderr
+    assert "on 1 process with the same global batch of 64" in log, log
+    s, whole = read_summary(run), read_summary(local)
+    assert s["world_size"] == 1 and [b["world_size"] for b in s["batch_splits"]] == [2, 1]
+    assert (s["optimizer_steps"], s["samples_seen"]) == (whole["optimizer_steps"], whole["samples_seen"])
+    a, b = torch.load(run / "model.pt", weights_only=True), torch.load(local / "model.pt", weights_only=True)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
 
 
 def test_doctor_flags_torchrun_inside_srun_with_a_task_per_gpu(cluster, tmp_path):
