@@ -48,6 +48,17 @@ def test_your_own_loop_on_the_blocks_ends_at_fits_parameters_under_torchrun(tmp_
     assert set(model) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # the module's own keys
 
 
+def test_your_own_loop_with_a_global_batch_on_one_process_ends_where_fit_does_on_two(tmp_path):
+    # train.global_batch_size: the own loop's train_loader splits it as fit's does (here 16 x 4 x 1 and 16 x 2 x 2).
+    gb = ("--train.global_batch_size", "64", "--train.batch_size", "16")
+    out = _example("own_loop.py", tmp_path / "own", *gb)
+    assert "global batch 64 = 16 per micro-batch x 4 micro-batches x 1 process" in out.stdout
+    _example("digits.py", tmp_path / "fit", *gb, nproc=2)
+    own, fit = (torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("own", "fit"))
+    assert max((own[k] - fit[k]).abs().max().item() for k in own) <= 1e-5
+    assert read_summary(tmp_path / "own")["optimizer_steps"] == read_summary(tmp_path / "fit")["optimizer_steps"] == 3 * 22  # 1348 samples: 21 steps of 64 and one of 4
+
+
 def test_your_own_loop_resumes_bit_exact(tmp_path):
     whole = tmp_path / "whole"
     _example("own_loop.py", whole)
