@@ -47,23 +47,6 @@ def _assert_same_params(a, b) -> None:
     assert max((pa[k] - p0[k]).abs().max().item() for k in pa) > 1e-2
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    run_train([*EXACT, "--run.dir", str(tmp_path / "w2"), "--train.batch_size", "32"], nproc=2)
-    run_train([*EXACT, "--run.dir", str(tmp_path / "w1"), "--train.batch_size", "64"], nproc=1)
-    _assert_same_params(tmp_path / "w2", tmp_path / "w1")
-    s2, s1 = read_summary(tmp_path / "w2"), read_summary(tmp_path / "w1")
-    assert (s2["world_size"], s1["world_size"]) == (2, 1)
-    assert s2["optimizer_steps"] == s1["optimizer_steps"] == 8
-    assert s2["samples_seen"] == s1["samples_seen"] == 400
-
-
-def test_grad_accum_matches_the_big_batch_including_a_short_last_step(tmp_path):
-    run_train([*EXACT, "--run.dir", str(tmp_path / "acc"), "--train.batch_size", "16", "--train.grad_accum", "2"], nproc=2)
-    run_train([*EXACT, "--run.dir", str(tmp_path / "big"), "--train.batch_size", "32"], nproc=2)
-    _assert_same_params(tmp_path / "acc", tmp_path / "big")
-    assert read_summary(tmp_path / "acc")["optimizer_steps"] == read_summary(tmp_path / "big")["optimizer_steps"] == 8
-
-
 def test_main_job_learns_and_writes_the_contract_files(tmp_path):
     run = tmp_path / "main"
     env = child_env(PYTHON=sys.executable)

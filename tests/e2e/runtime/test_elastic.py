@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from distrib.cli.task import TaskConfig, make_model
 from tests.helpers import REPO, child_env, free_port, kill_tree, read_metrics, read_summary
 
 JOB = str(REPO / "tests" / "elastic_job.py")
 ARGS = [
     *("--wandb.mode", "disabled", "--train.global_batch_size", "64", "--train.batch_size", "16"),
-    *("--data.train_size", "512", "--data.eval_size", "256", "--train.epochs", "2"),  # 8 steps an epoch
+    # 520 samples: 8 steps of 64 and a short one of 8 an epoch (1 x 8, 2 x 4 or 4 x 2), which 1, 2, 4 and 8 processes split evenly
+    *("--data.train_size", "520", "--data.eval_size", "256", "--train.epochs", "2"),
     *("--train.log_every", "2", "--ckpt.every", "2", "--ckpt.async", "false"),
 ]
 FSDP_STREAM = ["--dist.strategy", "fsdp", "--data.shuffle", "false"]  # a stream is read in order
@@ -94,7 +96,7 @@ def assert_each_sample_once_per_epoch(run_dir: Path) -> None:
     epochs = ids_per_epoch(run_dir)
     assert sorted(epochs) == [0, 1]
     for counts in epochs.values():
-        assert sorted(counts) == list(range(512)) and set(counts.values()) == {1}
+        assert sorted(counts) == list(range(520)) and set(counts.values()) == {1}
 
 
 def splits(run_dir: Path) -> list[tuple[int, int, int, int]]:
@@ -118,7 +120,10 @@ def test_one_two_and_four_processes_train_the_same_trajectory(uninterrupted):
     for n in (2, 4):
         assert max_diff(one, uninterrupted[f"ddp{n}"]) <= 1e-5
     summaries = {n: read_summary(uninterrupted[f"ddp{n}"]) for n in (1, 2, 4)}
-    assert {s["optimizer_steps"] for s in summaries.values()} == {16} and {s["samples_seen"] for s in summaries.values()} == {1024}
+    assert {s["optimizer_steps"] for s in summaries.values()} == {18} and {s["samples_seen"] for s in summaries.values()} == {1040}
+    # The test can fail: training moved the parameters far beyond the tolerance (grad_accum 4, 2 and 1, short steps included).
+    start = make_model(TaskConfig(), seed=0).state_dict()
+    assert min(max((p[k] - start[k]).abs().max().item() for k in p) for p in map(params, (one, uninterrupted["ddp4"]))) > 1e-2
     assert [splits(uninterrupted[f"ddp{n}"]) for n in (1, 2, 4)] == [[(0, 1, 16, 4)], [(0, 2, 16, 2)], [(0, 4, 16, 1)]]
     losses = [[r["loss"] for r in read_metrics(uninterrupted[f"ddp{n}"]) if r["kind"] == "train"] for n in (1, 2, 4)]
     assert losses[1] == pytest.approx(losses[0], abs=1e-6) and losses[2] == pytest.approx(losses[0], abs=1e-6)
@@ -190,7 +195,7 @@ def test_elastic_agents_lose_a_node_then_gain_one_and_end_on_the_trajectory(tmp_
     assert [world for _, world, _, _ in splits(run_dir)] == [2, 1, 2]
     assert max_diff(run_dir, uninterrupted["ddp2"]) <= 1e-5
     s = read_summary(run_dir)
-    assert (s["world_size"], s["optimizer_steps"], s["samples_seen"]) == (2, 16, 1024)
+    assert (s["world_size"], s["optimizer_steps"], s["samples_seen"]) == (2, 18, 1040)
     assert_each_sample_once_per_epoch(run_dir)
 
 
