@@ -240,18 +240,17 @@ class Checkpointer:
         if key is None:
             return
         loader, old = state[key], saved[key]
-        changes = trajectory_changes(old, shared.get("config", {}), loader)
+        found = trajectory_changes(old, shared.get("config", {}), loader, self.cfg.to_dict())
+        changes, fixes = "; ".join(c for c, _ in found), "; ".join(dict.fromkeys(f for _, f in found))
         moved = f"a {old['world_size']}-process checkpoint ({path}) on {self.world_size} process{'es' if self.world_size > 1 else ''}"
-        keep = f"keep --train.global_batch_size {old.get('global_batch') or 'N'} (distrib splits it over any number of processes)"
-        if changes and self.cfg.ckpt.elastic == "strict":
+        if found and self.cfg.ckpt.elastic == "strict":
             raise ConfigError(
-                f"cannot resume {moved} on the same trajectory (ckpt.elastic=strict): {'; '.join(changes)}. HINT: {keep} and the "
-                "training set, or pass --ckpt.elastic warn to train on anyway."
+                f"cannot resume {moved} on the same trajectory (ckpt.elastic=strict): {changes}. HINT: {fixes}; or pass --ckpt.elastic warn to train on anyway."
             )
-        if changes:
+        if found:
             log.warning(
-                f"resuming {moved}: {'; '.join(changes)}. Training continues at the same samples seen, but will not end where the "
-                f"uninterrupted run would. HINT: {keep}; --ckpt.elastic strict refuses such a resume."
+                f"resuming {moved}: {changes}. Training continues at the same samples seen, but will not end where the "
+                f"uninterrupted run would. HINT: {fixes}; --ckpt.elastic strict refuses such a resume."
             )
         elif old["world_size"] != self.world_size:
             log.info(

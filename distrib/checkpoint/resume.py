@@ -11,6 +11,7 @@ keeping the schedule's position, and leaves alone what training itself changed (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,24 +110,56 @@ def apply_hparams(optimizer: torch.optim.Optimizer, started: list[dict[str, Any]
     return changes
 
 
-def trajectory_changes(saved: Mapping[str, Any], config: Mapping[str, Any], loader: TrainLoader) -> list[str]:
-    """Why resuming the loader state `saved` (written under `config`) leaves the trajectory of the run it
-    continues; empty when every later step trains on the samples it would have (`docs/elastic.md`)."""
-    old_world, flat = saved["world_size"], flatten(dict(config))
-    old_global = saved.get("global_batch") or flat.get("train.batch_size", 0) * flat.get("train.grad_accum", 1) * old_world
+ORDER_KEYS = ("seed", "data.shuffle", "data.drop_last")
+"""Config keys that decide which samples each step of an epoch reads."""
+
+
+def trajectory_changes(saved: Mapping[str, Any], config: Mapping[str, Any], loader: TrainLoader, current: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Why resuming the loader state `saved` (written under `config`; this run's is `current`) leaves the trajectory
+    of the run it continues, each with its fix; empty when every later step trains on the samples it would have
+    (`docs/elastic.md`)."""
+    old_world, world, flat, now = saved["world_size"], loader.world_size, flatten(dict(config)), flatten(dict(current))
+    # A checkpoint from before the loader kept its global batch: its config says it (unless a script passed
+    # batch_size= or grad_accum= to train_loader, so only a change of world size is judged by it).
+    old_global = saved.get("global_batch") or (
+        flat.get("train.batch_size", 0) * flat.get("train.grad_accum", 1) * old_world if old_world != world else loader.global_batch
+    )
     changes = []
     if old_global != loader.global_batch:
         changes.append(
-            f"the global batch changes from {old_global} to {loader.global_batch} samples per optimizer step "
-            f"({loader.batch_size} x {loader.grad_accum} micro-batches x {loader.world_size} processes now), so every later step trains "
-            "on other samples and an epoch takes another number of steps"
+            (
+                f"the global batch changes from {old_global} to {loader.global_batch} samples per optimizer step ({loader.batch_size} x "
+                f"{loader.grad_accum} micro-batches x {world} process{'es' if world > 1 else ''} now), so every later step trains on other "
+                "samples and an epoch takes another number of steps",
+                f"keep --train.global_batch_size {old_global} (distrib splits it over any number of processes)",
+            )
         )
-    n, now = saved.get("dataset_size", loader.dataset_size), loader.dataset_size
-    if n != now:
-        changes.append(f"the training set changes from {n} to {now} samples")
-    elif old_world != loader.world_size:
-        for world in sorted({old_world, loader.world_size}):
-            if n % world:
-                what = f"drops {n % world}" if loader.drop_last else f"repeats {world - n % world}"
-                changes.append(f"the training set's {n} samples do not split evenly over {world} processes (each epoch's last step {what} of them)")
+    for key in ORDER_KEYS:
+        if key in flat and key in now and flat[key] != now[key]:
+            changes.append((f"{key} changes from {flat[key]!r} to {now[key]!r}, so later epochs read other samples in each step", f"keep {key}"))
+    n, size = saved.get("dataset_size"), loader.dataset_size
+    if n is not None and size is not None and n != size:
+        changes.append((f"the training set changes from {n} to {size} samples", "train on the same training set"))
+    elif size is not None and old_world != world:
+        even = f"a training set size that both {old_world} and {world} processes divide (a multiple of {math.lcm(old_world, world)})"
+        for w in sorted({old_world, world}):
+            if size % w:
+                what = f"drops {size % w}" if loader.drop_last else f"repeats {w - size % w}"
+                changes.append((f"the training set's {size} samples do not split evenly over {w} processes (each epoch's last step {what} of them)", even))
+        if loader.drop_last:
+            old_micro = (saved.get("splits") or [{}])[-1].get("micro_batch", flat.get("train.batch_size", loader.batch_size))
+            before, after = _kept(size, old_world, old_micro), _kept(size, world, loader.batch_size)
+            if before != after:
+                changes.append(
+                    (
+                        f"data.drop_last drops each rank's partial last micro-batch: an epoch trains {before} samples on {old_world} "
+                        f"process{'es' if old_world > 1 else ''} and {after} on {world}",
+                        "pass --data.drop_last false (each epoch's last step is then short, the same at every world size)",
+                    )
+                )
     return changes
+
+
+def _kept(size: int, world: int, micro: int) -> int:
+    """Samples an epoch trains with data.drop_last: `DistributedSampler` drops size % world, each rank its partial micro-batch."""
+    return world * (size // world // micro * micro)

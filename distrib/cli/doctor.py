@@ -231,7 +231,7 @@ def diagnose(
                 f"export MASTER_PORT=<a free port, e.g. {_free_port()}>, or stop the process holding it",
             )
         )
-    found += elastic_findings(facts, env, denv, elastic or Elastic())
+    found += elastic_findings(facts, env, denv, elastic or Elastic(), probes.gpus)
     return facts, found
 
 

@@ -34,13 +34,14 @@ class Elastic:
     batch_size: int = 64
 
 
-def elastic_findings(facts: list[tuple[str, str]], env: Mapping[str, str], denv: DistEnv, e: Elastic) -> list[Finding]:
-    """An elastic launch's node range, restarts, and the global batch's split at every world size it can reach."""
+def elastic_findings(facts: list[tuple[str, str]], env: Mapping[str, str], denv: DistEnv, e: Elastic, gpus: int = 0) -> list[Finding]:
+    """An elastic launch's node range, restarts, and the global batch's split at every world size it can reach
+    (processes per node: the launch's, else $NPROC_PER_NODE, else this node's GPUs, as launch/multinode.sh counts)."""
     nnodes = e.nnodes or env.get("NNODES", "")
     low, _, high = nnodes.partition(":")
     if not high or not (low.isdigit() and high.isdigit()) or int(low) >= int(high):
         return []
-    per_node = denv.local_world_size if denv.local_world_size > 1 else env_int(env, "NPROC_PER_NODE") or 1
+    per_node = denv.local_world_size if denv.local_world_size > 1 else env_int(env, "NPROC_PER_NODE") or gpus or 1
     worlds = [n * per_node for n in range(int(low), int(high) + 1)]
     restarts = env.get("TORCHELASTIC_MAX_RESTARTS") or env.get("MAX_RESTARTS") or "3 (launch/multinode.sh's default when elastic)"
     facts.append(
@@ -52,6 +53,7 @@ def elastic_findings(facts: list[tuple[str, str]], env: Mapping[str, str], denv:
         )
     )
     found = []
+    every = math.lcm(*worlds)  # the global batches that split at every world size are its multiples
     if env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
         found.append(
             Finding(
@@ -67,7 +69,8 @@ def elastic_findings(facts: list[tuple[str, str]], env: Mapping[str, str], denv:
                 "warning",
                 f"without train.global_batch_size each world size trains another global batch (train.batch_size={e.batch_size} x "
                 "grad_accum x processes), so a lost or added node changes the run's trajectory.",
-                f"pass --train.global_batch_size {e.batch_size * worlds[0]} (distrib splits it over every world size; docs/elastic.md)",
+                f"pass --train.global_batch_size {every * math.ceil(e.batch_size * worlds[0] / every)} (it splits at every world size "
+                "from the range; docs/elastic.md)",
             )
         )
         return found
@@ -81,14 +84,18 @@ def elastic_findings(facts: list[tuple[str, str]], env: Mapping[str, str], denv:
     shown = ", ".join(splits) + " (processes: micro-batch x grad_accum)" if splits else "splits at no world size"
     facts.append(("global batch", f"{e.global_batch_size} at {shown}"))
     if bad:
-        every = math.lcm(*worlds)
+        sizes = f"a multiple of {every}, which each of the world sizes {', '.join(map(str, worlds))} divides"
+        fix = (
+            f"pass --train.global_batch_size {' or '.join(map(str, nearest_multiples(e.global_batch_size, every)))} ({sizes})"
+            if every <= 64 * worlds[-1]
+            else f"narrow the node range (NNODES=MIN:MAX): no practical global batch splits over all of {', '.join(map(str, worlds))} ({sizes})"
+        )
         found.append(
             Finding(
                 "error",
                 f"train.global_batch_size={e.global_batch_size} does not split evenly over {', '.join(map(str, bad))} processes: a "
                 "group restarted at that size would exit 2.",
-                f"pass --train.global_batch_size {' or '.join(map(str, nearest_multiples(e.global_batch_size, every)))} (a multiple of "
-                f"{every}, which every world size from {worlds[0]} to {worlds[-1]} divides)",
+                fix,
             )
         )
     return found

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from distrib.config import DataConfig
 from distrib.data.accumulate import ItemCounter, MicroBatch, StepCount
 from distrib.data.sampling import EvalSampler, TrainSampler, mix_seed
-from distrib.data.stream import Position, PositionedCollate, StreamShard, is_stream, stream_length
+from distrib.data.stream import Position, PositionedCollate, StreamShard, declared_length, is_stream, stream_length
 from distrib.data.transfer import device_batches, leading_dim
 from distrib.data.workers import init_worker, worker_context
 from distrib.errors import BatchError, ConfigError
@@ -134,6 +134,7 @@ class TrainLoader:
             _check_size(dataset, "train", world_size)
             self.sampler = TrainSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
             self.loader = _dataloader(dataset, self.sampler, opts, drop_last=drop_last, generator=self.generator)
+        self._size = len(self.sampler.dataset) if self.stream is None or declared_length(dataset) is not None else None  # type: ignore[arg-type]
         if self.num_batches(0) == 0:
             raise ConfigError(
                 f"With data.drop_last=true, {self.sampler.num_samples} samples per rank make no full batch of "
@@ -179,9 +180,10 @@ class TrainLoader:
         return self.batch_size * self.grad_accum * self.world_size
 
     @property
-    def dataset_size(self) -> int:
-        """Samples in one epoch of the training set (before the sampler pads or drops any)."""
-        return len(self.sampler.dataset)  # type: ignore[arg-type]
+    def dataset_size(self) -> int | None:
+        """Samples in one epoch of the training set (before the sampler pads or drops any); None for a stream
+        with no len() (its epoch is train.max_steps long)."""
+        return self._size
 
     def _split(self) -> dict[str, int]:
         return {"step": self.step, "world_size": self.world_size, "micro_batch": self.batch_size, "grad_accum": self.grad_accum}

@@ -160,7 +160,7 @@ def _agent(run_dir: Path, port: int, log: Path) -> subprocess.Popen:
         RDZV_ID=f"elastic-{port}",
         # torchrun's defaults wait 30 s for late nodes and 15 s for a dead one's heartbeats; shorter here.
         RDZV_CONF="last_call_timeout=3,keep_alive_interval=2,keep_alive_max_attempt=5",
-        SCRIPT=JOB,
+        DISTRIB_SCRIPT=JOB,
         SLOW_MS="15",
         PYTHON=sys.executable,
     )

@@ -190,11 +190,14 @@ def test_doctor_explains_an_elastic_launch_and_the_global_batch_at_each_world_si
     assert dict(facts)["elastic"].startswith("1 to 4 nodes x 2 processes (world sizes 2, 4, 6, 8), max restarts 3")
     assert dict(facts)["global batch"] == "64 at 2: 16 x 2, 4: 16 x 1, 8: 8 x 1 (processes: micro-batch x grad_accum)"
     assert [(f.level, f.message.split(":")[0]) for f in found] == [("error", "train.global_batch_size=64 does not split evenly over 6 processes")]
-    assert "48 or 72 (a multiple of 24" in found[0].fix
+    assert found[0].fix == "pass --train.global_batch_size 48 or 72 (a multiple of 24, which each of the world sizes 2, 4, 6, 8 divides)"
     # No global batch, and torch's shared store: two warnings, each with its fix.
     facts, found = diagnose({"NNODES": "1:2"}, Probes(), elastic=Elastic())
     assert [f.level for f in found] == ["warning", "warning"]
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in found[0].fix and "--train.global_batch_size 64" in found[1].fix
+    # On GPU nodes the processes per node are the GPUs; a range too wide for any global batch says to narrow it.
+    facts, found = diagnose({"NNODES": "1:16"}, Probes(gpus=8), elastic=Elastic(global_batch_size=512))
+    assert "(world sizes 8, 16, 24," in dict(facts)["elastic"] and found[-1].fix.startswith("narrow the node range")
     # A fixed node count is not elastic: nothing said.
     facts, found = diagnose({"NNODES": "2"}, Probes(), elastic=Elastic(global_batch_size=60))
     assert "elastic" not in dict(facts) and not found

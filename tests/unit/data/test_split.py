@@ -4,9 +4,11 @@ in each optimizer step (before and after a resume onto another world size)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from distrib.checkpoint.resume import trajectory_changes
 from distrib.config import Config
+from distrib.data.loaders import LoaderOptions, TrainLoader
 from distrib.data.split import small_micro_batch_note, split_global_batch
 from distrib.errors import ConfigError
 from tests.unit.data.test_loaders import loader
@@ -80,20 +82,58 @@ def test_a_resume_on_another_world_size_trains_the_steps_the_run_would_have():
     ]
 
 
-def test_what_leaves_the_trajectory_is_named():
+def _changes(saved: dict, loader, config: dict | None = None, now: dict | None = None) -> list[str]:
+    return [what for what, _ in trajectory_changes(saved, config or {}, loader, now or {})]
+
+
+def test_what_leaves_the_trajectory_is_named_with_its_fix():
     two = loader(1000, 2, 0, 16, grad_accum=2).state_dict()
-    assert trajectory_changes(two, {}, loader(1000, 1, 0, 16, grad_accum=4)) == []  # the same global batch
-    assert trajectory_changes(two, {}, loader(1000, 1, 0, 16, grad_accum=2)) == [
-        "the global batch changes from 64 to 32 samples per optimizer step (16 x 2 micro-batches x 1 processes now), so every "
+    assert _changes(two, loader(1000, 1, 0, 16, grad_accum=4)) == []  # the same global batch
+    (what, fix), *_ = trajectory_changes(two, {}, loader(1000, 1, 0, 16, grad_accum=2), {})
+    assert what == (
+        "the global batch changes from 64 to 32 samples per optimizer step (16 x 2 micro-batches x 1 process now), so every "
         "later step trains on other samples and an epoch takes another number of steps"
-    ]
-    assert trajectory_changes(two, {}, loader(999, 1, 0, 16, grad_accum=4)) == ["the training set changes from 1000 to 999 samples"]
+    )
+    assert fix == "keep --train.global_batch_size 64 (distrib splits it over any number of processes)"
+    assert _changes(two, loader(999, 1, 0, 16, grad_accum=4)) == ["the training set changes from 1000 to 999 samples"]
     three = loader(999, 3, 0, 16, grad_accum=1).state_dict()
-    assert trajectory_changes(three, {}, loader(999, 1, 0, 48)) == []  # 999 = 3 x 333: no padding either way
-    assert trajectory_changes(loader(1000, 1, 0, 48).state_dict(), {}, loader(1000, 3, 0, 16)) == [
-        "the training set's 1000 samples do not split evenly over 3 processes (each epoch's last step repeats 2 of them)"
+    assert _changes(three, loader(999, 1, 0, 48)) == []  # 999 = 3 x 333: no padding either way
+    [(what, fix)] = trajectory_changes(loader(1000, 1, 0, 48).state_dict(), {}, loader(1000, 3, 0, 16), {})
+    assert what == "the training set's 1000 samples do not split evenly over 3 processes (each epoch's last step repeats 2 of them)"
+    assert fix == "a training set size that both 1 and 3 processes divide (a multiple of 3)"
+    # Keys that reorder the samples.
+    assert _changes(two, loader(1000, 2, 0, 16, grad_accum=2), {"seed": 0}, {"seed": 1}) == [
+        "seed changes from 0 to 1, so later epochs read other samples in each step"
     ]
-    # A checkpoint from before the loader kept its global batch: the config it was written under says it.
+
+
+def test_drop_last_that_drops_another_share_at_the_new_world_size_is_named():
+    # 560 samples, 64 a step: 1 process keeps 35 micro-batches of 16 (560); 4 keep 8 each (512), dropping 12 a rank.
+    one = loader(560, 1, 0, 16, grad_accum=4, drop_last=True).state_dict()
+    assert _changes(one, loader(560, 4, 0, 16, grad_accum=1, drop_last=True)) == [
+        "data.drop_last drops each rank's partial last micro-batch: an epoch trains 560 samples on 1 process and 512 on 4"
+    ]
+    assert _changes(one, loader(560, 2, 0, 16, grad_accum=2, drop_last=True))[0].endswith("560 samples on 1 process and 544 on 2")
+    # 512 samples: every world size keeps them all.
+    assert _changes(loader(512, 1, 0, 16, grad_accum=4, drop_last=True).state_dict(), loader(512, 4, 0, 16, drop_last=True)) == []
+
+
+def test_old_checkpoints_and_streams_without_a_length_are_judged_by_what_they_recorded():
+    # A checkpoint from before the loader kept its global batch: at the same world size nothing is judged
+    # (a script may have passed batch_size= to train_loader); at another, its config says the batch.
     old = {"epoch": 0, "epoch_samples": 0, "step": 3, "samples_seen": 192, "world_size": 2}
-    config = {"train": {"batch_size": 32, "grad_accum": 1}}
-    assert trajectory_changes(old, config, loader(1000, 1, 0, 64)) == []
+    assert _changes(old, loader(1000, 2, 0, 16), {"train": {"batch_size": 32, "grad_accum": 1}}) == []
+    assert _changes(old, loader(1000, 1, 0, 64), {"train": {"batch_size": 32, "grad_accum": 1}}) == []
+    assert _changes(old, loader(1000, 1, 0, 32), {"train": {"batch_size": 32, "grad_accum": 1}})[0].startswith("the global batch changes from 64 to 32")
+
+
+def test_a_stream_without_a_length_has_no_training_set_size_to_compare():
+    # Its epoch is train.max_steps x the global batch: raising max_steps to train on is not another training set.
+    class Endless(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(10**9))
+
+    short, longer = (
+        TrainLoader(Endless(), world_size=1, rank=0, seed=0, shuffle=False, drop_last=False, opts=LoaderOptions(batch_size=8), max_steps=m) for m in (5, 9)
+    )
+    assert short.dataset_size is None and _changes(short.state_dict(), longer) == []
