@@ -196,7 +196,8 @@ def test_elastic_agents_lose_a_node_then_gain_one_and_end_on_the_trajectory(tmp_
     assert max_diff(run_dir, uninterrupted["ddp2"]) <= 1e-5
     s = read_summary(run_dir)
     assert (s["world_size"], s["optimizer_steps"], s["samples_seen"]) == (2, 18, 1040)
-    assert_each_sample_once_per_epoch(run_dir)
+    # No id count here: the SIGKILL can land after a checkpoint's commit and before the callback that
+    # records its ids (rank 0 waits in the save's last barrier for the killed rank). The SIGTERM chains count them.
 
 
 def _lose_a_node_then_gain_one(run_dir: Path, port: int, logs: list[Path], agents: list[subprocess.Popen]) -> None:
