@@ -44,7 +44,13 @@ MODEL_FILE = "model.pt"
 """The plain module's state_dict at the end of a finished run."""
 HF_CONFIG_FILE = "hf_config.json"
 """A Hugging Face model's own config, recorded when one is set up (`distrib export --format hf` writes it as config.json)."""
-RUN_FILES = ("checkpoints", METRICS_FILE, CONFIG_FILE, SUMMARY_FILE, MODEL_FILE, STOPPED_FILE, HF_CONFIG_FILE)
+CSV_FILE = "metrics.csv"
+"""metrics.jsonl's records as rows (`run.report_to csv`)."""
+TENSORBOARD_DIR = "tensorboard"
+"""TensorBoard's event files (`run.report_to tensorboard`)."""
+PROFILE_DIR = "profile"
+"""train.profile's traces, one per rank, and on CUDA the memory snapshots."""
+RUN_FILES = ("checkpoints", METRICS_FILE, CONFIG_FILE, SUMMARY_FILE, MODEL_FILE, STOPPED_FILE, HF_CONFIG_FILE, CSV_FILE, TENSORBOARD_DIR, PROFILE_DIR)
 """What a run leaves in its directory (a user's own files there are left alone)."""
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from distrib.config import DataConfig, OptimConfig
-from distrib.config.schema import positive
+from distrib.config.checks import positive
 from distrib.errors import ConfigError
 
 

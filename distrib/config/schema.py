@@ -9,11 +9,11 @@ Unknown keys are an error that names the nearest valid key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+from distrib.config.checks import check_report_to, non_negative, one_of, positive
 from distrib.config.keys import as_dict, check_key, field_types, flatten, from_flat
 from distrib.errors import ConfigError
 
@@ -26,36 +26,25 @@ STRATEGIES = ("ddp", "fsdp")
 MAX_WORKERS = 256
 
 
-def positive(section: str, **values: int | float | None) -> None:
-    for name, value in values.items():
-        if value is not None and value <= 0:
-            fix = "1 or larger" if isinstance(value, int) else "a value above 0 (e.g. 0.1)"
-            raise ConfigError(f"{section}.{name}={value} must be > 0. HINT: pass --{section}.{name} {fix}.")
-
-
-def non_negative(section: str, **values: int | float | None) -> None:
-    for name, value in values.items():
-        if value is not None and value < 0:
-            raise ConfigError(f"{section}.{name}={value} must be >= 0. HINT: pass --{section}.{name} 0 or larger.")
-
-
-def one_of(section: str, name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        near = difflib.get_close_matches(str(value).lower(), choices, n=1, cutoff=0.5)  # `FSDP` -> fsdp
-        raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(choices)}. HINT: pass --{section}.{name} {(near or choices)[0]}.")
-
-
 @dataclasses.dataclass(kw_only=True)
 class RunConfig:
     dir: str = "runs/distrib"
     """Directory rank 0 writes metrics, config, model and summary into."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["wandb"])
+    """Where rank 0 reports metrics besides metrics.jsonl: any of `wandb`, `tensorboard` (run.dir/tensorboard/),
+    `mlflow` (run.dir/mlruns/ unless MLFLOW_TRACKING_URI), `csv` (run.dir/metrics.csv), your own as `module:Class`,
+    or `none`. Comma-separated on the command line: --run.report_to tensorboard,csv (docs/trackers.md)."""
+    tracker_timeout_s: float = 30.0
+    """How long the end of a run waits for the trackers to flush before it ends them (training never waits for them)."""
 
     def __post_init__(self) -> None:
         if not self.dir:
             raise ConfigError("run.dir is empty. HINT: pass --run.dir runs/my-run.")
         one_of("run", "device", self.device, DEVICES)
+        positive("run", tracker_timeout_s=self.tracker_timeout_s)
+        check_report_to(self.report_to)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -135,8 +124,27 @@ class TrainConfig:
     input) or `selective` (keep matmul and attention outputs, recompute the rest). The blocks are FSDP's
     (dist.fsdp_blocks, or found automatically) under any strategy; RNG state is restored for the recompute, so
     results do not change (docs/memory.md)."""
+    profile: str | None = None
+    """A window of optimizer steps to trace with torch.profiler, as FIRST:LAST (`20:25`: steps 20 to 25, as metrics.jsonl
+    numbers them) or one step: a trace per rank in run.dir/profile/ and, on CUDA, a memory snapshot (docs/profiling.md)."""
+
+    @property
+    def profile_window(self) -> tuple[int, int] | None:
+        """train.profile as (first, last) optimizer step, both included; None when off."""
+        if self.profile is None:
+            return None
+        first, _, last = self.profile.partition(":")
+        return int(first), int(last or first)
 
     def __post_init__(self) -> None:
+        if self.profile is not None:
+            first, sep, last = self.profile.strip().partition(":")
+            if not (first.strip().isdigit() and (not sep or last.strip().isdigit()) and 1 <= int(first) <= int(last or first)):
+                raise ConfigError(
+                    f"train.profile={self.profile!r} is not a window of optimizer steps FIRST:LAST (1 <= FIRST <= LAST). "
+                    "HINT: pass --train.profile 20:25 to trace steps 20 to 25 (a few steps after the first, which includes warm-up)."
+                )
+            self.profile = f"{int(first)}:{int(last or first)}"
         one_of("train", "progress", self.progress, ("auto", "bar", "lines"))
         one_of("train", "nonfinite", self.nonfinite, ("error", "skip"))
         one_of("train", "activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))

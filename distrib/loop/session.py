@@ -38,6 +38,7 @@ from distrib.data.sampling import mix_seed, seed_all
 from distrib.errors import ConfigError, FaultError, NonFiniteError
 from distrib.loop.debug import apply_debug, debug_checks
 from distrib.loop.guard import NonfiniteGuard
+from distrib.loop.profiling import ProfileHooks
 from distrib.loop.stopping import StopAgreement
 from distrib.observe.hang import Watchdog
 from distrib.observe.metrics import console_line
@@ -58,11 +59,10 @@ class Session(RuntimeView):
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = apply_debug(cfg)
-        self.stop = StopRequest()
-        """Set by SIGTERM/SIGUSR1/SIGHUP/Ctrl-C (or by you); `should_stop()` agrees on it across ranks."""
-        self.resumed_from: Path | None = None
-        """The checkpoint `load` restored, if any."""
+        self.stop = StopRequest()  # set by SIGTERM/SIGUSR1/SIGHUP/Ctrl-C (or by you); `should_stop()` agrees on it across ranks
+        self.resumed_from: Path | None = None  # the checkpoint `load` restored, if any
         self._stack: contextlib.ExitStack | None = None
+        self._error: BaseException | None = None
         self._models: list[nn.Module] = []
         self._params: dict[int, list[torch.Tensor]] = {}
         self._hparams: dict[str, Any] | None = None  # the optimizers' hyperparameters as this run's config set them
@@ -102,6 +102,8 @@ class Session(RuntimeView):
             self.watchdog.start(
                 rank=self.rank, world_size=self.world_size, store=side_store(), hang_dir=self._files.hang_dir, last_good=self.checkpointer.last_good
             )
+            self.profiling = ProfileHooks(cfg, rank=self.rank, device=self.device, steps_done=lambda: self._steps_done)
+            stack.callback(lambda: self.profiling.close(self._error))  # the trace of a run that ends inside the window, an OOM's snapshot
             signals.install()
         except BaseException:
             stack.close()
@@ -113,6 +115,7 @@ class Session(RuntimeView):
         if stack is None:
             raise RuntimeError("Session.__exit__ without __enter__")
         found: NonFiniteError | None = None
+        self._error = exc[1]
         if exc[0] is None:
             try:
                 self.check_steps()  # a loop that never saved or polled since its last step still hears of a bad one
@@ -255,24 +258,20 @@ class Session(RuntimeView):
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
+        self.profiling.stepped(step)
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or `mean`) `tensor` over ranks in place; unchanged in one process."""
         return all_reduce(tensor, op)
 
     def check_steps(self) -> list[int]:
-        """Read the non-finite guard: the steps dropped since the last call, or NonFiniteError (exit 1).
-
-        A host sync: `save`, `should_stop` and fit's log interval call it, where one happens anyway.
-        """
+        """Read the non-finite guard: the steps dropped since the last call, or NonFiniteError (exit 1). A host sync:
+        `save`, `should_stop` and fit's log interval call it, where one happens anyway."""
         return self.guard.check(last_good=self.checkpointer.last_good)
 
     def should_stop(self) -> bool:
-        """Whether any rank got a stop signal (a collective: call it on every rank at the same point).
-
-        Once it says yes, `save` your state and leave the loop: the session then writes stopped.json,
-        prints where to resume as `fit` does, and `distrib.main` exits 75.
-        """
+        """Whether any rank got a stop signal (a collective: call it on every rank at the same point). Once it says
+        yes, `save` your state and leave the loop: the session writes stopped.json, says where to resume, and `main` exits 75."""
         self.check_steps()
         return self._stopping.poll()
 
@@ -323,7 +322,7 @@ class Session(RuntimeView):
             if self._train_loader is None:
                 raise ConfigError("Session.log(record) without step= and no train_loader to take it from. HINT: pass step=N.")
             step = self._train_loader.step
-        self.open_run_files().metrics({"kind": kind, "step": step, **record})
+        self.open_run_files().metrics(self.profiling.mark(kind, step, {"kind": kind, "step": step, **record}))
         if echo:
             log.info(console_line(kind, step, record))
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from distrib.checkpoint.fileio import check_own, open_own, save_torch, storage_error, write_atomic
-from distrib.checkpoint.rundir import CONFIG_FILE, HF_CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunLock
+from distrib.checkpoint.rundir import CONFIG_FILE, HF_CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, RunLock
 from distrib.config import Config
-from distrib.observe import tracking
+from distrib.observe.trackers import process as trackers
 from distrib.runtime.console import log
 from distrib.runtime.stop import STOPPED_FILE
 
@@ -24,7 +24,7 @@ class RunWriter:
 
     def __init__(self, run_dir: str | Path, *, fresh: bool, tracker: Any = None, start_tracker: Callable[[], Any] | None = None) -> None:
         self.dir = Path(run_dir)
-        self.tracker = tracker  # distrib.observe.tracking.Tracker: wandb on rank 0, or None
+        self.tracker = tracker  # distrib.observe.trackers.process.Tracker: run.report_to's, on rank 0, or None
         # Started at the first metrics line, so a run that never logs (only checkpoints) starts no tracker.
         self._start_tracker = start_tracker
         check_own(self.dir / STOPPED_FILE, _HINT)  # removed below: only if it is distrib's own file
@@ -70,15 +70,18 @@ class RunWriter:
 
     def json(self, name: str, obj: Any) -> None:
         write_atomic(self.dir / name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        if name == SUMMARY_FILE and self.tracker is not None:
+            self.tracker.summary(obj)
 
     def save_model(self, state_dict: dict[str, Any]) -> None:
         """model.pt: the plain state_dict (no `module.` prefixes), written atomically."""
         save_torch(self.dir / MODEL_FILE, state_dict)
 
-    def close(self) -> None:
+    def close(self, outcome: str = "finished") -> None:
+        """Close metrics.jsonl, and end the trackers' run as `finished`, `stopped` or `failed`."""
         self._metrics.close()
         if self.tracker is not None:
-            self.tracker.finish()
+            self.tracker.finish(outcome)
 
 
 class NullWriter(RunWriter):
@@ -100,7 +103,7 @@ class NullWriter(RunWriter):
     def save_model(self, state_dict: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, outcome: str = "finished") -> None:
         pass
 
 
@@ -132,6 +135,7 @@ class RunFiles:
     """
 
     def __init__(self, cfg: Config, lock: RunLock) -> None:
+        trackers.check(cfg.run.report_to)  # on every rank, before anything is written: a tracker that cannot start is exit 2
         self.cfg, self._lock = cfg, lock
         self._writer: RunWriter | None = None
         self.run_id: str | None = None
@@ -152,10 +156,8 @@ class RunFiles:
             if rank == 0:
                 self._lock.acquire()  # already held when a resume came first
             self.run_id = self.run_id or secrets.token_hex(4)
-            run_id = self.run_id
-            self._writer = writer_for(
-                rank, cfg.run.dir, fresh=fresh, start_tracker=lambda: tracking.start(cfg.wandb, run_dir=cfg.run.dir, config=cfg.to_dict(), run_id=run_id)
-            )
+            run_id, resumed = self.run_id, self.rewind
+            self._writer = writer_for(rank, cfg.run.dir, fresh=fresh, start_tracker=lambda: trackers.start(cfg, run_id=run_id, resumed=resumed))
             if self.rewind is not None:
                 self._writer.rewind(lines=self.rewind[0], step=self.rewind[1])
             self._writer.json(CONFIG_FILE, cfg.to_dict())
@@ -187,6 +189,6 @@ class RunFiles:
                 raise storage_error(path, exc) from None
         raise storage_error(path, FileExistsError(17, "every hang directory name of this second is taken"))
 
-    def close(self) -> None:
+    def close(self, outcome: str = "finished") -> None:
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close(outcome)

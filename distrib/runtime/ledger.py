@@ -20,7 +20,7 @@ import sys
 import sysconfig
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 PHASES = ("starting", "fetching a batch", "computing (forward/backward)", "backward", "optimizer step", "evaluating", "ending")
@@ -66,6 +66,9 @@ class Ledger:
         self.inside: Collective | None = None
         self.busy: str | None = None
         """A phase that is progress however long it takes (a checkpoint save, a compile): no stall is counted."""
+        self.step_begins: Callable[[], None] | None = None
+        """Called as the first micro-batch of an optimizer step is fetched (train.profile's trace marks steps from there)."""
+        self._in_step = False
 
     def at(self, phase: int, sub: int = 0) -> None:
         """This rank moved on to `phase` (progress)."""
@@ -78,11 +81,16 @@ class Ledger:
     def stepping(self, step: int) -> None:
         """The optimizer step that makes `step` steps taken."""
         self.step = step
+        self._in_step = False
         self.at(STEPPING)
 
     def next_micro(self) -> None:
         """The train loader is fetching the next micro-batch."""
         self.micro += 1
+        if not self._in_step:
+            self._in_step = True
+            if self.step_begins is not None:
+                self.step_begins()
         self.at(FETCHING)
 
     @contextlib.contextmanager

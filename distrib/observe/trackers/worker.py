@@ -1,59 +1,119 @@
-"""The wandb run of a job, in a process of its own (run as a script: it imports wandb, not distrib or torch).
+"""A run's trackers (wandb, TensorBoard, MLflow, CSV, your own) in a process of their own.
 
-Reads JSON lines on stdin: the first holds `wandb.init`'s arguments, each later one a metrics
-record; end of input finishes the run. The training process never waits for wandb, never shares
-its interpreter lock with wandb's threads, and can end this process if wandb hangs.
-Any wandb failure is one warning on stderr; the records that follow are read and dropped.
+Run as a script (`process.py` starts it): it imports the trackers' packages, never distrib or torch,
+and the training process never waits for it, never shares its interpreter lock with the trackers'
+threads, and can end it if a tracker hangs. Each tracker runs on a thread of its own here, fed by
+its own queue, so one that hangs (a server that never answers) holds up none of the others.
+
+Reads JSON lines on stdin: first the run (`TrackerRun`'s fields, the trackers to start, the finish
+budget), then `["log", record]` for each metrics.jsonl record, `["summary", summary]` for
+summary.json, and `["end", outcome]`. A tracker's failure, at start or at any call, is one warning
+on stderr, and that tracker is off for the rest of the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
+import queue
 import sys
-from pathlib import Path
+import threading
+import time
 from typing import Any
 
+BUILTIN = {
+    "wandb": "wandb_tracker:WandbTracker",
+    "tensorboard": "tensorboard_tracker:TensorBoardTracker",
+    "mlflow": "mlflow_tracker:MlflowTracker",
+    "csv": "csv_tracker:CsvTracker",
+}
+"""`run.report_to`'s names, and the class in this folder each one starts (a user's own is given as `module:Class`)."""
 
-def _warn(message: str) -> None:
-    print(f"wandb: {message}", file=sys.stderr, flush=True)
-
-
-def _start(args: dict[str, Any]) -> Any:
-    import wandb
-
-    _skip_launch_inputs(wandb)
-    Path(args["dir"]).mkdir(parents=True, exist_ok=True)
-    settings = wandb.Settings(console="off", silent=True, init_timeout=args.pop("init_timeout"), x_disable_stats=True)
-    run = wandb.init(resume="allow", settings=settings, **args)
-    where = Path(run.dir).parent  # run.dir is the run's files/ folder
-    offline = args["mode"] == "offline"
-    print(f"wandb: {args['mode']} run {run.id}" + (f" in {where} (upload later: wandb sync {where})" if offline else ""), flush=True)
-    return run
+START_GRACE_S = 5.0
+"""How long the end of training waits for a tracker still starting (a hung wandb.init, an MLflow server that never answers)."""
 
 
-def _skip_launch_inputs(wandb: Any) -> None:
-    """Skip wandb.init's look for W&B Launch inputs, which imports Launch's agent and API (~0.2 s of CPU).
+@dataclasses.dataclass(frozen=True)
+class TrackerRun:
+    """What a tracker's `start` gets: the run it reports."""
 
-    The inputs it applies are those the script staged *in its own process* (`wandb.launch.manage_config_file`
-    and the like): this process runs no user code, so there are none, and the look is pure cost on
-    cores the ranks are using. A wandb without that method is left as it is.
-    """
-    run_class = getattr(getattr(getattr(wandb, "sdk", None), "wandb_run", None), "Run", None)
-    if run_class is not None and hasattr(run_class, "_detect_and_apply_job_inputs"):
-        run_class._detect_and_apply_job_inputs = lambda self: None
+    dir: str
+    """run.dir, absolute: where a local tracker writes (TensorBoard's `tensorboard/`, MLflow's `mlruns/`, `metrics.csv`)."""
+    id: str
+    """distrib's id of the run: the same across resumes and requeues (it is kept in each checkpoint)."""
+    config: dict[str, Any]
+    """The run's whole config (config.json): the hyperparameters."""
+    resumed_step: int | None = None
+    """The step of the checkpoint this attempt resumed from; None for a fresh run. Records after it may come again."""
+    kept_records: int | None = None
+    """On resume, how many records of metrics.jsonl the checkpoint kept (the rest are logged again); None if unknown."""
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Settings of the built-in trackers (wandb's init arguments)."""
 
 
-END = '"end"'
-"""The line that ends the stream (distrib.observe.tracking sends it)."""
+def _warn(name: str, message: str) -> None:
+    print(f"{name}: {message}", file=sys.stderr, flush=True)
+
+
+def load(spec: str) -> Any:
+    """The class a `module:Class` spec names."""
+    module, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Runner(threading.Thread):
+    """One tracker on a thread of its own: starts it, then feeds it what comes on its queue."""
+
+    def __init__(self, name: str, run: TrackerRun) -> None:
+        super().__init__(name=f"tracker-{name}", daemon=True)
+        self.tracker_name, self.run_info = name, run
+        self.queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        name, tracker = self.tracker_name, None
+        try:
+            tracker = load(BUILTIN.get(name, name))()
+            if hasattr(tracker, "start"):
+                tracker.start(self.run_info)
+        except Exception as exc:  # noqa: BLE001 - no network, a bad key, a broken install: training goes on
+            _warn(name, f"could not start ({type(exc).__name__}: {str(exc)[:300]}); training continues without it")
+            tracker = None
+        finally:
+            self.started.set()
+        summary: Any = None
+        while True:
+            kind, payload = self.queue.get()
+            if kind == "end":
+                break
+            if tracker is None:
+                continue
+            if kind == "summary":
+                summary = payload
+                continue
+            try:
+                tracker.log(payload)
+            except Exception as exc:  # noqa: BLE001
+                _warn(name, f"log failed ({type(exc).__name__}: {str(exc)[:300]}); continuing without it")
+                tracker = None
+        if tracker is not None and hasattr(tracker, "finish"):
+            try:
+                tracker.finish(summary, payload)
+            except Exception as exc:  # noqa: BLE001
+                _warn(name, f"finish failed ({type(exc).__name__}: {str(exc)[:300]})")
 
 
 def lowest_priority() -> None:
-    """The lowest CPU priority there is, for this process and the wandb service it starts (both inherit it).
+    """The lowest CPU priority there is, for this process and the services it starts (wandb's; they inherit it).
 
     Linux's idle policy (SCHED_IDLE): a rank that wakes (its all-reduce done, its batch ready)
     preempts this process at once; elsewhere nice 19. It only counts against processes of the same
-    scheduling group, hence the rank's session (tracking.py). It does not make wandb free: at 2 ranks
+    scheduling group, hence the rank's session (process.py). It does not make tracking free: at 2 ranks
     on 2 cores, CPU used beside the ranks still costs them time (BENCHMARKS.md), so the CPU itself is
     kept small.
     """
@@ -66,47 +126,57 @@ def lowest_priority() -> None:
             pass
 
 
+def _announce_started(runners: list[Runner], fd: int) -> None:
+    """Tell the training process, through `fd`, once every tracker's start is over (tests wait on it)."""
+    for runner in runners:
+        runner.started.wait()
+    os.write(fd, b"1")
+    os.close(fd)
+
+
 def main() -> int:
     lowest_priority()
     lines = iter(sys.stdin)
-    run = None
-    try:
-        run = _start(json.loads(next(lines)))
-    except Exception as exc:  # noqa: BLE001 - no network, a bad key, a broken install: training goes on
-        _warn(f"could not start a run ({type(exc).__name__}: {str(exc)[:300]}); training continues without wandb")
-    if len(sys.argv) > 1:  # tell the training process that init is over, so it knows what it may wait for
-        os.write(int(sys.argv[1]), b"1")
-        os.close(int(sys.argv[1]))
+    init = json.loads(next(lines))
+    # The training process's import path: a user's tracker (`mypkg.trackers:Mine`) imports as it would there.
+    sys.path.extend(p for p in init.get("sys_path", []) if p not in sys.path)
+    run = TrackerRun(**init["run"])
+    runners = [Runner(name, run) for name in init["trackers"]]
+    for runner in runners:
+        runner.start()
+    if len(sys.argv) > 1:
+        threading.Thread(target=_announce_started, args=(runners, int(sys.argv[1])), daemon=True).start()
+    outcome = "failed"  # end of input without an end: the training process died
     for line in lines:
-        if line.strip() == END:
-            break  # not EOF: forked DataLoader workers may hold the pipe's write end open for a while
-        if run is None:
+        kind, payload = json.loads(line)
+        if kind == "end":
+            # Not EOF: DataLoader workers forked after this process started hold the pipe's write end for a while.
+            outcome = payload
+            break
+        for runner in runners:
+            runner.queue.put((kind, payload))
+    budget = float(init.get("finish_timeout_s", 30.0))
+    ended, grace = time.monotonic(), min(START_GRACE_S, budget)
+    for runner in runners:
+        runner.queue.put(("end", outcome))
+    whole = True
+    for runner in runners:
+        if not runner.started.wait(max(0.0, ended + grace - time.monotonic())):
+            _warn(runner.tracker_name, f"had not started {grace:g} s after training ended (it hangs?); ending it")
+            whole = False
             continue
-        record = json.loads(line)
-        kind = record.get("kind", "train")
-        values = {f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step") and isinstance(v, (int, float))}
-        try:
-            run.log(values, step=int(record["step"]))
-        except Exception as exc:  # noqa: BLE001
-            _warn(f"log failed ({exc!r}); continuing without wandb")
-            run = None
-    if run is not None:
-        try:
-            run.finish()
-        except Exception as exc:  # noqa: BLE001
-            _warn(f"finish failed ({exc!r})")
-    if "wandb" in sys.modules:
-        try:
-            sys.modules["wandb"].teardown()  # waits for the wandb service to exit: the run is all on disk
-        except Exception as exc:  # noqa: BLE001
-            _warn(f"teardown failed ({exc!r})")
-    return 0
+        runner.join(max(0.0, ended + budget - time.monotonic()))
+        if runner.is_alive():
+            _warn(runner.tracker_name, "did not flush in time; ending it. Training is done and metrics.jsonl is whole; its record of the run may be incomplete")
+            whole = False
+    return 0 if whole else 3
 
 
 if __name__ == "__main__":
     code = main()
-    # The training process waits for this one to end. Once wandb has torn down, nothing is left to
-    # write, yet the interpreter's own exit (unloading wandb's modules) takes another ~0.3 s: skip it.
+    # The training process waits for this one to end. Once the trackers have flushed, nothing is left
+    # to write, yet the interpreter's own exit (unloading their modules) takes another ~0.3 s: skip it.
+    # A tracker still hung is abandoned: exit 3 tells the training process to end what it started.
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

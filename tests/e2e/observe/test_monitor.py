@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from distrib.observe.tracking import has_credentials
+from distrib.observe.trackers.process import has_credentials
 from tests.helpers import REPO, child_env, read_metrics, read_summary, rewind, run_train
 
 SMALL = ["--data.train_size", "2048", "--data.eval_size", "256", "--train.epochs", "2", "--train.log_every", "5", "--ckpt.every", "5"]

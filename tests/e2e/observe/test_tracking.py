@@ -50,7 +50,7 @@ def test_a_wandb_init_that_hangs_delays_no_step_and_does_not_fail_the_job(tmp_pa
     # init may take 600 s: the job (subprocess limit 120 s) could not finish if anything waited for it.
     args = [*SMALL, "--wandb.mode", "online", "--wandb.init_timeout_s", "600", "--run.dir", str(tmp_path / "run")]
     out = run_train(args, nproc=2, env=env, timeout=120)
-    assert "wandb: the run had not started" in out.stdout + out.stderr  # one warning
+    assert "wandb: had not started 5 s after training ended" in out.stdout + out.stderr  # one warning
     assert "wandb: online run" not in out.stdout  # it never started, yet:
     lines = read_metrics(tmp_path / "run")
     assert [l["step"] for l in lines if l["kind"] == "train"] == [4, 8] and read_summary(tmp_path / "run")["optimizer_steps"] == 8
@@ -64,18 +64,19 @@ def test_the_wandb_process_and_its_service_run_only_in_idle_time_and_in_the_rank
     import os
     import select
 
-    from distrib.config import WandbConfig
-    from distrib.observe.tracking import start
+    from distrib.config import Config, RunConfig, WandbConfig
+    from distrib.observe.trackers.process import start
 
     if not hasattr(os, "SCHED_IDLE"):
         pytest.skip("the idle scheduling policy is Linux's")
     monkeypatch.setenv("HOME", str(tmp_path))  # no credentials: an offline run
-    tracker = start(WandbConfig(mode="offline"), run_dir=str(tmp_path), config={}, run_id=None)
+    tracker = start(Config(run=RunConfig(dir=str(tmp_path)), wandb=WandbConfig(mode="offline")), run_id="idle0001")
     try:
         assert select.select([tracker._started], [], [], 60)[0]  # wandb.init is over: its service runs
         worker = tracker._proc.pid
         assert os.sched_getscheduler(worker) == os.SCHED_IDLE and os.getpriority(os.PRIO_PROCESS, worker) == 19
-        children = [int(c) for c in Path(f"/proc/{worker}/task/{worker}/children").read_text().split()]
+        # Each tracker starts on a thread of its own: a child is listed under the thread that started it.
+        children = [int(c) for task in Path(f"/proc/{worker}/task").iterdir() for c in (task / "children").read_text().split()]
         service = [c for c in children if "wandb-core" in Path(f"/proc/{c}/cmdline").read_text()]
         assert service and all(os.sched_getscheduler(c) == os.SCHED_IDLE for c in service)
         assert os.getpgid(worker) == worker and os.getsid(worker) == os.getsid(0)
@@ -99,10 +100,10 @@ def test_the_wandb_process_skips_the_launch_inputs_look_that_only_a_users_own_pr
     import sys
 
     code = (
-        "import sys; sys.path.insert(0, 'distrib/observe'); import wandb_worker, wandb; "
-        f"run = wandb_worker._start({{'mode': 'offline', 'dir': {str(tmp_path)!r}, 'id': 'skiplaunch', 'project': 'p', "
-        "'config': {'a': 1}, 'init_timeout': 60}); run.log({'x': 1.0}, step=1); run.finish(); wandb.teardown(); "
-        "print(sorted(m for m in sys.modules if m.startswith('wandb.sdk.launch')))"
+        "import sys, types; sys.path.insert(0, 'distrib/observe/trackers'); import wandb_tracker; tracker = wandb_tracker.WandbTracker(); "
+        f"tracker.start(types.SimpleNamespace(options={{'wandb': {{'mode': 'offline', 'dir': {str(tmp_path)!r}, 'id': 'skiplaunch', "
+        "'project': 'p', 'config': {'a': 1}, 'init_timeout': 60}})); tracker.log({'kind': 'train', 'step': 1, 'x': 1.0}); "
+        "tracker.finish(None, 'finished'); print(sorted(m for m in sys.modules if m.startswith('wandb.sdk.launch')))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -110,12 +111,13 @@ def test_the_wandb_process_skips_the_launch_inputs_look_that_only_a_users_own_pr
     assert list((tmp_path / "wandb").glob("offline-run-*-skiplaunch/run-skiplaunch.wandb"))
 
 
-def test_a_run_without_wandb_or_a_report_imports_neither_and_ddp_checkpoints_do_not_import_dcp(tmp_path):
+def test_a_run_without_trackers_a_report_or_a_profile_imports_none_and_ddp_checkpoints_do_not_import_dcp(tmp_path):
     # DCP (torch.distributed.checkpoint) is FSDP's: importing it took ~60 ms inside the first checkpoint's step.
+    # Without train.profile, nothing of distrib's profiler is imported (and no profiler runs).
     code = (
         "import sys, distrib.train as t; t.main(['--data.train_size', '256', '--train.epochs', '1', '--wandb.mode', 'disabled', "
         f"'--ckpt.every', '2', '--run.dir', {str(tmp_path / 'run')!r}]); "
-        "print(sorted(m for m in ('wandb', 'matplotlib', 'torch.distributed.checkpoint') if m in sys.modules))"
+        "print(sorted(m for m in ('wandb', 'matplotlib', 'torch.distributed.checkpoint', 'distrib.observe.profile') if m in sys.modules))"
     )
     import subprocess
     import sys

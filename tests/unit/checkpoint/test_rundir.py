@@ -335,7 +335,7 @@ def test_slurm_submit_refuses_unsafe_options_and_bad_training_args_before_submit
 
 
 def test_wandb_auto_looks_for_credentials_of_the_host_wandb_is_configured_for(tmp_path):
-    from distrib.observe.tracking import has_credentials
+    from distrib.observe.trackers.process import has_credentials
 
     (tmp_path / "settings").write_text("[default]\nbase_url = https://wandb.example.org\n")
     (tmp_path / "netrc").write_text("machine wandb.example.org login user password secret\n")

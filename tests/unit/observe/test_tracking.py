@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from distrib.observe.tracking import resolve_mode
+from distrib.observe.trackers.process import resolve_mode
 
 
 @pytest.mark.parametrize(
