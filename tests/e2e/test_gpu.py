@@ -101,3 +101,38 @@ def test_precision_and_compile_on_cuda_learn_like_fp32(tmp_path, setting):
     assert got["eval"]["count"] == ref["eval"]["count"] == 512
     assert ref["eval"]["accuracy"] > 0.5  # well above chance (1/8), so the comparison means something
     assert abs(got["eval"]["accuracy"] - ref["eval"]["accuracy"]) <= 0.05, (setting, got["eval"], ref["eval"])
+
+
+def test_a_profiled_window_on_cuda_writes_a_trace_with_kernels_and_a_memory_snapshot_and_an_oom_leaves_one(tmp_path):
+    run = tmp_path / "run"
+    run_train(
+        [
+            "--run.device",
+            "cuda",
+            "--data.train_size",
+            "1024",
+            "--train.epochs",
+            "1",
+            "--train.batch_size",
+            "32",
+            "--train.profile",
+            "3:4",
+            "--run.dir",
+            str(run),
+        ]
+    )
+    trace = run / "profile" / "rank0.steps3-4.pt.trace.json"
+    events = __import__("json").loads(trace.read_text())["traceEvents"]
+    assert {"ProfilerStep#3", "ProfilerStep#4"} <= {e.get("name") for e in events}
+    assert any(e.get("cat") == "kernel" for e in events), "no CUDA kernel in the trace"
+    assert (run / "profile" / "rank0.steps3-4.memory.pickle").stat().st_size > 0
+    # An out-of-memory error that ends a run (in an own loop: fit's pre-flight probe turns a batch too big into exit 2 first).
+    oom = tmp_path / "oom"
+    code = (
+        "import torch, distrib\n"
+        f"with distrib.Session(distrib.parse_config(['--run.device', 'cuda', '--run.dir', {str(oom)!r}])):\n"
+        "    torch.empty(1 << 50, device='cuda')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "OutOfMemoryError" in out.stderr, out.stderr[-2000:]
+    assert "rank0.oom.memory.pickle" in out.stderr and (oom / "profile" / "rank0.oom.memory.pickle").stat().st_size > 0

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from records import finite_numbers, flat_config, kept_records, scalars
+from records import flat_config, kept_records, scalars
 
 DIR = "tensorboard"
 
@@ -55,15 +55,9 @@ class TensorBoardTracker:
             self.writer.add_event(self._event(step=step, wall_time=time.time(), summary=summary))
 
     def finish(self, summary: Any, outcome: str) -> None:
-        if summary is not None:
+        if summary is not None:  # on the TEXT tab (its numbers are the last points of the scalars already)
             step = int(summary.get("optimizer_steps", 0)) if isinstance(summary, dict) else 0
             self._text("summary", "```json\n" + json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n```", step=step)
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            numbers = finite_numbers(summary)
-            if numbers:
-                values = [Summary.Value(tag=f"summary/{k}", simple_value=v) for k, v in numbers.items()]
-                self.writer.add_event(self._event(step=step, wall_time=time.time(), summary=Summary(value=values)))
         self.writer.close()
 
     def _text(self, tag: str, text: str, *, step: int) -> None:
