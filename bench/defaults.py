@@ -40,6 +40,9 @@ VARIANTS: dict[str, tuple[str, list[str], list[str]]] = {
     # The defaults in a script that calls distrib.quick_exit(), as distrib's own commands do: the
     # exit skips Python's collections over torch's objects. Not the defaults' cost: a saving beside it.
     "distrib_quick_exit": ("distrib", [], ["--quick_exit"]),
+    # The trackers (#29): none at all, and TensorBoard, MLflow and CSV together in place of wandb, the checkpoints as the defaults'.
+    "no_trackers": ("distrib", ["run.report_to=none"], []),
+    "trackers": ("distrib", ["run.report_to=tensorboard,mlflow,csv"], []),
 }
 SMOKE_VARIANTS = ("hand", "distrib", "ckpt10_async", "ckpt10_sync", "distrib_quick_exit")
 

@@ -1,0 +1,333 @@
+"""GPU proof in one command (#30): everything a GPU must confirm, within a budget, into one results file.
+
+    scripts/gpu-check.sh                       # on a CUDA machine: every part, within 8 minutes
+    scripts/gpu-check.sh --budget-s 300        # a shorter budget: parts that do not fit are listed as skipped
+    python bench/gpu.py --device cpu --smoke   # CI: the very same code on the CPU, at tiny sizes
+
+On a machine without CUDA the plain command says so and exits 0 at once. The parts, in order of value:
+
+1. `pytest -m gpu`: the CUDA tests (the README launcher on the GPU, bit-exact resume on CUDA, bf16/fp16/
+   compile, the profiler's CUDA trace and memory snapshots), and the no-host-sync check on every step
+   path (`bench/sync_paths.py`: token-weighted loss, bf16, async checkpoints, the non-finite guard) with
+   its self-test;
+2. the language-model benchmark (`bench/lm.py`): examples/gpt.py's model at GPT-2 small's shape, `fit`
+   against a nanoGPT-style hand loop, bf16 and torch.compile on both, interleaved rounds: tokens/s
+   ratio (goal >= 0.99), MFU from the declared FLOPs per token and the device's peak, data-wait fraction;
+3. feed efficiency and pinned/non_blocking transfers (`bench/gpu_feed.py`);
+4. with 2 or more GPUs: the exactness tests on NCCL (world-size invariance, accumulation, eval count,
+   resume after SIGKILL bit-exact), FSDP's sync check, DDP and FSDP tokens/s and peak memory at 1 and
+   N GPUs (scaling), and the largest GPT that trains under FSDP.
+
+Writes bench/results/gpu-<date>-<device>.json and .md (or --results) and prints the summary table; a
+full run (not --smoke) also redraws BENCHMARKS.md's GPU section from every such file (`--render` does
+only that): a table per device and date, and bench/results/gpu-check.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# Dense bf16 peak FLOP/s of one device (the vendors' data sheets), for MFU; matched on the device's name.
+PEAK_BF16 = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+    ("4090", 165e12),
+]
+
+
+def peak_flops(name: str) -> float | None:
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def device_info(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(), "host": platform.node()}
+    if device == "cuda":
+        info.update(name=torch.cuda.get_device_name(0), count=torch.cuda.device_count())
+        info["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+    else:
+        info.update(name=f"cpu ({os.cpu_count()} cores)", count=0, memory_gib=None, driver=None)
+    info["peak_bf16_flops"] = peak_flops(info["name"])
+    return info
+
+
+class Budget:
+    """The wall-clock budget: each part gets at most its share of what is left, and none starts without 20 s."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def run(cmd: list[str], timeout: float, **env: str) -> tuple[int | None, str, float]:
+    """(exit status or None on timeout, the output's tail, seconds)."""
+    started = time.monotonic()
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **env}
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=max(1.0, timeout))
+        return done.returncode, (done.stdout + done.stderr)[-6000:], time.monotonic() - started
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return None, out[-6000:], time.monotonic() - started
+
+
+def part_pytest(args: argparse.Namespace, budget: Budget, info: dict[str, Any]) -> dict[str, Any]:
+    if args.device != "cuda":
+        # The sync check's own run, on the CPU (no check there: the sync debug mode is CUDA's): the code a GPU runs.
+        code, tail, secs = run([sys.executable, "bench/sync_paths.py", "--device", "cpu", "--steps", "12"], budget.left() * 0.3)
+        ran = _last_json(tail) or {"error": tail[-800:]}
+        return {"status": "skipped", "reason": "pytest -m gpu and the sync check need a CUDA device", "sync_paths_on_cpu": ran, "sync_paths_status": code}
+    out: dict[str, Any] = {}
+    code, tail, secs = run([sys.executable, "bench/sync_paths.py"], budget.left() * 0.1)
+    out["sync_check"] = _last_json(tail) or {"error": tail[-800:]}
+    code_s, tail_s, _ = run([sys.executable, "bench/sync_paths.py", "--selftest"], budget.left() * 0.1)
+    out["sync_selftest_caught"] = code_s == 1 and "synchroniz" in tail_s.lower()
+    code, tail, secs = run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], budget.left() * 0.55)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail.splitlines()[-1] if tail.strip() else "")}
+    out.update(pytest_status=code, pytest_counts=counts, pytest_seconds=round(secs, 1), pytest_tail=tail[-1500:] if code else tail[-300:])
+    ok = code == 0 and out["sync_check"].get("clean") is True and out["sync_selftest_caught"]
+    return {"status": "ok" if ok else ("timeout" if code is None else "failed"), **out}
+
+
+def part_lm(args: argparse.Namespace, budget: Budget, info: dict[str, Any]) -> dict[str, Any]:
+    size, rounds, steps = ("tiny", 1, 6) if args.smoke else ("gpu", 2, 60)
+    with tempfile.NamedTemporaryFile(suffix=".json") as res:
+        # One GPU; on the CPU, 2 gloo ranks, so the smoke also runs the hand loop's DDP and distrib's.
+        procs = "1" if args.device == "cuda" else "2"
+        cmd = [sys.executable, "bench/lm.py", "--device", args.device, "--nproc", procs, "--size", size, "--precision", "bf16", "--compile"]
+        cmd += ["--rounds", str(rounds), "--warmup", "3" if args.smoke else "15", "--steps", str(steps), "--log_every", "3" if args.smoke else "20"]
+        cmd += ["--batch", "4" if args.smoke else "16", "--out", res.name]
+        if info["peak_bf16_flops"]:
+            cmd += ["--peak_flops", str(info["peak_bf16_flops"])]
+        code, tail, secs = run(cmd, budget.left() * 0.6)
+        result = json.loads(Path(res.name).read_text() or "null") if code == 0 else None
+    if result is None:
+        return {"status": "timeout" if code is None else "failed", "tail": tail[-2000:]}
+    fields = ("tokens_per_s", "tokens_per_s_ratio", "mfu", "data_wait_frac", "peak_mem_bytes", "flops_per_token", "gpt", "batch_per_process", "steps")
+    return {"status": "ok", "seconds": round(secs, 1), "goal_tokens_per_s_ratio": 0.99, **{k: result[k] for k in fields}}
+
+
+def part_feed(args: argparse.Namespace, budget: Budget, info: dict[str, Any]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "bench/gpu_feed.py", "--device", args.device, "--results", tmp, "--name", "feed"]
+        code, tail, secs = run(cmd + (["--smoke"] if args.smoke else ["--rounds", "2"]), budget.left() * 0.6)
+        path = Path(tmp, "feed.json")
+        result = json.loads(path.read_text()) if path.exists() else None
+    if result is None:
+        return {"status": "timeout" if code is None else "failed", "tail": tail[-2000:]}
+    return {"status": "ok" if code == 0 else "failed", "seconds": round(secs, 1), "feed_efficiency": result["feed_efficiency"], "h2d": result["meta"]["h2d"]}
+
+
+def part_multi(args: argparse.Namespace, budget: Budget, info: dict[str, Any]) -> dict[str, Any]:
+    n = info["count"]
+    if n < 2:
+        return {"status": "skipped", "reason": f"{n} GPU(s): NCCL exactness, FSDP's sync check and scaling need 2 or more"}
+    out: dict[str, Any] = {"gpus": n}
+    # The CPU suite's exactness tests, on NCCL: at 2+ GPUs their ranks take a GPU each (run.device auto).
+    picks = "invariance or accumulat or eval_count or every_sample or sigkill or killed"
+    code, tail, secs = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", picks, "tests/e2e"], budget.left() * 0.35)
+    out["nccl_exactness"] = {"status": code, "last_line": tail.strip().splitlines()[-1] if tail.strip() else "", "seconds": round(secs, 1)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    with tempfile.TemporaryDirectory() as shared:
+        code, tail, _ = run([*torchrun, "bench/sync_paths.py", "--strategy", "fsdp"], budget.left() * 0.15, SYNC_RUN_DIR=shared)
+    out["fsdp_sync_check"] = _last_json(tail) or {"error": tail[-800:]}
+    scaling: dict[str, Any] = {}
+    for strategy in ("ddp", "fsdp"):
+        for procs in (1, n):
+            with tempfile.NamedTemporaryFile(suffix=".json") as res:
+                cmd = [sys.executable, "bench/lm.py", "--device", "cuda", "--nproc", str(procs), "--size", "gpu", "--precision", "bf16", "--compile"]
+                cmd += ["--rounds", "1", "--warmup", "10", "--steps", "30", "--log_every", "20", "--batch", "16", f"--distrib_set=dist.strategy={strategy}"]
+                cmd += ["--loops", "distrib", "--out", res.name] + (["--peak_flops", str(info["peak_bf16_flops"])] if info["peak_bf16_flops"] else [])
+                code, tail, _ = run(cmd, budget.left() * 0.2)
+                r = json.loads(Path(res.name).read_text() or "null") if code == 0 else None
+            scaling[f"{strategy}@{procs}"] = {k: r[k]["distrib"] for k in ("tokens_per_s", "mfu", "peak_mem_bytes")} if r else {"error": tail[-600:]}
+    for strategy in ("ddp", "fsdp"):
+        one, many = scaling.get(f"{strategy}@1", {}), scaling.get(f"{strategy}@{n}", {})
+        if "tokens_per_s" in one and "tokens_per_s" in many:
+            scaling[f"{strategy}_scaling_efficiency"] = many["tokens_per_s"] / (n * one["tokens_per_s"])
+    out["scaling"] = scaling
+    out["largest_fsdp_gpt_layers"] = _largest(n, budget)
+    ok = out["nccl_exactness"]["status"] == 0 and out["fsdp_sync_check"].get("clean") is True
+    return {"status": "ok" if ok else "failed", **out}
+
+
+def _largest(n: int, budget: Budget) -> dict[str, Any]:
+    """The deepest GPT (GPT-2 small's width, doubling its layers) that trains a few steps under FSDP on n GPUs."""
+    fits, layers = 0, 12
+    while budget.left() > 60 and layers <= 768:
+        overrides = json.dumps({"context": 1024, "layers": layers, "dim": 768, "heads": 12})
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "bench/lm.py", "--runner", "distrib"]
+        cmd += ["--device", "cuda", "--size", "gpu", "--precision", "bf16", "--warmup", "2", "--steps", "3", "--log_every", "5", "--batch", "8"]
+        cmd += ["--distrib_set=dist.strategy=fsdp", "--distrib_set=train.activation_checkpointing=full"]
+        code, _, _ = run(cmd, min(budget.left() - 30, 180), BENCH_GPT=overrides, BENCH_RESULT=os.devnull)
+        if code != 0:
+            break
+        fits, layers = layers, layers * 2
+    return {"layers": fits, "dim": 768, "context": 1024, "note": "doubling from 12 layers until a run fails (out of memory) or the budget ends"}
+
+
+def _last_json(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                return None
+    return None
+
+
+PARTS = (("pytest_gpu", part_pytest), ("lm", part_lm), ("feed", part_feed), ("multi_gpu", part_multi))
+
+
+def summary(result: dict[str, Any]) -> str:
+    info, parts = result["device"], result["parts"]
+    lines = [
+        f"# GPU check, {result['date']}: {info['name']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| device | {info['name']} x {info['count']} ({info['memory_gib']} GiB) |",
+        f"| driver / CUDA / torch | {info['driver']} / {info['cuda']} / {info['torch']} |",
+        f"| budget | {result['budget_s']:.0f} s, used {result['seconds']:.0f} s |",
+    ]
+    for name, part in parts.items():
+        lines.append(f"| {name} | {part['status']}{': ' + part['reason'] if 'reason' in part else ''} |")
+    lm = parts.get("lm", {})
+    if lm.get("status") == "ok":
+        t, mfu, wait = lm["tokens_per_s"], lm["mfu"], lm["data_wait_frac"]
+        lines.append(f"| LM tokens/s, fit / hand | {lm['tokens_per_s_ratio']:.3f} (goal >= 0.99): {t['distrib']:,.0f} / {t['hand']:,.0f} |")
+        lines.append(f"| LM MFU, fit / hand | {_pct(mfu['distrib'])} / {_pct(mfu['hand'])} |")
+        lines.append(f"| LM data wait, fit / hand | {wait['distrib']:.1%} / {wait['hand']:.1%} |")
+    feed = parts.get("feed", {})
+    if feed.get("status") == "ok":
+        lines.append(f"| feed efficiency (distrib / resident) | {feed['feed_efficiency'].get('distrib', float('nan')):.3f} |")
+    py = parts.get("pytest_gpu", {})
+    if "pytest_counts" in py:
+        lines.append(
+            f"| pytest -m gpu | {py['pytest_counts']}; sync check clean: {py['sync_check'].get('clean')}, self-test caught: {py['sync_selftest_caught']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+BEGIN, END = "<!-- gpu-check:begin (bench/gpu.py --render writes this section) -->", "<!-- gpu-check:end -->"
+
+
+def render(results_dir: Path, benchmarks: Path) -> str:
+    """BENCHMARKS.md's GPU section from every full (not smoke) results file: which numbers are from which device and date."""
+    runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("gpu-*-*.json")) if p.stem.count("-") >= 4]
+    runs = [r for r in runs if isinstance(r, dict) and "parts" in r and not r.get("smoke") and r["device"].get("count")]
+    if not runs:
+        body = "No GPU check has run yet: no session since #30 was lent a GPU. `scripts/gpu-check.sh` fills this section.\n"
+    else:
+        body = "\n".join(summary(r).replace("# GPU check", "### GPU check") for r in runs) + "\n![GPU check](bench/results/gpu-check.png)\n"
+        _plot(runs, results_dir / "gpu-check.png")
+    text = benchmarks.read_text()
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + BEGIN + "\n" + body + END + rest.split(END, 1)[1]
+        benchmarks.write_text(text)
+    return body
+
+
+def _plot(runs: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    labels, ratios, mfus = [], [], []
+    for r in runs:
+        lm = r["parts"].get("lm", {})
+        if lm.get("status") != "ok":
+            continue
+        labels.append(f"{r['device']['name']}\n{r['date']}")
+        ratios.append(lm["tokens_per_s_ratio"])
+        mfus.append(lm["mfu"]["distrib"] or 0.0)
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], ratios, width=0.4, label="fit / hand tokens/s")
+    ax.bar([i + 0.2 for i in x], mfus, width=0.4, label="fit MFU")
+    ax.axhline(0.99, color="tab:red", ls="--", lw=1, label="goal 0.99")
+    ax.set_xticks(list(x), labels)
+    ax.set_title("GPU check: the language-model benchmark (bf16, torch.compile)")
+    ax.legend(loc="lower right")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one round: what CI runs on the CPU")
+    p.add_argument("--budget-s", dest="budget_s", type=float, default=480.0, help="wall-clock budget for all parts (default 8 minutes)")
+    p.add_argument("--results", default=str(HERE / "results"))
+    p.add_argument("--render", action="store_true", help="only redraw BENCHMARKS.md's GPU section from the results files")
+    args = p.parse_args(argv)
+    if args.render:
+        print(render(Path(args.results), REPO / "BENCHMARKS.md"))
+        return 0
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here: nothing to check (the CPU path: python bench/gpu.py --device cpu --smoke)")
+        return 0
+    started, budget = time.monotonic(), Budget(args.budget_s)
+    info = device_info(args.device)
+    print(
+        f"gpu-check: {info['name']} x {info['count']}, driver {info['driver']}, CUDA {info['cuda']}, torch {info['torch']}; budget {args.budget_s:.0f} s",
+        flush=True,
+    )
+    parts: dict[str, Any] = {}
+    for name, fn in PARTS:
+        if budget.left() < 20:
+            parts[name] = {"status": "skipped", "reason": "the budget ran out"}
+            continue
+        print(f"gpu-check: {name} ({budget.left():.0f} s left)", flush=True)
+        parts[name] = fn(args, budget, info)
+        print(f"gpu-check: {name}: {parts[name]['status']}", flush=True)
+    date = datetime.date.today().isoformat()
+    result = {"date": date, "smoke": args.smoke, "budget_s": args.budget_s, "seconds": time.monotonic() - started, "device": info, "parts": parts}
+    slug = re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-")
+    stem = Path(args.results) / f"gpu-{date}-{slug}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    table = summary(result)
+    stem.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"gpu-check: wrote {stem}.json and .md")
+    if not args.smoke:
+        render(Path(args.results), REPO / "BENCHMARKS.md")
+    return 0 if all(part["status"] in ("ok", "skipped") for part in parts.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
