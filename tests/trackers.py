@@ -16,3 +16,20 @@ class HangsInLog:
 class RaisesInLog:
     def log(self, record: dict[str, Any]) -> None:
         raise RuntimeError("the tracker's server said no")
+
+
+class Mutates:
+    """Edits the records it gets: no other tracker may see the edits."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        record.pop("loss", None)
+        record["step"], record["kind"] = -1, "mutated"
+
+
+class Crashes:
+    """Takes the whole trackers' process down with it (as a segfault in a native library would)."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        import os
+
+        os._exit(9)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,8 @@ class RunConfig:
             raise ConfigError("run.dir is empty. HINT: pass --run.dir runs/my-run.")
         one_of("run", "device", self.device, DEVICES)
         positive("run", tracker_timeout_s=self.tracker_timeout_s)
+        if self.tracker_timeout_s > 3600:
+            raise ConfigError(f"run.tracker_timeout_s={self.tracker_timeout_s:g} would hold a finished job for over an hour. HINT: pass --run.tracker_timeout_s 60 (or up to 3600).")
         check_report_to(self.report_to)
 
 
@@ -138,13 +141,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.profile is not None:
-            first, sep, last = self.profile.strip().partition(":")
-            if not (first.strip().isdigit() and (not sep or last.strip().isdigit()) and 1 <= int(first) <= int(last or first)):
+            window = re.fullmatch(r"\s*(\d{1,9})\s*(?::\s*(\d{1,9})\s*)?", self.profile, flags=re.ASCII)
+            first, last = (window.group(1), window.group(2) or window.group(1)) if window else ("0", "0")
+            if not 1 <= int(first) <= int(last):
                 raise ConfigError(
                     f"train.profile={self.profile!r} is not a window of optimizer steps FIRST:LAST (1 <= FIRST <= LAST). "
                     "HINT: pass --train.profile 20:25 to trace steps 20 to 25 (a few steps after the first, which includes warm-up)."
                 )
-            self.profile = f"{int(first)}:{int(last or first)}"
+            self.profile = f"{int(first)}:{int(last)}"
         one_of("train", "progress", self.progress, ("auto", "bar", "lines"))
         one_of("train", "nonfinite", self.nonfinite, ("error", "skip"))
         one_of("train", "activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))

@@ -27,17 +27,22 @@ from distrib.errors import ConfigError
 from distrib.runtime.console import log
 
 
-def profile_dir(run_dir: str | Path) -> Path:
-    """run.dir/profile/, created if need be: never through a link or over a file distrib did not make."""
+def profile_dir(run_dir: str | Path, *, create: bool = True) -> Path:
+    """run.dir/profile/ (created if need be): never through a link or over a file distrib did not make."""
     path = Path(run_dir) / PROFILE_DIR
     what = foreign_dir(path)
     if what is not None:
         raise ConfigError(f"{path} is {what}; distrib writes the profiler's traces there. HINT: remove it, or pass another --run.dir.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise storage_error(path, exc) from None
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_error(path, exc) from None
     return path
+
+
+def trace_name(rank: int, first: int, last: int) -> str:
+    return f"rank{rank}.steps{first}-{last}"
 
 
 class StepProfiler:
@@ -50,6 +55,13 @@ class StepProfiler:
     def __init__(self, window: tuple[int, int], *, run_dir: str | Path, rank: int, device: torch.device, steps_done: Callable[[], int]) -> None:
         self.first, self.last = window
         self.run_dir, self.rank, self.device = Path(run_dir), rank, device
+        # Before anything is written, on every rank: a planted link or file where the traces go is exit 2 now, not mid-run.
+        check_own(profile_dir(run_dir, create=False) / f"{trace_name(rank, *window)}.pt.trace.json")
+        if self.last - self.first >= 50 and rank == 0:
+            log.warning(
+                f"train.profile={self.first}:{self.last} traces {self.last - self.first + 1} steps: a trace grows by megabytes a step and is "
+                "written when the window ends (a stop waits for it). HINT: a few steps show a step's time as well (--train.profile 20:25)."
+            )
         self._steps_done = steps_done
         self._prof: Any = None
         self._mark: Any = None
@@ -82,6 +94,8 @@ class StepProfiler:
             self._mark = None
         if self._prof is not None:
             self._stop()
+        elif not self._done and self.rank == 0 and self._steps_done() < self.first:
+            log.warning(f"train.profile={self.first}:{self.last}: the run ended at step {self._steps_done()}, before the window; nothing was traced")
 
     def mark(self, kind: str, step: int, record: dict[str, Any]) -> dict[str, Any]:
         """A train record with the traced steps of its interval, as `profiled: [5, 6]`; other records as they are."""
@@ -93,6 +107,9 @@ class StepProfiler:
 
     def _start(self, step: int) -> None:
         self._dir = profile_dir(self.run_dir)
+        for old in self._dir.glob(f".rank{self.rank}.steps*.tmp*"):  # this rank's own, from an attempt killed mid-export
+            if old.is_file() and not old.is_symlink():
+                old.unlink(missing_ok=True)
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -106,7 +123,7 @@ class StepProfiler:
         prof, self._prof, self._done = self._prof, None, True
         prof.stop()
         first, last = (self.traced[0], self.traced[-1]) if self.traced else (self.first, self.first)
-        name = f"rank{self.rank}.steps{first}-{last}"
+        name = trace_name(self.rank, first, last)
         trace = self._dir / f"{name}.pt.trace.json"
         self._write(trace, prof.export_chrome_trace)
         if self.device.type == "cuda":
@@ -121,9 +138,12 @@ class StepProfiler:
         check_own(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
+            # Created here first, so a directory that refuses it says why (the exporter's own error is only logged).
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
             export(str(tmp))
             os.replace(tmp, path)
         except OSError as exc:
+            tmp.unlink(missing_ok=True)
             raise storage_error(path, exc) from None
 
 

@@ -135,7 +135,7 @@ class RunFiles:
     """
 
     def __init__(self, cfg: Config, lock: RunLock) -> None:
-        trackers.check(cfg.run.report_to)  # on every rank, before anything is written: a tracker that cannot start is exit 2
+        trackers.check(cfg)  # on every rank, before anything is written: a tracker that cannot start is exit 2
         self.cfg, self._lock = cfg, lock
         self._writer: RunWriter | None = None
         self.run_id: str | None = None

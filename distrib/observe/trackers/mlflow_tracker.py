@@ -56,6 +56,8 @@ class MlflowTracker:
             run_name = os.environ.get("MLFLOW_RUN_NAME") or Path(run.dir).name
             self.run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
             self._params(run.config)
+            for record in kept_records(run):  # mlflow added on a resume: the run so far, from metrics.jsonl
+                self.log(record)
         print(f"mlflow: run {self.run_id} in experiment {name!r} at {uri}", flush=True)
 
     def _params(self, config: dict[str, Any]) -> None:

@@ -40,9 +40,15 @@ PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}
 """The package each built-in tracker imports (installed with distrib's extra of the same name; csv needs none)."""
 
 
-def check(report_to: list[str]) -> None:
-    """ConfigError (exit 2) for a tracker that cannot start here: a package not installed, a `module:Class` that does not import."""
-    for name in report_to:
+def check(cfg: Config) -> None:
+    """ConfigError (exit 2) for a tracker that cannot start here: a package not installed, a `module:Class` that does not import.
+
+    wandb, when disabled (wandb.mode, WANDB_MODE or WANDB_DISABLED), needs no package: it is never started.
+    """
+    wandb_off = cfg.wandb.mode == "disabled" or (cfg.wandb.mode is None and resolve_mode(None) == "disabled")
+    for name in cfg.run.report_to:
+        if name == "wandb" and wandb_off:
+            continue
         if name in PACKAGES:
             if importlib.util.find_spec(PACKAGES[name]) is None:
                 raise ConfigError(
@@ -155,6 +161,7 @@ class ProcessTracker(Tracker):
 
     def __init__(self, init: dict[str, Any], *, finish_timeout_s: float) -> None:
         self._finish_timeout_s = finish_timeout_s
+        self._warned = False
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Run as a script, not `-m distrib...`: importing the package would import torch for nothing.
         self._started, started_w = os.pipe()  # the worker writes a byte here once every tracker's start is over
@@ -182,8 +189,16 @@ class ProcessTracker(Tracker):
                 if isinstance(item, list) and item[0] == "end":
                     break
             self._proc.stdin.close()
-        except (OSError, ValueError):  # the process is gone: nothing more to send
-            pass
+        except (OSError, ValueError):  # the process is gone (a tracker crashed it): nothing more to send
+            self._died()
+
+    def _died(self) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        code = self._proc.wait()
+        how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        log.warning(f"trackers: their process ended during the run ({how}: a tracker crashed it); training goes on, metrics.jsonl is whole")
 
     def log(self, record: dict[str, Any]) -> None:
         self._queue.put(["log", record])
@@ -200,6 +215,8 @@ class ProcessTracker(Tracker):
             log.warning("trackers: their process did not end in time; ending it. Training is done and metrics.jsonl is whole")
         finally:
             os.close(self._started)
+        if self._proc.returncode not in (0, 3, None):
+            self._died()  # it died before the end (and wrote nothing more)
         if self._proc.returncode != 0:  # a tracker still hung (the worker said so), or the worker itself: end what it started
             try:
                 os.killpg(self._proc.pid, signal.SIGKILL)

@@ -29,15 +29,19 @@ class TensorBoardTracker:
         if logdir.is_symlink() or (logdir.exists() and not logdir.is_dir()):
             raise RuntimeError(f"{logdir} is a link or a file that distrib did not create; it writes no events there")
         logdir.mkdir(exist_ok=True)
+        # Read before this attempt's own file exists: what earlier attempts wrote.
+        earlier = any(logdir.glob("events.out.tfevents.*"))
+        logged = _last_steps(logdir, until=run.resumed_step) if run.resumed_step is not None else {}
         # flush_secs: TensorBoard shows a live run with at most this delay; each record is also flushed as it comes.
         self.writer = EventFileWriter(str(logdir), flush_secs=10)
         if run.resumed_step is not None:
-            logged = _last_steps(logdir, until=run.resumed_step)  # before this attempt's own file
             self.writer.add_event(Event(step=run.resumed_step + 1, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
             for record in kept_records(run):  # what the killed attempt logged to metrics.jsonl but had not written here
                 step, values = scalars(record)
                 self._scalars(step, {tag: v for tag, v in values.items() if step > logged.get(tag, -1)})
         else:
+            if earlier:  # a fresh start over an attempt killed before its first checkpoint: hide all it wrote
+                self.writer.add_event(Event(step=0, wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))
             self._text("config", "```json\n" + json.dumps(run.config, indent=2, sort_keys=True) + "\n```", step=0)
             self._hparams(run.config)
         self.writer.flush()

@@ -14,6 +14,9 @@ class WandbTracker:
 
         args = dict(run.options["wandb"])
         _skip_launch_inputs(wandb)
+        own = Path(args["dir"]) / "wandb"  # where wandb writes inside its dir; in run.dir, distrib's to guard
+        if Path(args["dir"]) == Path(run.dir) and (own.is_symlink() or (own.exists() and not own.is_dir())):
+            raise RuntimeError(f"{own} is a link or a file that distrib did not create; wandb writes nothing through it")
         Path(args["dir"]).mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(console="off", silent=True, init_timeout=args.pop("init_timeout"), x_disable_stats=True)
         self.run = wandb.init(resume="allow", settings=settings, **args)

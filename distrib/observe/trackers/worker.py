@@ -134,8 +134,15 @@ def _announce_started(runners: list[Runner], fd: int) -> None:
     os.close(fd)
 
 
+def _thread_failed(args: threading.ExceptHookArgs) -> None:
+    """A thread a tracker started itself (an event writer, an uploader) that fails: one line, not a traceback."""
+    name = args.thread.name if args.thread is not None else "?"
+    print(f"trackers: a background thread ({name}) failed: {args.exc_type.__name__}: {str(args.exc_value)[:300]}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     lowest_priority()
+    threading.excepthook = _thread_failed
     lines = iter(sys.stdin)
     init = json.loads(next(lines))
     # The training process's import path: a user's tracker (`mypkg.trackers:Mine`) imports as it would there.
@@ -153,8 +160,8 @@ def main() -> int:
             # Not EOF: DataLoader workers forked after this process started hold the pipe's write end for a while.
             outcome = payload
             break
-        for runner in runners:
-            runner.queue.put((kind, payload))
+        for i, runner in enumerate(runners):  # each tracker its own copy: one that edits a record changes no other's
+            runner.queue.put((kind, payload if i == 0 else json.loads(line)[1]))
     budget = float(init.get("finish_timeout_s", 30.0))
     ended, grace = time.monotonic(), min(START_GRACE_S, budget)
     for runner in runners:

@@ -138,7 +138,7 @@ def test_a_tracker_that_hangs_or_raises_neither_delays_nor_fails_the_job(tmp_pat
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
-    report = "mlflow,csv,tests.trackers:HangsInLog,tests.trackers:RaisesInLog"
+    report = "tests.trackers:Mutates,mlflow,csv,tests.trackers:HangsInLog,tests.trackers:RaisesInLog"
     args = ["--data.train_size", "1024", "--data.eval_size", "128", "--train.epochs", "1", "--train.log_every", "4"]
     args += ["--run.report_to", report, "--run.tracker_timeout_s", "3", "--run.dir", str(tmp_path / "run")]
     try:
@@ -151,8 +151,17 @@ def test_a_tracker_that_hangs_or_raises_neither_delays_nor_fails_the_job(tmp_pat
     assert "tests.trackers:RaisesInLog: log failed (RuntimeError: the tracker's server said no); continuing without it" in log
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records if r["kind"] == "train"] == [4, 8] and read_summary(tmp_path / "run")["optimizer_steps"] == 8
-    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [r["step"] for r in records]
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:  # whole, and untouched by the tracker that edits its records
+        assert [(r["kind"], int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)] == [(r["kind"], r["step"], r["loss"]) for r in records]
+
+
+def test_a_tracker_that_takes_the_trackers_process_down_is_one_warning(tmp_path):
+    out = run_train(
+        ["--data.train_size", "512", "--train.epochs", "1", "--train.log_every", "2", "--run.report_to", "tests.trackers:Crashes", "--run.dir", str(tmp_path)],
+        env=_env(),
+    )
+    assert "trackers: their process ended during the run (exit status 9: a tracker crashed it)" in out.stderr + out.stdout
+    assert read_summary(tmp_path)["optimizer_steps"] == 8
 
 
 @pytest.mark.parametrize(
