@@ -46,7 +46,9 @@ class RunConfig:
         one_of("run", "device", self.device, DEVICES)
         positive("run", tracker_timeout_s=self.tracker_timeout_s)
         if self.tracker_timeout_s > 3600:
-            raise ConfigError(f"run.tracker_timeout_s={self.tracker_timeout_s:g} would hold a finished job for over an hour. HINT: pass --run.tracker_timeout_s 60 (or up to 3600).")
+            raise ConfigError(
+                f"run.tracker_timeout_s={self.tracker_timeout_s:g} would hold a finished job for over an hour. HINT: pass --run.tracker_timeout_s 60 (or up to 3600)."
+            )
         check_report_to(self.report_to)
 
 
