@@ -16,7 +16,7 @@ On a machine without CUDA the plain command says so and exits 0 at once. The par
 3. feed efficiency and pinned/non_blocking transfers (`bench/gpu_feed.py`);
 4. with 2 or more GPUs: the exactness tests on NCCL (world-size invariance, accumulation, eval count,
    resume after SIGKILL bit-exact), FSDP's sync check, DDP and FSDP tokens/s and peak memory at 1 and
-   N GPUs (scaling), and the largest GPT that trains under FSDP.
+   N GPUs (scaling), and the deepest GPT that trains under each.
 
 Writes bench/results/gpu-<date>-<device>.json and .md (or --results) and prints the summary table; a
 full run (not --smoke) also redraws BENCHMARKS.md's GPU section from every such file (`--render` does
@@ -111,8 +111,8 @@ def part_pytest(args: argparse.Namespace, budget: Budget, info: dict[str, Any]) 
     out["sync_check"] = _last_json(tail) or {"error": tail[-800:]}
     code_s, tail_s, _ = run([sys.executable, "bench/sync_paths.py", "--selftest"], budget.left() * 0.1)
     out["sync_selftest_caught"] = code_s == 1 and "synchroniz" in tail_s.lower()
-    # (The feed benchmark's own CUDA test is the feed part below.)
-    pytest = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-k", "not gpu_feed_benchmark", "tests"]
+    # (The feed benchmark's own CUDA test is the feed part below; the sync check's test is the two runs above.)
+    pytest = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-k", "not gpu_feed_benchmark and not no_host_sync", "tests"]
     code, tail, secs = run(pytest, budget.left() * 0.55)
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", tail.splitlines()[-1] if tail.strip() else "")}
     out.update(pytest_status=code, pytest_counts=counts, pytest_seconds=round(secs, 1), pytest_tail=tail[-1500:] if code else tail[-300:])
@@ -177,19 +177,19 @@ def part_multi(args: argparse.Namespace, budget: Budget, info: dict[str, Any]) -
         if "tokens_per_s" in one and "tokens_per_s" in many:
             scaling[f"{strategy}_scaling_efficiency"] = many["tokens_per_s"] / (n * one["tokens_per_s"])
     out["scaling"] = scaling
-    out["largest_fsdp_gpt_layers"] = _largest(n, budget)
+    out["largest_gpt"] = {strategy: _largest(n, budget, strategy) for strategy in ("fsdp", "ddp")}
     ok = out["nccl_exactness"]["status"] == 0 and out["fsdp_sync_check"].get("clean") is True
     return {"status": "ok" if ok else "failed", **out}
 
 
-def _largest(n: int, budget: Budget) -> dict[str, Any]:
-    """The deepest GPT (GPT-2 small's width, doubling its layers) that trains a few steps under FSDP on n GPUs."""
+def _largest(n: int, budget: Budget, strategy: str) -> dict[str, Any]:
+    """The deepest GPT (GPT-2 small's width, doubling its layers) that trains a few steps with `strategy` on n GPUs."""
     fits, layers = 0, 12
     while budget.left() > 60 and layers <= 768:
         overrides = json.dumps({"context": 1024, "layers": layers, "dim": 768, "heads": 12})
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "bench/lm.py", "--runner", "distrib"]
         cmd += ["--device", "cuda", "--size", "gpu", "--precision", "bf16", "--warmup", "2", "--steps", "3", "--log_every", "5", "--batch", "8"]
-        cmd += ["--distrib_set=dist.strategy=fsdp", "--distrib_set=train.activation_checkpointing=full"]
+        cmd += [f"--distrib_set=dist.strategy={strategy}", "--distrib_set=train.activation_checkpointing=full"]
         code, _, _ = run(cmd, min(budget.left() - 30, 180), BENCH_GPT=overrides, BENCH_RESULT=os.devnull)
         if code != 0:
             break
@@ -232,6 +232,18 @@ def summary(result: dict[str, Any]) -> str:
     feed = parts.get("feed", {})
     if feed.get("status") == "ok":
         lines.append(f"| feed efficiency (distrib / resident) | {feed['feed_efficiency'].get('distrib', float('nan')):.3f} |")
+    multi = parts.get("multi_gpu", {})
+    if "scaling" in multi:
+        sc = multi["scaling"]
+        for strategy in ("ddp", "fsdp"):
+            eff = sc.get(f"{strategy}_scaling_efficiency")
+            many = sc.get(f"{strategy}@{multi['gpus']}", {})
+            lines.append(
+                f"| {strategy} at {multi['gpus']} GPUs | scaling {eff if eff is None else round(eff, 3)}, peak {many.get('peak_mem_bytes')} B on rank 0 |"
+            )
+        lines.append(f"| NCCL exactness tests | {multi['nccl_exactness']['last_line']} |")
+        deepest = ", ".join(f"{k}: {v['layers']} layers" for k, v in multi["largest_gpt"].items())
+        lines.append(f"| deepest GPT (768 wide, 1024 context) | {deepest} |")
     py = parts.get("pytest_gpu", {})
     if "pytest_counts" in py:
         lines.append(
