@@ -92,6 +92,25 @@ def _device(args: argparse.Namespace) -> Any:
     return torch.device("cpu")
 
 
+def _sync_at(opt: Any, device: Any, steps: set[int]) -> None:
+    """On CUDA, wait for the device after the optimizer steps the clock's interval starts and ends at (StepClock,
+    installed after this, timestamps after the wait): the host runs ahead of the GPU otherwise."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    inner, count = opt.step, [0]
+
+    def step(*a: Any, **k: Any) -> Any:
+        out = inner(*a, **k)
+        count[0] += 1
+        if count[0] in steps:
+            torch.cuda.synchronize(device)
+        return out
+
+    opt.step = step
+
+
 def run_hand(args: argparse.Namespace) -> None:
     """nanoGPT's shape: DistributedSampler, DDP (with more than one process), torch.compile, bf16 autocast,
     pinned batches copied non_blocking, AdamW, a LambdaLR schedule, loss.item() at the log interval."""
@@ -114,6 +133,7 @@ def run_hand(args: argparse.Namespace) -> None:
     model = GPT(cfg).to(device)
     flops_per_token = model.flops_per_token()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    _sync_at(opt, device, {args.warmup, args.warmup + args.steps})
     if args.compile:
         model = torch.compile(model)
     if world > 1:
@@ -177,6 +197,7 @@ def run_distrib(args: argparse.Namespace) -> None:
     model = GPT(cfg_gpt)
     flops_per_token = model.flops_per_token()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    _sync_at(opt, device, {args.warmup, args.warmup + args.steps})
     total = args.warmup + args.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, 30, total))
     clock = StepClock(opt)
@@ -214,7 +235,7 @@ def run_distrib(args: argparse.Namespace) -> None:
         )
         # The data wait of the log intervals after the warm-up, as fit measured it (averaged over ranks).
         lines = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()] if int(os.environ.get("RANK", "0")) == 0 else []
-        waits = [r["data_wait_frac"] for r in lines if r["kind"] == "train" and r["step"] > args.warmup] or [float("nan")]
+        waits = [r["data_wait_frac"] for r in lines if r["kind"] == "train" and r["step"] - args.log_every >= args.warmup] or [float("nan")]
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     _report(args.runner, args, clock, rank, world, summary["eval"].get("loss"), cfg_gpt, flops_per_token, statistics.mean(waits), device)
 
@@ -322,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         + "".join(f"{k} / hand step time: median {statistics.median(v):.3f} (rounds: {', '.join(f'{x:.3f}' for x in v)})\n" for k, v in others.items())
     )
     print(table)
-    if args.out:  # a driver (bench/gpu.py) takes the result
+    if args.out:  # a driver (bench/gpu.py) takes the result, and writes its own files
         Path(args.out).write_text(json.dumps(result) + "\n")
+        return 0
     if args.smoke and not args.name:
         return 0
     stem = Path(args.results) / (args.name or f"lm-{result['date']}")

@@ -8,7 +8,8 @@ but the log steps (where the one allowed sync is), over the paths added since th
 The run: examples/gpt.py's model with a token-weighted loss (`distrib.label_tokens`: the per-step
 token count is summed on the device), bf16 autocast, asynchronous checkpoints (ckpt.every a multiple
 of the log interval, so the steps while a save is written in the background are checked), and the
-non-finite guard in `skip` mode (the device-side drop of a step). The first steps are left out
+non-finite guard in `skip` mode with a fused AdamW (the device-side drop of a step: a non-fused
+optimizer reads one flag a step under `skip`, by design, docs/guards.md). The first steps are left out
 (lazy initialisation of cuBLAS and the allocator is not the hot path). Prints one JSON line and exits 0
 when no checked step synchronised, 1 when one did (the error names the call).
 """
@@ -20,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     train_set, _ = datasets(cfg_gpt)
     torch.manual_seed(0)
     model = GPT(cfg_gpt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=args.device == "cuda")
     log_every = 5
     if args.device == "cuda":
         guard_syncs(model, opt, start=3, log_every=log_every, total=args.steps)
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def items(batch):  # noqa: F811 - a host sync on purpose
             count = inner(batch)
-            torch.as_tensor(count).sum().item()
+            torch.as_tensor(count).sum().item()  # planted
             return count
 
     error = None
@@ -78,12 +80,18 @@ def main(argv: list[str] | None = None) -> int:
                 "ckpt.resume": "never",
             }
         )
+        where = None
         try:
             distrib.fit(cfg, model=model, optimizer=opt, train_data=train_set, items=items)
         except RuntimeError as exc:  # the sync debug mode's error, raised at the call that synchronised
             error = f"{type(exc).__name__}: {str(exc)[:500]}"
+            frame = traceback.extract_tb(exc.__traceback__)[-1]  # the line that synchronised: the self-test's must be its own
+            where = f"{Path(frame.filename).name}:{frame.lineno} {frame.name}: {frame.line}"
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({"strategy": args.strategy, "selftest": args.selftest, "steps": args.steps, "clean": error is None, "error": error}), flush=True)
+        print(
+            json.dumps({"strategy": args.strategy, "selftest": args.selftest, "steps": args.steps, "clean": error is None, "error": error, "where": where}),
+            flush=True,
+        )
     return 0 if error is None else 1
 
 

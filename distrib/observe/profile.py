@@ -113,7 +113,7 @@ class StepProfiler:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
+            torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")  # C++ frames: slow to name at the dump
         self._prof = torch.profiler.profile(activities=activities, record_shapes=True)
         self._prof.start()
         if self.rank == 0:
