@@ -118,7 +118,7 @@ def run(cmd: list[str], timeout: float, **env: str) -> tuple[int | None, str, st
 def part_pytest(args: argparse.Namespace, budget: Budget, info: dict[str, Any]) -> dict[str, Any]:
     if args.device != "cuda":
         # The sync check's own run, on the CPU (no check there: the sync debug mode is CUDA's): the code a GPU runs.
-        code, out, err, secs = run([sys.executable, "bench/sync_paths.py", "--device", "cpu", "--steps", "12"], budget.left() * 0.3)
+        code, out, err, secs = run([sys.executable, "bench/sync_paths.py", "--device", "cpu", "--tiny", "--steps", "12"], budget.left() * 0.3)
         ran = _last_json(out) or {"error": (out + err)[-800:]}
         return {"status": "skipped", "reason": "pytest -m gpu and the sync check need a CUDA device", "sync_paths_on_cpu": ran, "sync_paths_status": code}
     out: dict[str, Any] = {}

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--selftest", action="store_true", help="plant a .item() in the loss: the check must fail")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a one-block model (the CPU smoke: the code path, quickly)")
     args = p.parse_args(argv)
     import torch
     from gpt import GPT, GPTConfig, datasets
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device: torch.cuda.set_sync_debug_mode needs one"}))
         return 0
-    cfg_gpt = GPTConfig(context=128, layers=2, dim=128, heads=4)
+    cfg_gpt = GPTConfig(context=32, layers=1, dim=32, heads=2) if args.tiny else GPTConfig(context=128, layers=2, dim=128, heads=4)
     train_set, _ = datasets(cfg_gpt)
     torch.manual_seed(0)
     model = GPT(cfg_gpt)

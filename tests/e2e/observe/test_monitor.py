@@ -96,7 +96,7 @@ def test_a_broken_wandb_only_warns(tmp_path):
     out = run_train(args, nproc=1, env=env, timeout=180)
     # wandb retries until its init timeout; training ends first and does not wait for it past a grace period.
     said = out.stdout + out.stderr
-    assert "wandb: could not start a run" in said or "wandb: the run had not started" in said
+    assert "wandb: could not start (" in said or "wandb: had not started 5 s after training ended" in said
     assert read_summary(tmp_path / "run")["optimizer_steps"] == 32
 
 

@@ -101,7 +101,7 @@ def test_the_wandb_process_skips_the_launch_inputs_look_that_only_a_users_own_pr
 
     code = (
         "import sys, types; sys.path.insert(0, 'distrib/observe/trackers'); import wandb_tracker; tracker = wandb_tracker.WandbTracker(); "
-        f"tracker.start(types.SimpleNamespace(options={{'wandb': {{'mode': 'offline', 'dir': {str(tmp_path)!r}, 'id': 'skiplaunch', "
+        f"tracker.start(types.SimpleNamespace(dir={str(tmp_path)!r}, options={{'wandb': {{'mode': 'offline', 'dir': {str(tmp_path)!r}, 'id': 'skiplaunch', "
         "'project': 'p', 'config': {'a': 1}, 'init_timeout': 60}})); tracker.log({'kind': 'train', 'step': 1, 'x': 1.0}); "
         "tracker.finish(None, 'finished'); print(sorted(m for m in sys.modules if m.startswith('wandb.sdk.launch')))"
     )
