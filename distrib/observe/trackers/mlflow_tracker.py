@@ -47,8 +47,6 @@ class MlflowTracker:
             for key in found[0].data.metrics:
                 history = client.get_metric_history(self.run_id, key)
                 self._logged[key] = max((m.step for m in history), default=-1)
-            for record in kept_records(run):  # what the killed attempt logged to metrics.jsonl but not yet here
-                self.log(record)
         else:
             tags = {RUN_TAG: run.id, **_env_tags()}
             if os.environ.get("SLURM_JOB_ID"):
@@ -56,8 +54,9 @@ class MlflowTracker:
             run_name = os.environ.get("MLFLOW_RUN_NAME") or Path(run.dir).name
             self.run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
             self._params(run.config)
-            for record in kept_records(run):  # mlflow added on a resume: the run so far, from metrics.jsonl
-                self.log(record)
+        # On a resume: what metrics.jsonl kept that this run lacks (the killed attempt had not sent it, or mlflow is new to the run).
+        for record in kept_records(run):
+            self.log(record)
         print(f"mlflow: run {self.run_id} in experiment {name!r} at {uri}", flush=True)
 
     def _params(self, config: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ The run id comes from the checkpoint on resume, so a resumed or requeued job log
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 import json
 import netrc
@@ -33,7 +32,7 @@ from typing import Any
 
 from distrib.config import Config, WandbConfig
 from distrib.errors import ConfigError
-from distrib.observe.trackers.worker import BUILTIN, TrackerRun
+from distrib.observe.trackers.worker import BUILTIN, TrackerRun, load
 from distrib.runtime.console import log
 
 PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}
@@ -56,11 +55,8 @@ def check(cfg: Config) -> None:
                     f"HINT: pip install 'distrib[{name}]' (or pip install {PACKAGES[name]}), or drop {name} from --run.report_to."
                 )
         elif name not in BUILTIN and name != "none":
-            module, _, attr = name.partition(":")
             try:
-                obj: Any = importlib.import_module(module)
-                for part in attr.split("."):
-                    obj = getattr(obj, part)
+                obj = load(name)  # as the trackers' process will
             except Exception as exc:  # noqa: BLE001 - any failure to import the user's module is the user's to fix
                 raise ConfigError(
                     f"run.report_to: the tracker {name!r} does not import ({type(exc).__name__}: {exc}). "

@@ -4,7 +4,8 @@ Written with tensorboard's own event writer, not torch's SummaryWriter: this pro
 A resumed run first writes TensorBoard's purge marker (a session start at the resumed step + 1, as
 SummaryWriter's `purge_step` does): TensorBoard then drops what the interrupted attempt logged past
 its checkpoint, and the step axis goes on from there without a fold. Points metrics.jsonl kept that
-the interrupted attempt had not written yet are written then.
+the interrupted attempt had not written yet are written then. (The worker imports this module only
+for `run.report_to tensorboard`, so its imports cost nothing otherwise.)
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from records import flat_config, kept_records, scalars
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.compat.proto.tensor_pb2 import TensorProto
+from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+from tensorboard.plugins.hparams.summary_v2 import hparams_pb
+from tensorboard.plugins.text.metadata import create_summary_metadata
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 DIR = "tensorboard"
 
 
 class TensorBoardTracker:
     def start(self, run: Any) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-        self._event, self._session_log = Event, SessionLog
         logdir = Path(run.dir) / DIR
         if logdir.is_symlink() or (logdir.exists() and not logdir.is_dir()):
             raise RuntimeError(f"{logdir} is a link or a file that distrib did not create; it writes no events there")
@@ -52,11 +57,9 @@ class TensorBoardTracker:
         self.writer.flush()
 
     def _scalars(self, step: int, values: dict[str, float]) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
         if values:
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values.items()])
-            self.writer.add_event(self._event(step=step, wall_time=time.time(), summary=summary))
+            self.writer.add_event(Event(step=step, wall_time=time.time(), summary=summary))
 
     def finish(self, summary: Any, outcome: str) -> None:
         if summary is not None:  # on the TEXT tab (its numbers are the last points of the scalars already)
@@ -65,28 +68,18 @@ class TensorBoardTracker:
         self.writer.close()
 
     def _text(self, tag: str, text: str, *, step: int) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from tensorboard.compat.proto.tensor_pb2 import TensorProto
-        from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
-        from tensorboard.plugins.text.metadata import create_summary_metadata
-
         tensor = TensorProto(dtype=7, string_val=[text.encode()], tensor_shape=TensorShapeProto())  # 7: DT_STRING
         value = Summary.Value(tag=tag, metadata=create_summary_metadata(display_name=tag, description=""), tensor=tensor)
-        self.writer.add_event(self._event(step=step, wall_time=time.time(), summary=Summary(value=[value])))
+        self.writer.add_event(Event(step=step, wall_time=time.time(), summary=Summary(value=[value])))
 
     def _hparams(self, config: dict[str, Any]) -> None:
         """The config on the HPARAMS tab: every key whose value is a number, a flag or text (lists as text)."""
-        from tensorboard.plugins.hparams.summary_v2 import hparams_pb
-
         hparams = {k: (v if isinstance(v, (bool, int, float, str)) else json.dumps(v)) for k, v in flat_config(config).items() if v is not None}
-        self.writer.add_event(self._event(step=0, wall_time=time.time(), summary=hparams_pb(hparams)))
+        self.writer.add_event(Event(step=0, wall_time=time.time(), summary=hparams_pb(hparams)))
 
 
 def _last_steps(logdir: Path, *, until: int) -> dict[str, int]:
     """The last step each tag was written at in `logdir`'s event files, as TensorBoard reads them (after its purges), at most `until`."""
-    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-    from tensorboard.compat.proto.event_pb2 import SessionLog
-
     last: dict[str, int] = {}
     for path in sorted(logdir.glob("events.out.tfevents.*")):
         for event in LegacyEventFileLoader(str(path)).Load():
