@@ -178,3 +178,12 @@ def test_a_tracker_that_cannot_start_is_exit_2_before_anything_is_written(tmp_pa
     out = run_train(["--run.report_to", report, "--run.dir", str(tmp_path / "run")], check=False, env=_env())
     assert out.returncode == 2 and expected in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_planted_link_where_the_profiles_go_is_exit_2_before_anything_is_written(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "profile").symlink_to(tmp_path / "elsewhere")
+    out = run_train(["--train.profile", "2:3", "--run.dir", str(tmp_path / "run")], check=False, env=_env())
+    assert out.returncode == 2 and "profile is a symbolic link" in out.stderr, out.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["profile"] and not list((tmp_path / "elsewhere").iterdir())
